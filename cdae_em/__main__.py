@@ -1,0 +1,4 @@
+from cdae_em.cli import main
+
+if __name__ == "__main__":
+    main()

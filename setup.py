@@ -1,0 +1,55 @@
+"""Install cdae-em.
+
+Layout: the core package is ``cdae_em/``; the repository's top-level ``protocols/`` (framework
+adapters: RELION External job, Scipion protocols) and ``templates/`` (RELION job.star, Scipion
+workflow templates) are installed *inside* it as ``cdae_em.protocols`` and ``cdae_em.templates``.
+That is where Scipion looks for a plugin's protocols and templates (plugin ``cdae_em``), and it
+keeps one importable package for all three ways of running. The core never imports them.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "cdae_em" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="cdae-em",
+    version=VERSION,
+    description="Cascade denoising autoencoders for 2D classification of cryo-EM particles "
+    "(STAR in, STAR out; RELION External job and Scipion plugin)",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["cdae_em", "cdae_em.commands", "cdae_em.data", "cdae_em.protocols", "cdae_em.templates"],
+    package_dir={
+        "cdae_em": "cdae_em",
+        "cdae_em.protocols": "protocols",
+        "cdae_em.templates": "templates",
+    },
+    package_data={
+        "cdae_em.data": ["*.mrc.gz", "*.md", "*.json", "*.pt"],
+        "cdae_em.templates": ["*.star", "*.json.template"],
+    },
+    install_requires=[
+        # any torch >= 2.1 works; users bring the build (CPU or CUDA) that fits their machine
+        "torch>=2.1",
+        "numpy>=1.24",
+        "pandas>=1.5",
+        "mrcfile>=1.4",
+        "starfile>=0.5",
+        "emtable>=0.0.14",
+        "scikit-learn>=1.2",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "cdae-em = cdae_em.cli:main",
+        ],
+    },
+)

@@ -1,0 +1,49 @@
+"""Normalisation, Fourier resizing, masks and shifts."""
+
+import numpy as np
+import torch
+
+from cdae_em.preprocess import background_mask, fourier_resize, normalise, soft_circular_mask, translate
+
+
+def gaussian(box, sigma, centre=(0.0, 0.0)):
+    c = torch.arange(box, dtype=torch.float32) - box // 2
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    return torch.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2) / (2 * sigma**2))
+
+
+def test_normalise_background_zero_mean_unit_std():
+    gen = torch.Generator().manual_seed(1)
+    images = 5.0 + 3.0 * torch.randn((4, 32, 32), generator=gen) + 10 * gaussian(32, 3)[None]
+    out = normalise(images)
+    bg = background_mask(32)
+    assert torch.allclose(out[:, bg].mean(dim=1), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(out[:, bg].std(dim=1, correction=0), torch.ones(4), atol=1e-5)
+    assert images.mean() > 4  # input untouched
+
+
+def test_fourier_crop_matches_coarser_sampling_and_keeps_mean():
+    fine = gaussian(64, 6.0)[None]
+    coarse = fourier_resize(fine, 32)
+    expected = gaussian(32, 3.0)[None]
+    assert torch.allclose(coarse, expected, atol=2e-3)
+    assert abs(float(coarse.mean() - expected.mean())) < 1e-4
+    back = fourier_resize(coarse, 64)
+    assert torch.allclose(back, fine, atol=5e-3)
+
+
+def test_soft_mask_profile():
+    m = soft_circular_mask(64, radius=20, width=4)
+    assert m[32, 32] == 1 and m[32, 32 + 20] == 1
+    assert 0 < m[32, 32 + 22] < 1
+    assert m[32, 32 + 25] == 0 and m[0, 0] == 0
+
+
+def test_translate_integer_shift_is_roll_and_subpixel_moves_centroid():
+    img = gaussian(32, 2.0)[None]
+    moved = translate(img, np.array([[3.0, -2.0]]))
+    assert torch.allclose(moved, torch.roll(img, shifts=(-2, 3), dims=(1, 2)), atol=1e-5)
+    half = translate(img, np.array([[0.5, 0.0]]))[0]
+    c = torch.arange(32, dtype=torch.float32) - 16
+    centroid_x = float((half.sum(dim=0) * c).sum() / half.sum())
+    assert abs(centroid_x - 0.5) < 1e-3
