@@ -43,13 +43,23 @@ setup(
         "emtable>=0.0.14",
         "scikit-learn>=1.2",
         "tqdm>=4.60",
+        "matplotlib>=3.5",  # gallery.png
     ],
     extras_require={
         "test": ["pytest>=7"],
+        # Scipion plugin (plugin name ``cdae_em``). pyworkflow pins numpy==1.26.1, so install this
+        # extra in the same pip command as cdae-em: pip install 'cdae-em[scipion]'
+        "scipion": ["scipion-pyworkflow>=3.11", "scipion-em>=3.11"],
     },
     entry_points={
         "console_scripts": [
             "cdae-em = cdae_em.cli:main",
+            "cdae-em-relion = cdae_em.protocols.relion_external:main",
+        ],
+        # Scipion imports the entry point's *name* as the plugin module and calls its ``Plugin``
+        # (resolved lazily in cdae_em/__init__.py, so the core never needs Scipion).
+        "pyworkflow.plugin": [
+            "cdae_em = cdae_em",
         ],
     },
 )

@@ -16,8 +16,14 @@ from cdae_em.errors import CdaeError
 
 #: subcommand name -> module under cdae_em.commands
 COMMANDS = {
+    "demo": "demo",
+    "run": "run",
     "simulate": "simulate",
     "check": "check",
+    "pretrain": "pretrain",
+    "denoise": "denoise",
+    "classify": "classify",
+    "evaluate": "evaluate",
 }
 
 log = logging.getLogger("cdae_em")

@@ -30,6 +30,12 @@ class CtfParams:
     def __len__(self) -> int:
         return len(np.atleast_1d(self.defocus_u))
 
+    def subset(self, rows) -> "CtfParams":
+        """The parameters of particles ``rows`` (a slice or index array)."""
+        n = len(self)
+        pick = lambda v: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))[rows]  # noqa: E731
+        return CtfParams(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+
     @classmethod
     def from_table(cls, table) -> "CtfParams":
         """Read the CTF columns of a per-particle table (see ``ParticleTable.per_particle``)."""

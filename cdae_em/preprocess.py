@@ -88,3 +88,19 @@ def translate(images: torch.Tensor, shifts: torch.Tensor | np.ndarray) -> torch.
     phase = -2.0 * math.pi * (fx[None, None, :] * shifts[:, 0, None, None] + fy[None, :, None] * shifts[:, 1, None, None])
     ramp = torch.polar(torch.ones_like(phase), phase).to(torch.complex64)
     return torch.fft.irfft2(torch.fft.rfft2(images) * ramp, s=(box, box))
+
+
+def equalise_histogram(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation inside a particle mask (CDAE's enhancement step, Algorithm 1 line 8).
+
+    Each pixel becomes the fraction of the image's pixels *inside the mask* (weight > 0.5) that are
+    <= its value, so the masked histogram is flat on [0, 1]; the result is then multiplied by the
+    (soft) mask, so the background outside the particle is 0.
+    """
+    inside = mask > 0.5
+    values = images[:, inside]
+    ordered, _ = torch.sort(values, dim=1)
+    flat = images.reshape(len(images), -1).contiguous()
+    ranks = torch.searchsorted(ordered.contiguous(), flat, right=True).to(images.dtype)
+    cdf = (ranks / ordered.shape[1]).reshape(images.shape)
+    return cdf * mask

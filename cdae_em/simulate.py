@@ -295,7 +295,7 @@ def simulate(
     with contextlib.ExitStack() as stack:
         clean_writer = stack.enter_context(StackWriter(out / "clean.mrcs", n, box, px))
         writers = {s: stack.enter_context(StackWriter(out / f"{stems[s]}.mrcs", n, box, px)) for s in noisy}
-        for start in tqdm(range(0, n, settings.batch_size), desc="simulate", unit="batch", leave=False):
+        for start in tqdm(range(0, n, settings.batch_size), desc="simulate", unit="batch", leave=False, disable=None):
             rows = slice(start, min(start + settings.batch_size, n))
             clean = clean_images(source, truth, rows, settings).cpu().numpy().astype(np.float32)
             clean_writer.write(start, clean)

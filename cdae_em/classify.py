@@ -1,0 +1,194 @@
+"""2D classification of (denoised) particles up to in-plane rotation and shift.
+
+1. Initial classes from rotation/shift-invariant features (``align.invariant_features`` + PCA),
+   clustered by k-means (mini-batch when large) or hierarchical clustering (Ward, on a subsample
+   of at most ``hc_max`` particles, the rest assigned to the nearest class centre) - the paper's two.
+2. Initial references: each class's members aligned onto its medoid (the member nearest the
+   class centre in feature space) and averaged.
+3. ``n_iter`` rounds of multi-reference alignment: every particle aligned to every reference
+   (rotation on a psi grid, shift by FFT cross-correlation), assigned to the best one, references
+   re-averaged from the aligned particles. Empty classes are re-seeded with the worst-fitting
+   particles of the largest class.
+Classes are returned ordered by size (class 1 the largest), with each particle's psi and origin in
+RELION's convention (applying them to the particle brings it onto its class average).
+
+Cost: step 3 dominates, N x K x (360 / psi_step) cross-correlations per round, computed by FFT in
+batches (see ``align.align_to_references``); memory holds the features (N x n_components) and the
+per-particle alignment (N x 4), images are streamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
+
+from cdae_em.align import (align_pairs, align_to_references, apply_alignment, estimate_particle_radius,
+                           invariant_features, reduce_features)
+from cdae_em.errors import InputError
+from cdae_em.preprocess import soft_circular_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClassifySettings:
+    n_classes: int
+    method: str = "kmeans"  # "kmeans" or "hierarchical"
+    n_iter: int = 5
+    psi_step: float = 5.0
+    max_shift: float | None = None  # pixels; default box / 8
+    n_components: int = 32
+    hc_max: int = 5000
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Classification:
+    labels: np.ndarray  # (N,) 0 .. K-1, class 0 the largest
+    psi: np.ndarray  # (N,) degrees
+    origin: np.ndarray  # (N, 2) pixels (x, y)
+    score: np.ndarray  # (N,) normalised cross-correlation with the class reference
+    references: np.ndarray  # (K, box, box) aligned averages of the classified images
+    history: list = field(default_factory=list)
+
+
+def cluster(features: np.ndarray, n_classes: int, method: str, seed: int = 0, hc_max: int = 5000) -> np.ndarray:
+    """Labels (N,) from k-means or hierarchical (Ward) clustering of feature vectors."""
+    n = len(features)
+    if method == "kmeans":
+        if n > 20000:
+            km = MiniBatchKMeans(n_clusters=n_classes, random_state=seed, n_init=3, batch_size=4096)
+        else:
+            km = KMeans(n_clusters=n_classes, random_state=seed, n_init=10)
+        return km.fit_predict(features)
+    if method == "hierarchical":
+        rng = np.random.default_rng(seed)
+        sub = np.sort(rng.choice(n, size=min(n, hc_max), replace=False))
+        sub_labels = AgglomerativeClustering(n_clusters=n_classes, linkage="ward").fit_predict(features[sub])
+        if len(sub) == n:
+            return sub_labels
+        centres = np.stack([features[sub][sub_labels == k].mean(axis=0) for k in range(n_classes)])
+        d = ((features[:, None, :] - centres[None]) ** 2).sum(-1)
+        return d.argmin(axis=1)
+    raise ValueError(f"unknown clustering method {method!r} (kmeans or hierarchical)")
+
+
+def _rows(images, rows, device) -> torch.Tensor:
+    """Images ``rows`` ready to compare: zero mean inside a circular mask, masked.
+
+    Histogram-equalised particles are bright discs on a zero background; without this the disc
+    would dominate every cross-correlation and all classes would look alike.
+    """
+    x = torch.from_numpy(np.asarray(images[rows], dtype=np.float32)).to(device)
+    mask = soft_circular_mask(x.shape[-1], radius=0.45 * x.shape[-1] - 2, width=4, device=device)
+    inside = mask > 0.5
+    mean = x[:, inside].mean(dim=1)
+    return (x - mean[:, None, None]) * mask
+
+
+class _Masked:
+    """``images`` read through ``_rows`` (masked, zero mean inside the mask) as an array-like."""
+
+    def __init__(self, images, device):
+        self.images, self.device, self.shape = images, device, images.shape
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return _rows(self.images, rows, self.device)
+
+
+def class_means(images, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray, n_classes: int,
+                device: torch.device, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class means of the aligned images (K, box, box) and the class counts (K,)."""
+    box = images.shape[-1]
+    sums = torch.zeros((n_classes, box, box), device=device)
+    counts = np.bincount(labels, minlength=n_classes)
+    for start in range(0, len(images), batch_size):
+        rows = slice(start, min(start + batch_size, len(images)))
+        x = apply_alignment(_rows(images, rows, device), torch.as_tensor(psi[rows], device=device, dtype=torch.float32),
+                            torch.as_tensor(origin[rows], device=device, dtype=torch.float32))
+        sums.index_add_(0, torch.as_tensor(labels[rows], device=device), x)
+    means = sums / torch.as_tensor(np.maximum(counts, 1), device=device, dtype=torch.float32)[:, None, None]
+    return means.cpu().numpy(), counts
+
+
+def classify(images, settings: ClassifySettings, device: torch.device,
+             should_stop: Callable[[], None] | None = None) -> Classification:
+    """Classify ``images`` (N, box, box; an array or memmap) into ``settings.n_classes`` classes."""
+    n, box = len(images), images.shape[-1]
+    k = settings.n_classes
+    if not 2 <= k <= n:
+        raise InputError(None, f"number of classes K={k} must be between 2 and the number of particles ({n})")
+    max_shift = settings.max_shift if settings.max_shift is not None else box / 8
+    t0 = time.perf_counter()
+    masked = _Masked(images, device)
+    radius = estimate_particle_radius(masked[np.arange(min(n, 1000))])
+    features = reduce_features(invariant_features(masked, mask_radius=radius, device=device).cpu(),
+                               n_components=min(settings.n_components, n - 1), seed=settings.seed).numpy()
+    labels = cluster(features, k, settings.method, settings.seed, settings.hc_max)
+    log.info("initial %s classes from invariant features: sizes %s", settings.method, np.bincount(labels, minlength=k).tolist())
+
+    # initial references: members aligned onto their class medoid, averaged
+    centres = np.stack([features[labels == c].mean(axis=0) if np.any(labels == c) else features[0] for c in range(k)])
+    dist = ((features - centres[labels]) ** 2).sum(axis=1)
+    medoid = np.array([np.flatnonzero(labels == c)[np.argmin(dist[labels == c])] if np.any(labels == c) else 0
+                       for c in range(k)])
+    psi = np.zeros(n, np.float32)
+    origin = np.zeros((n, 2), np.float32)
+    score = np.zeros(n, np.float32)
+    for start in range(0, n, settings.batch_size):
+        rows = slice(start, min(start + settings.batch_size, n))
+        refs = _rows(images, medoid[labels[rows]], device)
+        p, o, s = align_pairs(_rows(images, rows, device), refs, psi_step=settings.psi_step, max_shift=max_shift,
+                              mask_radius=radius)
+        psi[rows], origin[rows], score[rows] = p.cpu().numpy(), o.cpu().numpy(), s.cpu().numpy()
+    references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
+
+    history = []
+    for it in range(1, settings.n_iter + 1):
+        if should_stop is not None:
+            should_stop()
+        ref_idx, p, o, s = align_to_references(images, torch.as_tensor(references, device=device),
+                                               psi_step=settings.psi_step, max_shift=max_shift,
+                                               batch_size=settings.batch_size, device=device, progress=True)
+        new = ref_idx.cpu().numpy()
+        psi, origin, score = p.cpu().numpy(), o.cpu().numpy(), s.cpu().numpy()
+        changed = float(np.mean(new != labels))
+        labels = _reseed_empty(new, score, k)
+        references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
+        history.append({"iteration": it, "changed": changed, "mean_score": float(score.mean()),
+                        "sizes": counts.tolist()})
+        log.info("classification round %d/%d: %.1f%% of particles changed class, mean score %.3f",
+                 it, settings.n_iter, 100 * changed, float(score.mean()))
+        if changed == 0.0:
+            break
+
+    order = np.argsort(-counts, kind="stable")
+    rank = np.empty(k, dtype=int)
+    rank[order] = np.arange(k)
+    log.info("classified %d particles into %d classes in %.1f s", n, k, time.perf_counter() - t0)
+    return Classification(labels=rank[labels], psi=psi, origin=origin, score=score,
+                          references=references[order], history=history)
+
+
+def _reseed_empty(labels: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """Give each empty class the worst-fitting particles of the largest class (half of them)."""
+    labels = labels.copy()
+    for c in range(k):
+        if np.any(labels == c):
+            continue
+        big = np.bincount(labels, minlength=k).argmax()
+        members = np.flatnonzero(labels == big)
+        worst = members[np.argsort(score[members])[: max(1, len(members) // 2)]]
+        labels[worst] = c
+        log.info("class %d was empty: re-seeded with %d particles", c + 1, len(worst))
+    return labels

@@ -1,0 +1,245 @@
+"""The one end-to-end entry point shared by every front end: particles STAR in, classes out.
+
+``run_job(JobSettings)`` denoises (with fine-tuning), classifies, averages and writes the output
+contract of DESIGN.md section 3 into ``out_dir``:
+
+| file | what |
+|---|---|
+| particles.star | every input row/block kept, plus rlnClassNumber (1..K), rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst (alignment to the class average, RELION conventions); images = the original particles |
+| denoised_particles.star | same rows; rlnImageName -> denoised stacks, rlnImageOriginalName -> input image |
+| denoised/*.mrcs | denoised images, float32, voxel size set |
+| class_averages.mrcs | K aligned averages of the original particles (class k at index k, classes by size) |
+| class_averages.star | one row per class: rlnReferenceImage (k@class_averages.mrcs), rlnClassNumber, rlnClassDistribution, rlnClassParticleCount |
+| summary.json, gallery.png | settings, timings, losses, class sizes; averages and raw/denoised pairs |
+
+Front ends (``cdae-em run``, the RELION External job, the Scipion protocol) only translate their
+inputs into a ``JobSettings`` and the outputs into their framework's objects. ``should_stop`` is
+called often (between batches); to abort, it raises ``JobAborted``; nothing partial is left under
+the contract's names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cdae_em.denoise import DenoiseSettings
+from cdae_em.errors import CdaeError, InputError, OutputError
+
+log = logging.getLogger(__name__)
+
+JOB_DIR = ".cdae_job"  # stage markers and intermediate results, for resuming
+CONTRACT = ("particles.star", "denoised_particles.star", "class_averages.mrcs", "class_averages.star",
+            "summary.json", "gallery.png")
+
+
+class JobAborted(CdaeError):
+    """Raised (by a ``should_stop`` hook) to stop a job cleanly."""
+
+
+@dataclass
+class JobSettings:
+    """Everything a job needs; every front end fills one in."""
+
+    particles: str  # input particles STAR file
+    out_dir: str
+    n_classes: int
+    denoise: DenoiseSettings = field(default_factory=DenoiseSettings)
+    method: str = "kmeans"  # "kmeans" or "hierarchical"
+    n_iter: int = 5  # rounds of alignment to class averages and re-assignment
+    psi_step: float = 5.0  # degrees
+    max_shift: float | None = None  # pixels (working box); default box / 8
+    average_phase_flipped: bool = False  # class averages from CTF phase-flipped originals
+    project_dir: str | None = None  # what relative image paths resolve against (default: cwd)
+    reference_map: str | None = None  # pre-train on this map (an initial model) before fine-tuning
+    pretrain_particles: int = 3000
+    pretrain_epochs: int = 10
+    gpu: str | None = None  # CUDA device id, e.g. "0"; None = CPU
+    threads: int = 1
+    overwrite: bool = False
+    seed: int = 0
+
+    def signature(self) -> str:
+        """A hash of what determines the result (not threads, device or overwrite): a rerun with
+        the same signature resumes; a different one is refused unless ``overwrite``."""
+        d = asdict(self)
+        for key in ("gpu", "threads", "overwrite", "out_dir"):
+            d.pop(key)
+        d["particles"] = str(Path(self.particles).resolve())
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_output(settings: JobSettings) -> Path:
+    """Create/validate the output directory: refuse another job's outputs unless overwrite;
+    returns the job's private directory (stage markers)."""
+    out = Path(settings.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create the output directory ({exc.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: output directory is not writable")
+    job_dir = out / JOB_DIR
+    sig_file = job_dir / "signature"
+    previous = sig_file.read_text().strip() if sig_file.exists() else None
+    has_outputs = any((out / name).exists() for name in CONTRACT) or (out / "denoised").exists()
+    signature = settings.signature()
+    if previous != signature and (has_outputs or previous is not None):
+        if not settings.overwrite:
+            raise OutputError(f"{out}: holds the outputs of a different job; choose another output "
+                              "directory or pass --overwrite")
+        log.warning("overwriting the earlier job in %s", out)
+        for name in CONTRACT:
+            (out / name).unlink(missing_ok=True)
+        for name in ("denoised", JOB_DIR, ".cdae_work"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    elif previous == signature:
+        log.info("resuming the job in %s", out)
+    job_dir.mkdir(exist_ok=True)
+    sig_file.write_text(signature + "\n")
+    return job_dir
+
+
+def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None) -> dict:
+    """Run the whole job (resuming finished stages); returns the summary written to summary.json."""
+    import torch
+
+    from cdae_em.classify import ClassifySettings
+    from cdae_em.denoise import denoise, resolve_device
+    from cdae_em.star import read_particles
+
+    t0 = time.perf_counter()
+    if settings.n_classes < 2:
+        raise InputError(None, f"number of classes K={settings.n_classes} must be at least 2")
+    table = read_particles(settings.particles)  # fail early on a bad STAR, before touching the output
+    if settings.n_classes > len(table):
+        raise InputError(settings.particles, f"K={settings.n_classes} classes but only {len(table)} particles")
+    device = resolve_device(settings.gpu)
+    torch.set_num_threads(max(1, settings.threads))
+    out = Path(settings.out_dir)
+    job_dir = prepare_output(settings)
+    timings: dict[str, float] = {}
+    summary: dict = {"cdae_em_job": settings.signature(), "settings": _jsonable(asdict(settings)),
+                     "particles": len(table)}
+
+    # 1. optional pre-training on the user's reference map
+    denoise_settings = settings.denoise
+    if settings.reference_map:
+        weights = job_dir / "pretrained" / "cdae_weights.pt"
+        if not weights.exists():
+            t = time.perf_counter()
+            _pretrain_on_reference(settings, job_dir / "pretrained", device)
+            timings["pretrain"] = round(time.perf_counter() - t, 2)
+        denoise_settings = DenoiseSettings(**{**asdict(settings.denoise), "weights": str(weights)})
+        denoise_settings.train = settings.denoise.train
+
+    # 2. denoising (with fine-tuning), resumable per block
+    marker = job_dir / "denoise.json"
+    if marker.exists() and (out / "denoised_particles.star").exists():
+        summary["denoise"] = json.loads(marker.read_text())
+        log.info("stage 1/3 denoise: already done (resuming)")
+    else:
+        log.info("stage 1/3 denoise: %d particles", len(table))
+        t = time.perf_counter()
+        summary["denoise"] = denoise(settings.particles, out, denoise_settings, device,
+                                     project_dir=settings.project_dir, should_stop=should_stop)
+        timings["denoise"] = round(time.perf_counter() - t, 2)
+        atomic_text(marker, json.dumps(summary["denoise"], default=str))
+
+    # 3. classification of the denoised particles
+    from cdae_em.classify import classify
+
+    result_file = job_dir / "classes.npz"
+    if result_file.exists():
+        saved = np.load(result_file)
+        labels, psi, origin, score, refs = (saved[k] for k in ("labels", "psi", "origin", "score", "references"))
+        summary["classify"] = json.loads(str(saved["history"]))
+        log.info("stage 2/3 classify: already done (resuming)")
+    else:
+        log.info("stage 2/3 classify: K=%d by %s", settings.n_classes, settings.method)
+        t = time.perf_counter()
+        with StarImages(out / "denoised_particles.star", settings.project_dir) as images:
+            result = classify(images, ClassifySettings(
+                n_classes=settings.n_classes, method=settings.method, n_iter=settings.n_iter,
+                psi_step=settings.psi_step, max_shift=settings.max_shift, seed=settings.seed,
+                batch_size=settings.denoise.batch_size), device, should_stop)
+        labels, psi, origin, score, refs = result.labels, result.psi, result.origin, result.score, result.references
+        summary["classify"] = result.history
+        tmp = job_dir / ".classes.partial.npz"
+        np.savez(tmp, labels=labels, psi=psi, origin=origin, score=score, references=refs,
+                 history=json.dumps(result.history))
+        os.replace(tmp, result_file)
+        timings["classify"] = round(time.perf_counter() - t, 2)
+
+    # 4. class averages of the original particles and the output STAR files
+    log.info("stage 3/3 class averages and output files")
+    t = time.perf_counter()
+    from cdae_em.outputs import write_outputs
+
+    summary.update(write_outputs(settings, table, labels, psi, origin, score, refs,
+                                 summary["denoise"]["box"], device, should_stop))
+    timings["outputs"] = round(time.perf_counter() - t, 2)
+    summary["timings"] = {**timings, "total": round(time.perf_counter() - t0, 2)}
+    atomic_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    log.info("job done in %.1f s: %s", time.perf_counter() - t0, out)
+    return summary
+
+
+def _pretrain_on_reference(settings: JobSettings, out: Path, device) -> None:
+    from cdae_em.simulate import SimulationSettings, load_source
+    from cdae_em.stacks import ImageSource
+    from cdae_em.star import read_particles
+    from cdae_em.train import TrainSettings, pretrain
+
+    with ImageSource(read_particles(settings.particles), project_dir=settings.project_dir) as images:
+        box = images.box
+    log.info("pre-training on the reference map %s", settings.reference_map)
+    source = load_source(settings.reference_map, box=settings.denoise.box or box)
+    sim = SimulationSettings(n_particles=settings.pretrain_particles, in_plane=True, max_shift=3.0, ctf=True,
+                             snrs=[0.1, 0.4, 0.6, None], seed=settings.seed)
+    pretrain(source, out, sim, TrainSettings(epochs=settings.pretrain_epochs, seed=settings.seed), device,
+             metadata={"command": f"reference map {settings.reference_map}"})
+
+
+class StarImages:
+    """Images of a STAR file as an array-like (``len``, ``shape``, ``[rows]``) for classification."""
+
+    def __init__(self, star: Path, project_dir: str | None):
+        from cdae_em.stacks import ImageSource
+        from cdae_em.star import read_particles
+
+        self.source = ImageSource(read_particles(star), project_dir=project_dir)
+        self.shape = (self.source.n, self.source.box, self.source.box)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.shape[0]))
+        return self.source.read(np.atleast_1d(np.asarray(rows)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.source.close()
+
+
+def atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))

@@ -1,0 +1,133 @@
+"""The job's output files (DESIGN.md section 3) from a classification: aligned class averages of
+the original particles, particles.star with classes and alignments, class_averages.star/.mrcs and
+the gallery. Every file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cdae_em.align import apply_alignment
+from cdae_em.ctf import CtfParams, ctf_2d, phase_flip
+from cdae_em.denoise import star_path_name
+from cdae_em.stacks import ImageSource, write_stack
+from cdae_em.star import ParticleTable, write_star
+
+log = logging.getLogger(__name__)
+
+
+def original_class_averages(table: ParticleTable, images: ImageSource, labels: np.ndarray, psi: np.ndarray,
+                            origin: np.ndarray, n_classes: int, phase_flipped: bool, device: torch.device,
+                            batch_size: int = 256, should_stop: Callable[[], None] | None = None) -> np.ndarray:
+    """Aligned per-class means (K, box, box) of the original particles (origins in their pixels)."""
+    box = images.box
+    per = table.per_particle()
+    ctf = CtfParams.from_table(per) if phase_flipped else None
+    sums = torch.zeros((n_classes, box, box), device=device)
+    for start, batch in images.batches(batch_size):
+        if should_stop is not None:
+            should_stop()
+        rows = slice(start, start + len(batch))
+        x = torch.from_numpy(batch).to(device)
+        if ctf is not None:
+            x = phase_flip(x, ctf_2d(ctf.subset(rows), box, per["rlnImagePixelSize"].to_numpy()[rows], device))
+        x = apply_alignment(x, torch.as_tensor(psi[rows], dtype=torch.float32, device=device),
+                            torch.as_tensor(origin[rows], dtype=torch.float32, device=device))
+        sums.index_add_(0, torch.as_tensor(labels[rows], device=device), x)
+    counts = np.bincount(labels, minlength=n_classes)
+    return (sums / torch.as_tensor(np.maximum(counts, 1), dtype=torch.float32, device=device)[:, None, None]).cpu().numpy()
+
+
+def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray,
+                  score: np.ndarray, references: np.ndarray, work_box: int, device: torch.device,
+                  should_stop: Callable[[], None] | None = None) -> dict:
+    """Write particles.star, class_averages.{mrcs,star}, class_averages_denoised.mrcs, gallery.png."""
+    out = Path(settings.out_dir)
+    k = settings.n_classes
+    per = table.per_particle()
+    pixel = float(np.median(per["rlnImagePixelSize"].to_numpy()))
+    with ImageSource(table, project_dir=settings.project_dir) as images:
+        scale = images.box / work_box  # origins were found in the working box
+        origin_px = origin * scale
+        averages = original_class_averages(table, images, labels, psi, origin_px, k, settings.average_phase_flipped,
+                                           device, settings.denoise.batch_size, should_stop)
+        box = images.box
+    counts = np.bincount(labels, minlength=k)
+    write_stack(out / "class_averages.mrcs", averages.astype(np.float32), pixel)
+    write_stack(out / "class_averages_denoised.mrcs", references.astype(np.float32), pixel * scale)
+
+    updates = {"rlnClassNumber": labels + 1, "rlnAnglePsi": psi.astype(np.float64)}
+    if table.flavour == "3.1":
+        updates["rlnOriginXAngst"] = origin_px[:, 0] * per["rlnImagePixelSize"].to_numpy()
+        updates["rlnOriginYAngst"] = origin_px[:, 1] * per["rlnImagePixelSize"].to_numpy()
+    else:  # RELION 3.0 keeps origins in pixels
+        updates["rlnOriginX"], updates["rlnOriginY"] = origin_px[:, 0], origin_px[:, 1]
+    write_star(table.with_columns(particles=updates), out / "particles.star")
+
+    import pandas as pd
+
+    avg_name = star_path_name(out / "class_averages.mrcs")
+    classes = pd.DataFrame({
+        "rlnReferenceImage": [f"{i:06d}@{avg_name}" for i in range(1, k + 1)],
+        "rlnClassNumber": np.arange(1, k + 1),
+        "rlnClassDistribution": counts / counts.sum(),
+        "cdaeParticleCount": counts,
+    })
+    _write_table(classes, out / "class_averages.star")
+    gallery(out / "gallery.png", averages, counts, settings)
+    log.info("class sizes: %s", counts.tolist())
+    return {"class_sizes": counts.tolist(), "box": int(box), "pixel_size": pixel,
+            "mean_alignment_score": float(score.mean())}
+
+
+def _write_table(df, path: Path) -> None:
+    """A one-table STAR file (data_), written atomically with the project's STAR writer."""
+    write_star(ParticleTable(path=None, blocks={"": df}, particles_key="", flavour="3.0"), path)
+
+
+def gallery(path: Path, averages: np.ndarray, counts: np.ndarray, settings, n_pairs: int = 6) -> None:
+    """A PNG: class averages with their particle counts, and a few raw / denoised pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cdae_em.star import read_particles
+
+    out = Path(settings.out_dir)
+    k = len(averages)
+    cols = min(k, 8)
+    rows = (k + cols - 1) // cols
+    pairs = []
+    try:
+        den = read_particles(out / "denoised_particles.star")
+        with ImageSource(den, project_dir=settings.project_dir) as d, \
+                ImageSource(read_particles(settings.particles), project_dir=settings.project_dir) as r:
+            pick = np.linspace(0, d.n - 1, min(n_pairs, d.n)).astype(int)
+            pairs = list(zip(r.read(pick), d.read(pick)))
+    except Exception as exc:  # the gallery is a convenience: never fail a finished job for it
+        log.warning("gallery: no raw/denoised pairs (%s)", exc)
+    total_rows = rows + (2 if pairs else 0)
+    fig, axes = plt.subplots(total_rows, max(cols, len(pairs)), figsize=(1.6 * max(cols, len(pairs)), 1.7 * total_rows),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, (avg, n) in enumerate(zip(averages, counts)):
+        ax = axes[i // cols, i % cols]
+        ax.imshow(avg, cmap="gray")
+        ax.set_title(f"class {i + 1}: {n}", fontsize=8)
+    for j, (raw, den_img) in enumerate(pairs):
+        axes[rows, j].imshow(raw, cmap="gray")
+        axes[rows, j].set_title("raw" if j == 0 else "", fontsize=8)
+        axes[rows + 1, j].imshow(den_img, cmap="gray")
+        axes[rows + 1, j].set_title("denoised" if j == 0 else "", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,376 @@
+"""Scipion protocol "cdae-em - denoise and classify 2D": a thin adapter around ``cdae-em run``.
+
+Steps: convert the input SetOfParticles to a STAR file (``scipion_convert``), run the core job as
+a subprocess (``<python> -m cdae_em run ...``, its log in the protocol's run log), then turn the
+job's output files (DESIGN.md section 3) into Scipion sets: ``outputParticles`` (the denoised
+particles), ``outputClasses`` (SetOfClasses2D of the input particles, each with its 2D alignment
+to its class; representative = class average) and ``outputAverages`` (SetOfAverages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from enum import Enum
+
+import pyworkflow.protocol.params as params
+from pyworkflow.constants import BETA
+from pyworkflow.object import Float
+from pyworkflow.protocol.constants import STEPS_SERIAL
+from pwem.objects import Particle, SetOfAverages, SetOfClasses2D, SetOfParticles
+from pwem.protocols import ProtClassify2D
+
+from . import scipion_convert as convert
+
+METHODS = ["kmeans", "hierarchical"]
+JOB_DIR = "cdae"  # the job's output directory, under the protocol's extra/
+MIN_CLASSES = 2  # the core refuses fewer
+
+
+class outputs(Enum):
+    outputParticles = SetOfParticles
+    outputClasses = SetOfClasses2D
+    outputAverages = SetOfAverages
+
+
+class ProtCdaeDenoiseClassify2D(ProtClassify2D):
+    """Denoise particles with a cascade of denoising autoencoders (CDAE; Lei & Yang 2021),
+    fine-tuned on the particles themselves, then sort them into 2D classes up to in-plane rotation
+    and shift. Outputs the denoised particles, the 2D classes (input particles with their
+    alignment to the class average) and the class averages of the original particles."""
+
+    _label = "denoise and classify 2D"
+    _devStatus = BETA
+    _possibleOutputs = outputs
+    _references = ["Lei2021"]
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.stepsExecutionMode = STEPS_SERIAL
+
+    # --------------------------- DEFINE param functions ----------------------
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
+                      label="Input particles", important=True,
+                      help="Particles to denoise and classify (MRC stacks are read where they "
+                           "are; other formats are converted to MRC first).")
+        form.addParam("numberOfClasses", params.IntParam, default=20,
+                      validators=[params.GE(MIN_CLASSES, "At least 2 classes")],
+                      label="Number of classes", important=True,
+                      help="K, the number of 2D classes (at least 2, at most the number of particles).")
+        form.addParam("method", params.EnumParam, choices=METHODS, default=0,
+                      display=params.EnumParam.DISPLAY_HLIST, label="Initial clustering",
+                      help="Clustering of the rotation/shift-invariant features of the denoised "
+                           "particles that starts the classification: k-means or hierarchical "
+                           "(the paper's two).")
+        form.addParam("numberOfIterations", params.IntParam, default=5,
+                      validators=[params.GE(0)], label="Alignment rounds",
+                      help="Rounds of alignment to the class averages and re-assignment.")
+        form.addParam("psiStep", params.FloatParam, default=5.0, validators=[params.Positive],
+                      expertLevel=params.LEVEL_ADVANCED, label="In-plane angular step (deg)")
+        form.addParam("maxShift", params.FloatParam, default=-1, expertLevel=params.LEVEL_ADVANCED,
+                      label="Largest shift (px)",
+                      help="Largest shift searched, in pixels of the working box; -1: box / 8.")
+
+        form.addSection(label="Denoising")
+        form.addParam("referenceVolume", params.PointerParam, pointerClass="Volume",
+                      allowsNull=True, label="Reference volume (optional)",
+                      help="An initial model of the particle: the cascade is pre-trained on "
+                           "simulated projections of it before fine-tuning. Empty: start from "
+                           "the pre-trained weights.")
+        form.addParam("weightsFile", params.FileParam, allowsNull=True,
+                      condition="not referenceVolume", label="Pre-trained weights (optional)",
+                      help="A cdae_weights.pt from `cdae-em pretrain`. Empty: the weights that "
+                           "ship with cdae-em.")
+        form.addParam("doFinetune", params.BooleanParam, default=True,
+                      label="Fine-tune on these particles?",
+                      help="Algorithm 1 of the paper: each block is fine-tuned with targets = the "
+                           "aligned mean of each particle's nearest neighbours.")
+        form.addParam("finetuneEpochs", params.IntParam, default=3, condition="doFinetune",
+                      validators=[params.GE(1)], label="Fine-tuning epochs per block",
+                      help="The paper used 20; 3 is usually enough.")
+        form.addParam("neighbours", params.IntParam, default=30, condition="doFinetune",
+                      validators=[params.GE(1)], label="Neighbours (k)",
+                      help="Nearest neighbours whose aligned mean is a particle's fine-tuning "
+                           "target (paper: 30).")
+        form.addParam("finetuneSubset", params.IntParam, default=4000, condition="doFinetune",
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(1)],
+                      label="Fine-tuning particles",
+                      help="Particles whose targets train each block (all if fewer).")
+        form.addParam("doPhaseFlip", params.BooleanParam, default=False,
+                      label="CTF phase flip first?",
+                      help="Phase-flip the particles with their CTF before denoising (needs CTF "
+                           "information on the input particles).")
+        form.addParam("workingBox", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
+                      validators=[params.GE(0)], label="Working box (px)",
+                      help="Fourier-crop (or pad) the particles to this box before denoising; "
+                           "0: the input box. The denoised particles have this box.")
+        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
+                      label="Random seed")
+
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+                       label="Use GPU?", help="Run on a GPU (CUDA build of PyTorch), else CPU.")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
+                       help="cdae-em uses one GPU: the first ID listed.")
+        form.addParallelSection(threads=4, mpi=0)
+
+    # --------------------------- INSERT steps functions ----------------------
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep)
+        self._insertFunctionStep(self.runCdaeStep)
+        self._insertFunctionStep(self.createOutputStep)
+
+    # --------------------------- STEPS functions -----------------------------
+    def convertInputStep(self):
+        n = convert.particles_to_star(self._getInputParticles(), self._getInputStar(),
+                                      convert_dir=self._getExtraPath("input_stacks"))
+        self.info(f"wrote {n} particles to {self._getInputStar()}")
+
+    def runCdaeStep(self):
+        from .scipion_plugin import Plugin
+
+        logs = self.getLogPaths()[:2]
+        offsets = [os.path.getsize(p) if os.path.exists(p) else 0 for p in logs]
+        try:
+            self.runJob(Plugin.getProgram(), self._getRunArgs(), env=Plugin.getEnviron(),
+                        numberOfMpi=1, numberOfThreads=1)
+        except subprocess.CalledProcessError as exc:
+            reason = job_error(logs, offsets) or f"exit status {exc.returncode}"
+            raise RuntimeError(f"cdae-em failed: {reason} (details in the run log)") from None
+
+    def createOutputStep(self):
+        inputSet = self._getInputParticles()
+        job = self._getJobPath()
+        pixel = float(inputSet.getSamplingRate())
+        self._pixel = pixel
+        projectDir = os.getcwd()
+
+        # class averages
+        self._classInfo = {}
+        averages = self._createSetOfAverages()
+        averages.copyInfo(inputSet)
+        averages.setAlignment2D()
+        for row in convert.read_star_rows(self._getJobPath("class_averages.star"), block=None):
+            index, path = convert.parse_image_name(row.rlnReferenceImage)
+            path = convert.resolve_image_path(path, job, projectDir)
+            classId = int(row.rlnClassNumber)
+            self._classInfo[classId] = (index, path, float(row.rlnClassDistribution))
+            average = Particle()
+            average.setObjId(classId)
+            average.setLocation(index, path)
+            average.setSamplingRate(pixel)
+            average.setClassId(classId)
+            averages.append(average)
+
+        # classes of the input particles, each particle aligned to its class average
+        self._alignment = convert.read_alignment(self._getJobPath("particles.star"))
+        classes = self._createSetOfClasses2D(self.inputParticles)
+        classes.classifyItems(updateItemCallback=self._updateClassifiedParticle,
+                              updateClassCallback=self._updateClass)
+
+        # denoised particles
+        self._denoised = {}
+        for row in convert.read_star_rows(self._getJobPath("denoised_particles.star")):
+            index, path = convert.parse_image_name(row.rlnImageName)
+            self._denoised[int(row.rlnImageId)] = (index, convert.resolve_image_path(path, job, projectDir))
+        optics = convert.read_optics(self._getJobPath("denoised_particles.star"))
+        newPixel = float(optics[0].rlnImagePixelSize)
+        self._shiftScale = pixel / newPixel
+        self._denoisedPixel = newPixel
+        denoised = self._createSetOfParticles()
+        denoised.copyInfo(inputSet)
+        denoised.setSamplingRate(newPixel)
+        if self.doPhaseFlip:
+            denoised.setIsPhaseFlipped(True)
+        denoised.copyItems(inputSet, updateItemCallback=self._updateDenoisedParticle)
+
+        self._defineOutputs(**{outputs.outputParticles.name: denoised,
+                               outputs.outputClasses.name: classes,
+                               outputs.outputAverages.name: averages})
+        self._defineTransformRelation(self.inputParticles, denoised)  # same particles, denoised
+        for output in (classes, averages):
+            self._defineSourceRelation(self.inputParticles, output)
+
+    # --------------------------- callbacks -----------------------------------
+    def _updateClassifiedParticle(self, item, row):
+        try:
+            classId, psi, originX, originY = self._alignment[item.getObjId()]
+        except KeyError:
+            raise RuntimeError(f"particle {item.getObjId()} is missing from "
+                               f"{self._getJobPath('particles.star')}") from None
+        item.setClassId(classId)
+        convert.set_alignment_2d(item, psi, originX, originY, self._pixel)
+
+    def _updateClass(self, item):
+        classId = item.getObjId()
+        item.setAlignment2D()
+        if classId in self._classInfo:
+            index, path, distribution = self._classInfo[classId]
+            item.getRepresentative().setLocation(index, path)
+            item.getRepresentative().setSamplingRate(self._pixel)
+            item._cdaeClassDistribution = Float(distribution)
+
+    def _updateDenoisedParticle(self, item, row):
+        location = self._denoised.get(item.getObjId())
+        if location is None:
+            item._appendItem = False
+            return
+        item.setLocation(location)
+        item.setSamplingRate(self._denoisedPixel)
+        if self._shiftScale != 1.0 and item.hasTransform():
+            item.getTransform().scaleShifts(self._shiftScale)
+
+    # --------------------------- INFO functions ------------------------------
+    def _validate(self):
+        errors = []
+        particles = self._getInputParticles()
+        if particles is None:
+            return ["Input particles are missing."]
+        n = particles.getSize()
+        k = self.numberOfClasses.get()
+        if k is None or k < MIN_CLASSES:
+            errors.append(f"Number of classes must be at least {MIN_CLASSES}.")
+        elif k > n:
+            errors.append(f"Number of classes ({k}) is larger than the number of input "
+                          f"particles ({n}).")
+        if self.doFinetune and self.neighbours.get() is not None and self.neighbours.get() < 1:
+            errors.append("Neighbours (k) must be at least 1.")
+        if self.doPhaseFlip and not particles.hasCTF():
+            errors.append("CTF phase flipping needs input particles with CTF information.")
+        if particles.getXDim() is not None and particles.getXDim() < 8:
+            errors.append("Particles must be at least 8 pixels wide.")
+        ref = self._getReferenceVolumeFile()
+        if ref is not None and not convert.is_mrc(ref):
+            errors.append(f"Reference volume {ref} is not an MRC file; convert it to MRC first.")
+        weights = self.weightsFile.get()
+        if weights and not self.referenceVolume.get() and not os.path.exists(weights):
+            errors.append(f"Weights file {weights} does not exist.")
+        if self.usesGpu() and not self.getGpuList():
+            errors.append("Give a GPU ID, or set 'Use GPU?' to No.")
+        return errors
+
+    def _warnings(self):
+        warnings = []
+        particles = self._getInputParticles()
+        if particles is not None and self.doFinetune and self.neighbours.get() >= particles.getSize():
+            warnings.append("Neighbours (k) is not smaller than the number of particles: every "
+                            "fine-tuning target will be the mean of all particles.")
+        return warnings
+
+    def _summary(self):
+        summary = []
+        if self.hasAttribute(outputs.outputClasses.name):
+            summary.append(f"Input particles: {self.getObjectTag('inputParticles')}")
+            summary.append(f"Classified into *{self.numberOfClasses.get()}* classes "
+                           f"({METHODS[self.method.get()]}).")
+            info = self._readSummary()
+            sizes = info.get("class_sizes")
+            if sizes:
+                summary.append("Class sizes: " + ", ".join(str(s) for s in sizes))
+            timings = info.get("timings", {})
+            if "total" in timings:
+                summary.append(f"cdae-em ran for {timings['total']:.1f} s.")
+        else:
+            summary.append("Outputs are not ready yet.")
+        return summary
+
+    def _methods(self):
+        if not self.hasAttribute(outputs.outputClasses.name):
+            return []
+        particles = self._getInputParticles()
+        finetune = (f"fine-tuned on these particles ({self.finetuneEpochs.get()} epochs per "
+                    f"block, targets from {self.neighbours.get()} nearest neighbours)"
+                    if self.doFinetune else "without fine-tuning")
+        return [
+            f"The {particles.getSize()} particles of {self.getObjectTag('inputParticles')} were "
+            f"denoised with a cascade of denoising autoencoders [Lei2021] (cdae-em), {finetune}, "
+            f"and classified into {self.numberOfClasses.get()} 2D classes "
+            f"({METHODS[self.method.get()]} clustering, then {self.numberOfIterations.get()} "
+            f"rounds of in-plane alignment and re-assignment). Output classes: "
+            f"{self.getObjectTag(outputs.outputClasses.name)}."
+        ]
+
+    def _citations(self):
+        return ["Lei2021"]
+
+    # --------------------------- UTILS functions -----------------------------
+    def _getInputParticles(self):
+        return self.inputParticles.get()
+
+    def _getInputStar(self):
+        return self._getExtraPath("input_particles.star")
+
+    def _getJobPath(self, *paths):
+        return self._getExtraPath(JOB_DIR, *paths)
+
+    def getGalleryPath(self):
+        return self._getJobPath("gallery.png")
+
+    def getSummaryPath(self):
+        return self._getJobPath("summary.json")
+
+    def _readSummary(self) -> dict:
+        try:
+            with open(self.getSummaryPath()) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _getReferenceVolumeFile(self):
+        volume = self.referenceVolume.get()
+        if volume is None:
+            return None
+        return volume.getFileName()
+
+    def _getRunArgs(self) -> list[str]:
+        args = ["run", "--i", self._getInputStar(), "--o", self._getJobPath(),
+                "--K", self.numberOfClasses.get(), "--method", METHODS[self.method.get()],
+                "--iter", self.numberOfIterations.get(), "--psi-step", self.psiStep.get(),
+                "--j", max(1, self.numberOfThreads.get()), "--seed", self.seed.get(),
+                "--overwrite"]
+        if self.maxShift.get() is not None and self.maxShift.get() >= 0:
+            args += ["--max-shift", self.maxShift.get()]
+        ref = self._getReferenceVolumeFile()
+        if ref is not None:
+            args += ["--ref", os.path.abspath(convert.split_format_hint(ref)[0])]
+        elif self.weightsFile.get():
+            args += ["--weights", os.path.abspath(self.weightsFile.get())]
+        if self.doFinetune:
+            args += ["--epochs", self.finetuneEpochs.get(), "--k", self.neighbours.get(),
+                     "--finetune-subset", self.finetuneSubset.get()]
+        else:
+            args.append("--no-finetune")
+        if self.doPhaseFlip:
+            args.append("--phase-flip")
+        if self.workingBox.get():
+            args += ["--box", self.workingBox.get()]
+        if self.usesGpu():
+            args += ["--gpu", self.getGpuList()[0]]
+        return [str(a) for a in args]
+
+
+_CDAE_ERROR = re.compile(r"ERROR cdae_em[\w.]*: (.*)")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Aborted)\b:? ?(.*)")
+
+
+def job_error(logs: list[str], offsets: list[int]) -> str:
+    """What went wrong, from what cdae-em wrote to the run logs after ``offsets``: its one-line
+    error ("HH:MM:SS ERROR cdae_em: ...") or, after a crash, the traceback's last line."""
+    error = exception = ""
+    for path, offset in zip(logs, offsets):
+        try:
+            with open(path, errors="replace") as f:
+                f.seek(offset)
+                for line in f:
+                    line = line.strip()
+                    match = _CDAE_ERROR.search(line)
+                    if match:
+                        error = match.group(1).strip()
+                    elif _EXCEPTION.match(line):
+                        exception = line
+        except OSError:
+            continue
+    return error or exception

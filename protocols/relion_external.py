@@ -1,0 +1,569 @@
+"""cdae-em as a RELION External job (RELION 3.1, 4 and 5): ``cdae-em-relion``.
+
+RELION runs it from the project directory as (pipeline_jobs.cpp ``getCommandsExternalJob``)::
+
+    cdae-em-relion --o External/job012/ --in_parts Extract/job005/particles.star \\
+        [--in_3dref map.mrc] [--<label> <value>]... --j <threads> <other args>
+
+with stdout and stderr appended to ``External/job012/run.out`` / ``run.err``
+(``RelionJob::prepareFinalCommand``). Parameters (Param label / value in the GUI; ``_`` and ``-``
+are interchangeable, a label with an empty value counts as not given, and unknown arguments are
+logged and ignored):
+
+  K                number of classes (required)
+  epochs           fine-tuning epochs per cascade block (default 3)
+  neighbours       neighbours per particle for the fine-tuning targets (default 30; also "k")
+  finetune         Yes / No: fine-tune the shipped weights on these particles (default Yes)
+  weights          cascade weights file (default: the weights shipped with cdae-em)
+  gpu              CUDA device, e.g. 0 (or "0:1": the first is used); empty value = first GPU if
+                   there is one; not given or "cpu" = CPU
+  method           kmeans or hierarchical (default kmeans)
+  iterations       rounds of alignment and re-assignment (default 5)
+  box              working box: Fourier-crop (bin) the particles to this size
+  phase_flip       Yes / No: CTF phase-flip the particles, for denoising and for the class
+                   averages (default No; Yes lets relion_class_ranker auto-select classes)
+  nodes_flavour    3.1, 4 or 5: output-node types of that RELION (default: detected)
+  also: psi_step, max_shift, batch_size, finetune_subset, mask_diameter, lr, seed,
+        pretrain_particles, pretrain_epochs, average_phase_flipped
+
+``cdae-em-relion --write_template DIR`` writes DIR/job.star, an External job with the executable
+and these parameters filled in, for the GUI's Jobs / Load job settings.
+
+``--in_3dref`` pre-trains the cascade on projections of that map before fine-tuning.
+
+Outputs in --o: the job's output contract (particles.star, denoised_particles.star + denoised/,
+class_averages.mrcs/.star, summary.json, gallery.png), plus run_it000_{optimiser,model,data}.star
+and run_it000_classes.mrcs for Subset selection, RELION_OUTPUT_NODES.star, and one of
+RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED. Creating RELION_JOB_ABORT_NOW in --o (the GUI's
+"Abort running") stops the job within seconds. Rerunning the same command ("Continue") resumes
+from the finished stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from cdae_em.protocols import relion_files as rf
+
+log = logging.getLogger("cdae_em.relion")
+
+HEARTBEAT_S = 60.0  # a "still running" line at least this often while the core is quiet
+ABORT_GRACE_S = 15.0  # how long an abort waits for the core's next should_stop check
+_REAL_STDERR = sys.stderr
+
+
+class ArgumentError(Exception):
+    """A RELION argument could not be used (reported as the job's failure reason)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # never exit from inside argparse: the job must write its exit file
+        raise ArgumentError(message)
+
+
+def _names(*names: str) -> list[str]:
+    """--a_b and --a-b for each name (RELION users type labels either way)."""
+    out = []
+    for n in names:
+        for v in (n, n.replace("_", "-"), n.replace("-", "_")):
+            if f"--{v}" not in out:
+                out.append(f"--{v}")
+    return out
+
+
+def _yes_no(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("", "yes", "y", "true", "1", "on"):
+        return True
+    if t in ("no", "n", "false", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected Yes or No, got {text!r}")
+
+
+def _or_none(convert):
+    """A value converter for which an empty value means "not given" (RELION passes a parameter
+    whose value field is empty as a bare --label)."""
+    def parse(text: str):
+        return None if str(text).strip() in ("", '""', "''") else convert(text)
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cdae-em-relion", description=(__doc__ or "").split("\n\n")[0], allow_abbrev=False,
+                add_help=True)
+    # what RELION passes
+    p.add_argument("--o", required=True, help="job directory, e.g. External/job012/")
+    p.add_argument("--in_parts", "--in-parts", dest="in_parts", help="input particles STAR file")
+    p.add_argument("--in_3dref", "--in-3dref", dest="in_3dref", help="3D reference map: pre-train the cascade on it")
+    for unused in ("in_movies", "in_mics", "in_coords", "in_mask"):
+        p.add_argument(f"--{unused}", dest=unused, help=argparse.SUPPRESS)
+    p.add_argument("--j", type=int, default=1, help="CPU threads (RELION's 'Number of threads')")
+    # user parameters: nargs="?" so that a label with an empty value does not swallow the next option
+    opt = dict(nargs="?", default=None, const=None)
+    p.add_argument(*_names("K", "classes", "n_classes"), dest="K", type=_or_none(int), **opt, help="number of classes")
+    p.add_argument(*_names("epochs"), dest="epochs", type=_or_none(int), **opt)
+    p.add_argument(*_names("neighbours", "neighbors", "k"), dest="k", type=_or_none(int), **opt)
+    p.add_argument(*_names("finetune", "fine_tune"), dest="finetune", type=_or_none(_yes_no), **opt)
+    p.add_argument(*_names("no_finetune"), dest="no_finetune", nargs="?", const="yes", default=None, type=str)
+    p.add_argument(*_names("weights"), dest="weights", type=_or_none(str), **opt)
+    p.add_argument(*_names("gpu"), dest="gpu", nargs="?", const="auto", default=None)
+    p.add_argument(*_names("method"), dest="method", type=_or_none(str.lower), **opt)
+    p.add_argument(*_names("iterations", "iter", "n_iter"), dest="n_iter", type=_or_none(int), **opt)
+    p.add_argument(*_names("box"), dest="box", type=_or_none(int), **opt)
+    p.add_argument(*_names("phase_flip"), dest="phase_flip", type=_or_none(_yes_no), nargs="?", const=True, default=None)
+    p.add_argument(*_names("average_phase_flipped"), dest="average_phase_flipped", type=_or_none(_yes_no), nargs="?",
+                   const=True, default=None)
+    p.add_argument(*_names("psi_step"), dest="psi_step", type=_or_none(float), **opt)
+    p.add_argument(*_names("max_shift"), dest="max_shift", type=_or_none(float), **opt)
+    p.add_argument(*_names("batch_size"), dest="batch_size", type=_or_none(int), **opt)
+    p.add_argument(*_names("finetune_subset"), dest="finetune_subset", type=_or_none(int), **opt)
+    p.add_argument(*_names("mask_diameter"), dest="mask_diameter", type=_or_none(float), **opt)
+    p.add_argument(*_names("lr"), dest="lr", type=_or_none(float), **opt)
+    p.add_argument(*_names("seed"), dest="seed", type=_or_none(int), **opt)
+    p.add_argument(*_names("pretrain_particles"), dest="pretrain_particles", type=_or_none(int), **opt)
+    p.add_argument(*_names("pretrain_epochs"), dest="pretrain_epochs", type=_or_none(int), **opt)
+    p.add_argument(*_names("nodes_flavour", "nodes_flavor"), dest="nodes_flavour", type=_or_none(str), **opt)
+    p.add_argument("--log_level", "--log-level", dest="log_level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def job_settings(args: argparse.Namespace):
+    """RELION's arguments -> the core JobSettings (defaults from ``cdae-em denoise``'s parser)."""
+    from cdae_em.commands.common import add_seed_arg
+    from cdae_em.commands.denoise import add_denoise_args, denoise_settings
+    from cdae_em.job import JobSettings
+
+    if not args.in_parts:
+        raise ArgumentError("no input particles: set 'Input particles' (--in_parts) in the External job's I/O tab")
+    if args.K is None:
+        raise ArgumentError("no number of classes: add a parameter with label K and a value, e.g. 20")
+    if args.method is not None and args.method not in ("kmeans", "hierarchical"):
+        raise ArgumentError(f"--method {args.method}: expected kmeans or hierarchical")
+    base = argparse.ArgumentParser(add_help=False)
+    add_denoise_args(base)
+    add_seed_arg(base)
+    d = base.parse_args([])  # the documented defaults of `cdae-em denoise`
+    for name in ("epochs", "k", "weights", "box", "batch_size", "finetune_subset", "mask_diameter", "lr", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(d, name, value)
+    if args.finetune is not None:
+        d.no_finetune = not args.finetune
+    if args.no_finetune is not None:
+        d.no_finetune = _yes_no(args.no_finetune)
+    phase_flip = bool(args.phase_flip)
+    d.phase_flip = phase_flip
+    average_flipped = phase_flip if args.average_phase_flipped is None else bool(args.average_phase_flipped)
+    kwargs = {}
+    for name in ("method", "n_iter", "psi_step", "max_shift", "pretrain_particles", "pretrain_epochs"):
+        value = getattr(args, name)
+        if value is not None:
+            kwargs[name] = value
+    return JobSettings(
+        particles=args.in_parts, out_dir=args.o, n_classes=args.K, denoise=denoise_settings(d),
+        average_phase_flipped=average_flipped, reference_map=args.in_3dref or None, gpu=_gpu(args.gpu),
+        threads=max(1, args.j), overwrite=True, seed=d.seed, **kwargs,
+    )
+
+
+def _gpu(value: str | None) -> str | None:
+    """RELION-style GPU ids ("0", "0:1", "0,1", empty = any) -> one CUDA device id or None (CPU)."""
+    if value is None:
+        return None
+    v = str(value).strip().lower()
+    if v in ("cpu", "no", "none", "-1", "false"):
+        return None
+    if v in ("", "auto", "yes", "true"):
+        import torch
+
+        if torch.cuda.is_available():
+            return "0"
+        log.info("gpu: no CUDA device on this machine; running on the CPU")
+        return None
+    first = re.split(r"[:,\s]+", v)[0]
+    if not first.isdigit():
+        raise ArgumentError(f"--gpu {value!r}: expected a device number such as 0 (or cpu)")
+    return first
+
+
+# ------------------------------------------------------------------------------------------------
+# run.out: progress a user watching the GUI understands
+# ------------------------------------------------------------------------------------------------
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class Progress(logging.Handler):
+    """Watches the core's log records and adds an ETA where it can count: fine-tuning epochs
+    (``block J ... epoch E/N``) and classification rounds (``round R/N``)."""
+
+    _BLOCK = re.compile(r"^block (\d+)\b")
+    _EPOCH = re.compile(r"epoch (\d+)/(\d+)")
+    _ROUND = re.compile(r"round (\d+)/(\d+)")
+
+    def __init__(self, n_blocks: int = 3):
+        super().__init__(level=logging.INFO)
+        self.n_blocks = n_blocks
+        self.block = 1
+        self.phase_start: float | None = None
+        self.phase: str | None = None
+        self.last = time.monotonic()
+        self.stage = "starting"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == log.name:
+            return
+        self.last = time.monotonic()
+        try:
+            msg = record.getMessage()
+        except Exception:
+            return
+        if msg.startswith("stage "):
+            self.stage = msg.split(":")[0]
+        m = self._BLOCK.match(msg)
+        if m:
+            self.block = int(m.group(1))
+        m = self._EPOCH.search(msg)
+        if m and "pre-training" not in msg:
+            self._eta("fine-tuning", (self.block - 1) * int(m.group(2)) + int(m.group(1)),
+                      self.n_blocks * int(m.group(2)))
+            return
+        m = self._ROUND.search(msg)
+        if m:
+            self._eta("classification", int(m.group(1)), int(m.group(2)))
+
+    def _eta(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.phase != phase or self.phase_start is None:
+            # the first count of a phase starts its clock (its duration covers one step less)
+            self.phase, self.phase_start, self.first_done = phase, now, done
+            return
+        steps = done - self.first_done
+        if steps <= 0 or total <= done:
+            return
+        left = (now - self.phase_start) / steps * (total - done)
+        log.info("  %s: %d of %d done, about %s left in this stage", phase, done, total, _duration(left))
+
+
+class StopCheck:
+    """The ``should_stop`` hook the core calls between batches: raises JobAborted once an abort
+    was asked for (RELION_JOB_ABORT_NOW in the job directory, or SIGTERM)."""
+
+    def __init__(self, out_dir: Path, progress: Progress, t0: float):
+        self.abort_file = out_dir / rf.ABORT_NOW
+        self.progress = progress
+        self.t0 = t0
+        self.terminated = False
+
+    def requested(self) -> bool:
+        return self.terminated or self.abort_file.exists()
+
+    def __call__(self) -> None:
+        from cdae_em.job import JobAborted
+
+        if self.requested():
+            raise JobAborted("stopped by SIGTERM" if self.terminated else "aborted by the user (RELION_JOB_ABORT_NOW)")
+
+
+class Watchdog(threading.Thread):
+    """Once a second: a "still running" line when the core has been quiet for HEARTBEAT_S, and,
+    if an abort was asked for but the core has not reached a ``should_stop`` check within
+    ABORT_GRACE_S (a long computation without one), the abort is done from here: partial files
+    removed, RELION_JOB_EXIT_ABORTED written, the process ended with exit code 2."""
+
+    def __init__(self, out_dir: Path, stop: StopCheck):
+        super().__init__(name="cdae-em-relion-watchdog", daemon=True)
+        self.out, self.stop_check = out_dir, stop
+        self.finished = threading.Event()
+        self.abort_seen: float | None = None
+
+    def run(self) -> None:
+        while not self.finished.wait(1.0):
+            now = time.monotonic()
+            progress = self.stop_check.progress
+            if now - progress.last > HEARTBEAT_S:
+                progress.last = now
+                log.info("still running (%s), %s elapsed", progress.stage, _duration(now - self.stop_check.t0))
+            if not self.stop_check.requested():
+                continue
+            self.abort_seen = self.abort_seen or now
+            if now - self.abort_seen > ABORT_GRACE_S and not self.finished.is_set():
+                log.info("abort: the current step does not check for aborts; stopping it now")
+                for partial in self.out.rglob("*.partial*"):
+                    partial.unlink(missing_ok=True)
+                rf.remove_relion_files(self.out)
+                (self.out / rf.ABORT_NOW).unlink(missing_ok=True)
+                _touch(self.out / rf.EXIT_ABORTED)
+                logging.shutdown()
+                os._exit(2)
+
+
+class _StderrToLog:
+    """sys.stderr while the job runs: RELION shows run.err as the job's errors, so progress-bar
+    redraws (text with a carriage return) are dropped and any other line (warnings) goes to
+    run.out through the log; the failure reason alone is written to the real stderr."""
+
+    def __init__(self):
+        self.buffer = ""
+
+    def write(self, text: str) -> int:
+        if "\r" not in text:
+            self.buffer += text
+            while "\n" in self.buffer:
+                line, self.buffer = self.buffer.split("\n", 1)
+                if line.strip():
+                    log.info("%s", line.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _NoRepeats(logging.Filter):
+    """Drop a line identical to the one before it (per-batch messages would flood run.out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:
+            return True
+        repeat = msg == self.last
+        self.last = msg
+        return not repeat
+
+
+def _setup_logging(level: str) -> Progress:
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stdout)  # RELION appends stdout to run.out
+    handler.addFilter(_NoRepeats())
+    handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level, logging.INFO))
+    progress = Progress()
+    logging.getLogger("cdae_em").addHandler(progress)
+    return progress
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+def template_text() -> str:
+    """The External job.star shipped in cdae_em.templates, ready for the GUI's Jobs / Load."""
+    from importlib.resources import files
+
+    return files("cdae_em.templates").joinpath("relion_external_job.star").read_text()
+
+
+def write_template(path: str) -> int:
+    """``cdae-em-relion --write_template PATH``: the job.star template at PATH (a .star file) or
+    PATH/job.star (RELION 4/5's Jobs / Load job settings lists files named job.star; RELION 3.1
+    loads the hidden .gui_externaljob.star of the project directory instead)."""
+    target = Path(path)
+    if target.suffix != ".star":
+        target = target / "job.star"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        rf.atomic_write(target, template_text())
+    except OSError as exc:
+        print(f"cdae-em-relion: cannot write {target}: {exc.strerror}", file=_REAL_STDERR)
+        return 1
+    print(f"wrote {target}: in the RELION GUI use Jobs / Load job settings and pick it")
+    return 0
+
+
+def _job_name(o: str) -> str:
+    """The job directory as RELION names nodes: project-relative, ending in '/'."""
+    path = Path(o)
+    if path.is_absolute():
+        try:
+            o = os.path.relpath(path, os.getcwd())
+        except ValueError:
+            o = str(path)
+        if o.startswith(".."):
+            o = str(path)
+    o = o.replace(os.sep, "/")
+    return o if o.endswith("/") else o + "/"
+
+
+def _touch(path: Path) -> None:
+    try:
+        path.touch()
+    except OSError as exc:
+        print(f"cdae-em-relion: cannot create {path}: {exc.strerror}", file=_REAL_STDERR, flush=True)
+
+
+def _out_dir_only(argv: list[str]) -> str | None:
+    """--o, found without the full parser (so that a bad argument can still be reported there)."""
+    for i, a in enumerate(argv):
+        if a == "--o" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--o="):
+            return a[4:]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job as RELION does; returns 0 (success), 1 (failure) or 2 (aborted), the exit
+    codes of RELION's own programs (pipeline_control.cpp ``pipeline_control_relion_exit``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    t0 = time.monotonic()
+    if argv and argv[0] in ("--write_template", "--write-template"):
+        return write_template(argv[1] if len(argv) > 1 else ".")
+    o = _out_dir_only(argv)
+    if o is None:
+        if any(a in ("-h", "--help") for a in argv):
+            build_parser().print_help()
+            return 0
+        print("cdae-em-relion: no --o job directory given (RELION passes --o External/jobNNN/)", file=sys.stderr)
+        return 1
+    out = Path(o)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"cdae-em-relion: cannot create the job directory {out}: {exc.strerror}", file=sys.stderr)
+        return 1
+    # a rerun ("Continue") starts clean: RELION's pipeliner does the same before it launches a job
+    # (pipeliner.cpp PipeLine::runJob removes the exit files); RELION_JOB_ABORT_NOW is left: if it
+    # is there now, the user asked for an abort after the launch
+    for name in (rf.EXIT_SUCCESS, rf.EXIT_FAILURE, rf.EXIT_ABORTED):
+        (out / name).unlink(missing_ok=True)
+    rf.remove_relion_files(out)
+
+    progress = _setup_logging("INFO")
+    try:
+        args, unknown = build_parser().parse_known_args(argv)
+    except ArgumentError as exc:
+        return _fail(out, f"bad arguments: {exc}")
+    logging.getLogger().setLevel(getattr(logging, args.log_level, logging.INFO))
+    from cdae_em import __version__
+
+    log.info("cdae-em %s: RELION External job in %s", __version__, out)
+    log.info("command: %s", " ".join(["cdae-em-relion", *argv]))
+    if unknown:
+        log.warning("ignoring arguments cdae-em-relion does not know: %s", " ".join(unknown))
+    for name in ("in_movies", "in_mics", "in_coords", "in_mask"):
+        if getattr(args, name):
+            log.warning("--%s %s is not used by cdae-em (it classifies particles)", name, getattr(args, name))
+
+    stop = StopCheck(out, progress, t0)
+
+    def on_term(signum, frame):
+        stop.terminated = True
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    sys.stderr = _StderrToLog()
+    watchdog = Watchdog(out, stop)
+    watchdog.start()
+    try:
+        return _run(args, out, stop, t0)
+    finally:
+        watchdog.finished.set()
+        sys.stderr = _REAL_STDERR
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int:
+    from cdae_em.errors import CdaeError
+    from cdae_em.job import JobAborted, run_job
+
+    job = _job_name(args.o)
+    try:
+        settings = job_settings(args)
+        if args.nodes_flavour:
+            flavour = str(args.nodes_flavour).strip()
+            flavour = {"3": "3.1", "3.1": "3.1", "4": "4", "4.0": "4", "5": "5", "5.0": "5"}.get(flavour, flavour)
+            if flavour not in rf.FLAVOURS:
+                raise ArgumentError(f"--nodes_flavour {args.nodes_flavour!r}: expected 3.1, 4 or 5")
+            why = "--nodes_flavour"
+        else:
+            flavour, why = rf.detect_flavour(out, args.in_parts)
+        log.info("output nodes for RELION %s (%s)", flavour, why)
+        log.info("input %s, K=%d, %s, %d thread(s)%s", settings.particles, settings.n_classes,
+                 f"GPU {settings.gpu}" if settings.gpu else "CPU", settings.threads,
+                 f", pre-training on {settings.reference_map}" if settings.reference_map else "")
+        stop()
+        summary = run_job(settings, should_stop=stop)
+
+        log.info("writing RELION files (Subset selection, output nodes)")
+        stats = rf.half_set_stats(out / "particles.star", _read_stack(out / "class_averages.mrcs"), settings.n_classes,
+                                  settings.average_phase_flipped, settings.project_dir,
+                                  batch_size=settings.denoise.batch_size, should_stop=stop)
+        box = int(summary.get("box") or stats.signal.shape[1] * 2 - 2)
+        pixel = float(summary.get("pixel_size") or 1.0)
+        diameter = settings.denoise.mask_diameter or 0.9 * box * pixel
+        rf.write_classification_files(out, job, settings.n_classes, pixel, box, diameter,
+                                      settings.average_phase_flipped, 50001 if flavour == "5" else 30001, stats,
+                                      psi_step=settings.psi_step)
+        nodes = rf.write_output_nodes(out, job, flavour)
+        sizes = summary.get("class_sizes")
+        log.info("done in %s: %d particles in %d classes%s", _duration(time.monotonic() - t0),
+                 summary.get("particles", 0), settings.n_classes, f" (sizes {sizes})" if sizes else "")
+        for name, kind in nodes:
+            log.info("  output node %s (%s)", name, kind)
+        _touch(out / rf.EXIT_SUCCESS)
+        return 0
+    except JobAborted as exc:
+        rf.remove_relion_files(out)
+        (out / rf.ABORT_NOW).unlink(missing_ok=True)
+        log.info("%s after %s; rerun the job (Continue) to resume from its finished stages",
+                 exc, _duration(time.monotonic() - t0))
+        _touch(out / rf.EXIT_ABORTED)
+        return 2
+    except (CdaeError, ArgumentError) as exc:
+        rf.remove_relion_files(out)
+        return _fail(out, str(exc))
+    except MemoryError:
+        rf.remove_relion_files(out)
+        return _fail(out, "out of memory: use a smaller --batch_size or --box, or fewer --neighbours")
+    except Exception as exc:  # a bug: keep the traceback in run.out, the one-line reason in run.err
+        rf.remove_relion_files(out)
+        traceback.print_exc(file=sys.stdout)
+        sys.stdout.flush()
+        return _fail(out, f"internal error ({type(exc).__name__}: {exc}); the traceback is in run.out")
+
+
+def _fail(out: Path, reason: str) -> int:
+    reason = " ".join(str(reason).split())  # one line
+    log.error("ERROR: %s", reason)
+    print(f"ERROR: {reason}", file=_REAL_STDERR, flush=True)
+    _touch(out / rf.EXIT_FAILURE)
+    return 1
+
+
+def _read_stack(path: Path):
+    import mrcfile
+    import numpy as np
+
+    with mrcfile.open(path, permissive=True) as mrc:
+        data = np.asarray(mrc.data, dtype=np.float32)
+    return data[None] if data.ndim == 2 else data
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""`cdae-em denoise` end to end on simulated STAR files, as a user runs it."""
+
+import subprocess
+import sys
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+import torch
+
+from cdae_em.cascade import Cascade
+from cdae_em.simulate import SimulationSettings, load_source, simulate
+from cdae_em.weights import save_weights
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cdae_em", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Untrained small weights: these tests check the plumbing, test_cascade checks the learning."""
+    path = tmp_path_factory.mktemp("w") / "small.pt"
+    torch.manual_seed(0)
+    save_weights(Cascade(channels=(8, 16, 16), dropout=0.1), path, {"command": "test"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def particles(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    settings = SimulationSettings(n_particles=60, n_views=3, in_plane=True, max_shift=1.0, ctf=True,
+                                  snrs=[0.3], seed=3)
+    simulate(load_source(None, box=32), settings, out)
+    return out / "particles.star"
+
+
+def test_denoise_writes_stacks_and_star_keeping_every_column(particles, weights, tmp_path):
+    before = particles.read_bytes()
+    out = tmp_path / "den"
+    r = run_cli("denoise", "--i", particles, "--o", out, "--weights", weights, "--k", 5, "--epochs", 1,
+                "--finetune-subset", 30, "--phase-flip", "--j", 2)
+    assert r.returncode == 0, r.stderr
+    assert particles.read_bytes() == before  # input untouched
+    star_in = starfile.read(particles)
+    star_out = starfile.read(out / "denoised_particles.star")
+    p_in, p_out = star_in["particles"], star_out["particles"]
+    assert len(p_out) == len(p_in)
+    assert set(p_in.columns) <= set(p_out.columns)
+    assert (p_out["rlnImageOriginalName"] == p_in["rlnImageName"]).all()
+    for col in ("rlnDefocusU", "rlnDefocusV"):
+        assert np.allclose(p_out[col], p_in[col])
+    assert int(star_out["optics"]["rlnCtfDataArePhaseFlipped"].iloc[0]) == 1
+    stacks = sorted((out / "denoised").glob("*.mrcs"))
+    assert len(stacks) == 1
+    with mrcfile.open(stacks[0]) as m:
+        assert m.data.shape == (60, 32, 32) and np.isfinite(m.data).all()
+        assert np.isclose(float(m.voxel_size.x), float(star_out["optics"]["rlnImagePixelSize"].iloc[0]), atol=1e-3)
+        # histogram equalisation: values in [0, 1]
+        assert m.data.min() >= 0 and m.data.max() <= 1
+    assert not (out / ".cdae_work").exists()
+    assert "block 3" in r.stderr and "fine-tune" in r.stderr
+
+
+def test_denoised_names_resolve_from_the_project_directory(particles, weights, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    r = run_cli("denoise", "--i", particles, "--o", "Denoise/job001", "--weights", weights, "--no-finetune",
+                "--box", 16, "--no-equalise", cwd=project)
+    assert r.returncode == 0, r.stderr
+    star = starfile.read(project / "Denoise/job001/denoised_particles.star")
+    name = star["particles"]["rlnImageName"].iloc[5]
+    index, path = name.split("@")
+    assert path == "Denoise/job001/denoised/particles_00001.mrcs" and int(index) == 6
+    with mrcfile.open(project / path) as m:
+        assert m.data.shape == (60, 16, 16)
+    # Fourier cropping to 16 px doubles the pixel size, in the optics table and the stack header
+    px_in = float(starfile.read(particles)["optics"]["rlnImagePixelSize"].iloc[0])
+    assert np.isclose(float(star["optics"]["rlnImagePixelSize"].iloc[0]), 2 * px_in, atol=1e-4)
+    assert int(star["optics"]["rlnImageSize"].iloc[0]) == 16
+
+
+def test_too_few_particles_for_k(particles, weights, tmp_path):
+    r = run_cli("denoise", "--i", particles, "--o", tmp_path / "o", "--weights", weights, "--k", 60)
+    assert r.returncode != 0 and "too few" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "denoised_particles.star").exists()
+
+
+def test_bad_weights_file(particles, tmp_path):
+    bad = tmp_path / "junk.pt"
+    bad.write_bytes(b"not a weights file")
+    r = run_cli("denoise", "--i", particles, "--o", tmp_path / "o", "--weights", bad)
+    assert r.returncode != 0 and "junk.pt" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "denoised_particles.star").exists()
+
+
+def test_constant_images_are_refused(particles, weights, tmp_path):
+    import shutil
+
+    work = tmp_path / "copy"
+    shutil.copytree(particles.parent, work)
+    with mrcfile.open(work / "particles.mrcs", mode="r+") as m:
+        m.data[7] = 1.5
+    r = run_cli("denoise", "--i", work / "particles.star", "--o", tmp_path / "o", "--weights", weights)
+    assert r.returncode != 0 and "constant" in r.stderr and "row 8" in r.stderr
+    assert not (tmp_path / "o" / "denoised_particles.star").exists()
