@@ -117,7 +117,7 @@ def run_block(block: torch.nn.Module, src: np.ndarray, dst: np.ndarray, device: 
     for start in tqdm(range(0, len(src), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         if should_stop is not None:
             should_stop()
-        x = torch.from_numpy(np.asarray(src[start:start + batch_size])).to(device)
+        x = torch.from_numpy(np.array(src[start:start + batch_size])).to(device)
         with autocast(device):
             y = block(x)
         dst[start:start + len(x)] = y.float().cpu().numpy()
@@ -240,7 +240,7 @@ def write_denoised(table: ParticleTable, images: np.ndarray, out_dir: Path, pixe
         lo, hi = i * STACK_CHUNK, min(n, (i + 1) * STACK_CHUNK)
         with StackWriter(staging / path.name, hi - lo, box, pixel_size) as writer:
             for start in range(lo, hi, settings.batch_size):
-                x = torch.from_numpy(np.asarray(images[start:min(hi, start + settings.batch_size)])).to(device)
+                x = torch.from_numpy(np.array(images[start:min(hi, start + settings.batch_size)])).to(device)
                 if settings.equalise:
                     x = equalise_histogram(x, mask)
                 writer.write(start - lo, x.cpu().numpy())

@@ -94,8 +94,9 @@ def equalise_histogram(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     """Histogram equalisation inside a particle mask (CDAE's enhancement step, Algorithm 1 line 8).
 
     Each pixel becomes the fraction of the image's pixels *inside the mask* (weight > 0.5) that are
-    <= its value, so the masked histogram is flat on [0, 1]; the result is then multiplied by the
-    (soft) mask, so the background outside the particle is 0.
+    <= its value, so the masked histogram is flat on [0, 1]; it is then centred (minus 0.5) and
+    multiplied by the (soft) mask: values in [-0.5, 0.5], zero on average inside the mask and zero
+    outside it, so that the mask's edge does not become the strongest feature of every image.
     """
     inside = mask > 0.5
     values = images[:, inside]
@@ -103,4 +104,4 @@ def equalise_histogram(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     flat = images.reshape(len(images), -1).contiguous()
     ranks = torch.searchsorted(ordered.contiguous(), flat, right=True).to(images.dtype)
     cdf = (ranks / ordered.shape[1]).reshape(images.shape)
-    return cdf * mask
+    return (cdf - 0.5) * mask

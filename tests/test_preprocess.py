@@ -47,3 +47,22 @@ def test_translate_integer_shift_is_roll_and_subpixel_moves_centroid():
     c = torch.arange(32, dtype=torch.float32) - 16
     centroid_x = float((half.sum(dim=0) * c).sum() / half.sum())
     assert abs(centroid_x - 0.5) < 1e-3
+
+
+def test_histogram_equalisation_is_flat_inside_the_mask():
+    from cdae_em.preprocess import equalise_histogram
+
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randn((3, 32, 32), generator=gen) ** 3  # a very skewed histogram
+    mask = soft_circular_mask(32, radius=12, width=3)
+    out = equalise_histogram(images, mask)
+    inside = mask == 1
+    for img in out:
+        counts = torch.histc(img[inside], bins=5, min=-0.5, max=0.5)
+        assert counts.min() > 0.8 * counts.mean()  # flat: every fifth of the range equally used
+        assert abs(float(img[inside].mean())) < 0.02
+    assert torch.all(out[:, mask == 0] == 0)
+    # monotonic: equalisation keeps the order of pixel values inside the mask
+    a, b = images[0][inside], out[0][inside]
+    order = torch.argsort(a)
+    assert torch.all(torch.diff(b[order]) >= 0)
