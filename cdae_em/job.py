@@ -32,6 +32,8 @@ from typing import Callable
 
 import numpy as np
 
+from cdae_em.atomic import atomic_path
+from cdae_em.atomic import write_text as atomic_text
 from cdae_em.denoise import DenoiseSettings
 from cdae_em.errors import CdaeError, InputError, OutputError
 
@@ -174,10 +176,9 @@ def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None
                 batch_size=settings.denoise.batch_size), device, should_stop)
         labels, psi, origin, score, refs = result.labels, result.psi, result.origin, result.score, result.references
         summary["classify"] = result.history
-        tmp = job_dir / ".classes.partial.npz"
-        np.savez(tmp, labels=labels, psi=psi, origin=origin, score=score, references=refs,
-                 history=json.dumps(result.history))
-        os.replace(tmp, result_file)
+        with atomic_path(result_file) as tmp, open(tmp, "wb") as f:
+            np.savez(f, labels=labels, psi=psi, origin=origin, score=score, references=refs,
+                     history=json.dumps(result.history))
         timings["classify"] = round(time.perf_counter() - t, 2)
 
     # 4. class averages of the original particles and the output STAR files
@@ -233,12 +234,6 @@ class StarImages:
 
     def __exit__(self, *exc) -> None:
         self.source.close()
-
-
-def atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _jsonable(d: dict) -> dict:

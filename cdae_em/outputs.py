@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from cdae_em.align import apply_alignment
+from cdae_em.atomic import atomic_path
 from cdae_em.ctf import CtfParams, ctf_2d, phase_flip
 from cdae_em.denoise import star_path_name
 from cdae_em.stacks import ImageSource, write_stack
@@ -127,7 +128,6 @@ def gallery(path: Path, averages: np.ndarray, counts: np.ndarray, settings, n_pa
         axes[rows + 1, j].imshow(den_img, cmap="gray")
         axes[rows + 1, j].set_title("denoised" if j == 0 else "", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    tmp.replace(path)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cdae_em.atomic import write_text
 from cdae_em.ctf import CtfParams, apply_filter, ctf_2d
 from cdae_em.errors import InputError, OutputError
 from cdae_em.geometry import euler_to_matrix, even_views, random_views
@@ -346,9 +347,7 @@ def simulate(
         "seconds": round(time.perf_counter() - t0, 3),
         "images_per_second": round(n / max(t_images, 1e-9), 1),
     }
-    tmp = out / ".simulation.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / "simulation.json")
+    write_text(out / "simulation.json", json.dumps(manifest, indent=2))
     log.info("wrote %d particles to %s in %.1f s (%.0f images/s)", n, out, manifest["seconds"], manifest["images_per_second"])
     return manifest
 

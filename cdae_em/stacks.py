@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from cdae_em.atomic import atomic_path, partial_name
 from cdae_em.errors import InputError
 from cdae_em.star import ParticleTable
 
@@ -240,11 +241,6 @@ class ImageSource:
         self.close()
 
 
-def _partial_name(path: Path) -> Path:
-    """Hidden temporary name beside ``path`` that no ``*.mrcs``/``*.star`` glob matches."""
-    return path.with_name(f".{path.name}.partial")
-
-
 class StackWriter:
     """Writes an MRC stack in streamed chunks (mrcfile.new_mmap), voxel size set, under a temporary
     name renamed on success.
@@ -256,7 +252,7 @@ class StackWriter:
 
     def __init__(self, path: str | Path, n: int, box: int, pixel_size: float):
         self.path = Path(path)
-        self.tmp = _partial_name(self.path)
+        self.tmp = partial_name(self.path)
         self.n, self.box, self.pixel_size = int(n), int(box), float(pixel_size)
         self._written = np.zeros(self.n, dtype=bool)
         self._sum = self._sumsq = 0.0
@@ -346,12 +342,7 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
 def write_map(path: str | Path, volume: np.ndarray, voxel_size: float) -> None:
     """Write a 3D volume as float32 MRC (gzip-compressed if the name ends in .gz), atomically."""
     path = Path(path)
-    tmp = _partial_name(path)
     compression = "gzip" if path.suffix == ".gz" else None
-    try:
+    with atomic_path(path) as tmp:
         with mrcfile.new(tmp, data=np.asarray(volume, dtype=np.float32), overwrite=True, compression=compression) as mrc:
             mrc.voxel_size = voxel_size
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from cdae_em.atomic import write_text
 from cdae_em.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -271,14 +271,7 @@ def write_star(table: ParticleTable, path: str | Path) -> None:
         if version is not None:
             parts.append(f"\n{version}\n\n")
         parts.append(_block_text(name, block))
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "w") as f:
-            f.write("".join(parts))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text(path, "".join(parts))
     log.debug("wrote %d particles to %s", len(table), path)
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from cdae_em.atomic import atomic_path
 from cdae_em.cascade import Cascade
 from cdae_em.errors import InputError
 
@@ -33,13 +33,8 @@ def save_weights(model: Cascade, path: str | Path, metadata: dict | None = None)
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "metadata": json.dumps(metadata or {}),
     }
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Cascade, dict]:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from cdae_em.atomic import copy_file as atomic_copy
+from cdae_em.atomic import partial_name
+from cdae_em.atomic import write_text as atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -153,31 +156,11 @@ def star_text(blocks: list[tuple[str, dict | list[dict]]], version: int, comment
     return "\n".join(out) + "\n"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.partial")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def remove_relion_files(out_dir: Path) -> None:
     """Remove the files this module writes (before a run, and after an abort)."""
     for name in RELION_FILES:
         (out_dir / name).unlink(missing_ok=True)
-        (out_dir / f".{name}.partial").unlink(missing_ok=True)
+        partial_name(out_dir / name).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------

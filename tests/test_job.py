@@ -2,7 +2,6 @@
 bad input. Small data (32 px); untrained small weights where only the plumbing is tested."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -39,7 +39,8 @@ def main(args: argparse.Namespace) -> None:
     from cdae_em.classify import ClassifySettings, classify
     from cdae_em.denoise import DenoiseSettings, resolve_device
     from cdae_em.errors import InputError
-    from cdae_em.job import JobSettings, StarImages, atomic_text
+    from cdae_em.atomic import write_text as atomic_text
+    from cdae_em.job import JobSettings, StarImages
     from cdae_em.outputs import write_outputs
     from cdae_em.star import read_particles
 

@@ -29,6 +29,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def evaluate(job: Path, truth_star: Path, max_images: int = 2000) -> dict:
     import numpy as np
 
+    from cdae_em.atomic import write_text
     from cdae_em.errors import InputError
     from cdae_em.metrics import clustering_scores, frc, frc_resolution, psnr
     from cdae_em.stacks import ImageSource
@@ -63,9 +64,7 @@ def evaluate(job: Path, truth_star: Path, max_images: int = 2000) -> dict:
             "frc_resolution_noisy_A": frc_resolution(frc(noisy, clean), pixel),
             "frc_resolution_denoised_A": frc_resolution(frc(denoised, clean), pixel),
         }
-    tmp = job / ".evaluation.json.partial"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(job / "evaluation.json")
+    write_text(job / "evaluation.json", json.dumps(result, indent=2))
     return result
 
 
