@@ -304,6 +304,10 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
             final = nxt
         summary["finetune"] = []
     summary["denoised_star"] = str(write_denoised(table, final, out, pixel, settings, device))
+    from cdae_em.figures import gallery, raw_denoised_pairs
+
+    gallery(out / "denoised_pairs.png", None, None,
+            raw_denoised_pairs(out / "denoised_particles.star", star, project_dir, n_pairs=8))
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     del final, inputs
     if not keep_work:

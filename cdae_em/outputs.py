@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cdae_em.align import apply_alignment
-from cdae_em.atomic import atomic_path
+from cdae_em.figures import gallery, raw_denoised_pairs
 from cdae_em.ctf import CtfParams, ctf_2d, phase_flip
 from cdae_em.denoise import star_path_name
 from cdae_em.stacks import ImageSource, write_stack
@@ -80,7 +80,8 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
         "cdaeParticleCount": counts,
     })
     _write_table(classes, out / "class_averages.star")
-    gallery(out / "gallery.png", averages, counts, settings)
+    pairs = raw_denoised_pairs(out / "denoised_particles.star", settings.particles, settings.project_dir)
+    gallery(out / "gallery.png", averages, counts, pairs)
     log.info("class sizes: %s", counts.tolist())
     return {"class_sizes": counts.tolist(), "box": int(box), "pixel_size": pixel,
             "mean_alignment_score": float(score.mean())}
@@ -89,45 +90,3 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
 def _write_table(df, path: Path) -> None:
     """A one-table STAR file (data_), written atomically with the project's STAR writer."""
     write_star(ParticleTable(path=None, blocks={"": df}, particles_key="", flavour="3.0"), path)
-
-
-def gallery(path: Path, averages: np.ndarray, counts: np.ndarray, settings, n_pairs: int = 6) -> None:
-    """A PNG: class averages with their particle counts, and a few raw / denoised pairs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cdae_em.star import read_particles
-
-    out = Path(settings.out_dir)
-    k = len(averages)
-    cols = min(k, 8)
-    rows = (k + cols - 1) // cols
-    pairs = []
-    try:
-        den = read_particles(out / "denoised_particles.star")
-        with ImageSource(den, project_dir=settings.project_dir) as d, \
-                ImageSource(read_particles(settings.particles), project_dir=settings.project_dir) as r:
-            pick = np.linspace(0, d.n - 1, min(n_pairs, d.n)).astype(int)
-            pairs = list(zip(r.read(pick), d.read(pick)))
-    except Exception as exc:  # the gallery is a convenience: never fail a finished job for it
-        log.warning("gallery: no raw/denoised pairs (%s)", exc)
-    total_rows = rows + (2 if pairs else 0)
-    fig, axes = plt.subplots(total_rows, max(cols, len(pairs)), figsize=(1.6 * max(cols, len(pairs)), 1.7 * total_rows),
-                             squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i, (avg, n) in enumerate(zip(averages, counts)):
-        ax = axes[i // cols, i % cols]
-        ax.imshow(avg, cmap="gray")
-        ax.set_title(f"class {i + 1}: {n}", fontsize=8)
-    for j, (raw, den_img) in enumerate(pairs):
-        axes[rows, j].imshow(raw, cmap="gray")
-        axes[rows, j].set_title("raw" if j == 0 else "", fontsize=8)
-        axes[rows + 1, j].imshow(den_img, cmap="gray")
-        axes[rows + 1, j].set_title("denoised" if j == 0 else "", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)

@@ -61,6 +61,8 @@ def test_denoise_writes_stacks_and_star_keeping_every_column(particles, weights,
         assert m.data.min() >= -0.5 and m.data.max() <= 0.5 and m.data.max() > 0.45
         assert m.data[:, 0, 0].max() == 0
     assert not (out / ".cdae_work").exists()
+    with open(out / "denoised_pairs.png", "rb") as f:  # raw / denoised pairs to look at
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "block 3" in r.stderr and "fine-tune" in r.stderr
 
 

@@ -8,7 +8,8 @@ histogram equalisation inside the particle mask.
 
 Writes --o/denoised/*.mrcs and --o/denoised_particles.star: every input row and column kept,
 rlnImageName pointing at the denoised images, rlnImageOriginalName at the input ones, optics pixel
-size and image size matching the written stacks.
+size and image size matching the written stacks; and --o/denoised_pairs.png, raw / denoised
+pairs to look at.
 
 example:
   cdae-em denoise --i Extract/job005/particles.star --o Denoise/ --gpu 0 --j 4
