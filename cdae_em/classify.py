@@ -1,6 +1,6 @@
 """2D classification of (denoised) particles up to in-plane rotation and shift.
 
-1. Initial classes from rotation/shift-invariant features (``align.invariant_features`` + PCA),
+1. Initial classes from rotation/shift-invariant features (``neighbours.invariant_features`` + PCA),
    clustered by k-means (mini-batch when large) or hierarchical clustering (Ward, on a subsample
    of at most ``hc_max`` particles, the rest assigned to the nearest class centre) - the paper's two.
 2. Initial references: each class's members aligned onto its medoid (the member nearest the
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 
-from cdae_em.align import (align_pairs, align_to_references, apply_alignment, estimate_particle_radius,
-                           invariant_features, reduce_features)
+from cdae_em.align import align_pairs, align_to_references, apply_alignment, estimate_particle_radius
+from cdae_em.neighbours import invariant_features, reduce_features
 from cdae_em.errors import InputError
 from cdae_em.preprocess import soft_circular_mask
 

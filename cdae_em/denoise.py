@@ -129,7 +129,7 @@ def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSe
     """Fine-tuning targets for ``rows``: the mean of each one's k nearest neighbours among all
     block outputs, found with rotation/shift-invariant features and aligned to it before averaging.
     """
-    from cdae_em.align import aligned_neighbour_means, invariant_features, nearest_neighbours, reduce_features
+    from cdae_em.neighbours import aligned_neighbour_means, invariant_features, nearest_neighbours, reduce_features
 
     feats = invariant_features(outputs, device=device).cpu()  # one mask radius for all particles
     features = reduce_features(feats, n_components=settings.n_components, seed=settings.seed)

@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdae_em.align import (
-    align_pairs,
-    align_to_references,
-    aligned_neighbour_means,
-    apply_alignment,
-    estimate_particle_radius,
-    invariant_features,
-    nearest_neighbours,
-    reduce_features,
-)
+from cdae_em.align import align_pairs, align_to_references, apply_alignment, estimate_particle_radius
+from cdae_em.neighbours import aligned_neighbour_means, invariant_features, nearest_neighbours, reduce_features
 from cdae_em.geometry import euler_to_matrix
 from cdae_em.preprocess import soft_circular_mask, translate
 from cdae_em.simulate import load_source
