@@ -53,6 +53,7 @@ import traceback
 from pathlib import Path
 
 from cdae_em.protocols import relion_files as rf
+from cdae_em.protocols.relion_progress import Progress, duration, setup_logging, StderrToLog
 
 log = logging.getLogger("cdae_em.relion")
 
@@ -200,67 +201,6 @@ def _gpu(value: str | None) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # run.out: progress a user watching the GUI understands
 # ------------------------------------------------------------------------------------------------
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-class Progress(logging.Handler):
-    """Watches the core's log records and adds an ETA where it can count: fine-tuning epochs
-    (``block J ... epoch E/N``) and classification rounds (``round R/N``)."""
-
-    _BLOCK = re.compile(r"^block (\d+)\b")
-    _EPOCH = re.compile(r"epoch (\d+)/(\d+)")
-    _ROUND = re.compile(r"round (\d+)/(\d+)")
-
-    def __init__(self, n_blocks: int = 3):
-        super().__init__(level=logging.INFO)
-        self.n_blocks = n_blocks
-        self.block = 1
-        self.phase_start: float | None = None
-        self.phase: str | None = None
-        self.last = time.monotonic()
-        self.stage = "starting"
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name == log.name:
-            return
-        self.last = time.monotonic()
-        try:
-            msg = record.getMessage()
-        except Exception:
-            return
-        if msg.startswith("stage "):
-            self.stage = msg.split(":")[0]
-        m = self._BLOCK.match(msg)
-        if m:
-            self.block = int(m.group(1))
-        m = self._EPOCH.search(msg)
-        if m and "pre-training" not in msg:
-            self._eta("fine-tuning", (self.block - 1) * int(m.group(2)) + int(m.group(1)),
-                      self.n_blocks * int(m.group(2)))
-            return
-        m = self._ROUND.search(msg)
-        if m:
-            self._eta("classification", int(m.group(1)), int(m.group(2)))
-
-    def _eta(self, phase: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if self.phase != phase or self.phase_start is None:
-            # the first count of a phase starts its clock (its duration covers one step less)
-            self.phase, self.phase_start, self.first_done = phase, now, done
-            return
-        steps = done - self.first_done
-        if steps <= 0 or total <= done:
-            return
-        left = (now - self.phase_start) / steps * (total - done)
-        log.info("  %s: %d of %d done, about %s left in this stage", phase, done, total, _duration(left))
-
-
 class StopCheck:
     """The ``should_stop`` hook the core calls between batches: raises JobAborted once an abort
     was asked for (RELION_JOB_ABORT_NOW in the job directory, or SIGTERM)."""
@@ -299,7 +239,7 @@ class Watchdog(threading.Thread):
             progress = self.stop_check.progress
             if now - progress.last > HEARTBEAT_S:
                 progress.last = now
-                log.info("still running (%s), %s elapsed", progress.stage, _duration(now - self.stop_check.t0))
+                log.info("still running (%s), %s elapsed", progress.stage, duration(now - self.stop_check.t0))
             if not self.stop_check.requested():
                 continue
             self.abort_seen = self.abort_seen or now
@@ -312,62 +252,6 @@ class Watchdog(threading.Thread):
                 _touch(self.out / rf.EXIT_ABORTED)
                 logging.shutdown()
                 os._exit(2)
-
-
-class _StderrToLog:
-    """sys.stderr while the job runs: RELION shows run.err as the job's errors, so progress-bar
-    redraws (text with a carriage return) are dropped and any other line (warnings) goes to
-    run.out through the log; the failure reason alone is written to the real stderr."""
-
-    def __init__(self):
-        self.buffer = ""
-
-    def write(self, text: str) -> int:
-        if "\r" not in text:
-            self.buffer += text
-            while "\n" in self.buffer:
-                line, self.buffer = self.buffer.split("\n", 1)
-                if line.strip():
-                    log.info("%s", line.rstrip())
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
-
-
-class _NoRepeats(logging.Filter):
-    """Drop a line identical to the one before it (per-batch messages would flood run.out)."""
-
-    def __init__(self):
-        super().__init__()
-        self.last: str | None = None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            msg = record.getMessage()
-        except Exception:
-            return True
-        repeat = msg == self.last
-        self.last = msg
-        return not repeat
-
-
-def _setup_logging(level: str) -> Progress:
-    logging.captureWarnings(True)
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stdout)  # RELION appends stdout to run.out
-    handler.addFilter(_NoRepeats())
-    handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, level, logging.INFO))
-    progress = Progress()
-    logging.getLogger("cdae_em").addHandler(progress)
-    return progress
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / name).unlink(missing_ok=True)
     rf.remove_relion_files(out)
 
-    progress = _setup_logging("INFO")
+    progress = setup_logging("INFO")
     try:
         args, unknown = build_parser().parse_known_args(argv)
     except ArgumentError as exc:
@@ -477,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.terminated = True
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    sys.stderr = _StderrToLog()
+    sys.stderr = StderrToLog()
     watchdog = Watchdog(out, stop)
     watchdog.start()
     try:
@@ -522,7 +406,7 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
                                       psi_step=settings.psi_step)
         nodes = rf.write_output_nodes(out, job, flavour)
         sizes = summary.get("class_sizes")
-        log.info("done in %s: %d particles in %d classes%s", _duration(time.monotonic() - t0),
+        log.info("done in %s: %d particles in %d classes%s", duration(time.monotonic() - t0),
                  summary.get("particles", 0), settings.n_classes, f" (sizes {sizes})" if sizes else "")
         for name, kind in nodes:
             log.info("  output node %s (%s)", name, kind)
@@ -532,7 +416,7 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
         rf.remove_relion_files(out)
         (out / rf.ABORT_NOW).unlink(missing_ok=True)
         log.info("%s after %s; rerun the job (Continue) to resume from its finished stages",
-                 exc, _duration(time.monotonic() - t0))
+                 exc, duration(time.monotonic() - t0))
         _touch(out / rf.EXIT_ABORTED)
         return 2
     except (CdaeError, ArgumentError) as exc:
