@@ -51,17 +51,20 @@ class Config:
     run_n: tuple = (2000,)
     sim_speed_n: int = 500
     calib_n: int = 48
-    extra_denoise_args: list = field(default_factory=list)
+    finetune_subset: int = 4000  # `cdae-em denoise --finetune-subset` (its default: 4000)
+    classify_iter: int = 5  # `cdae-em run --iter` (its default: 5)
 
 
 def config(mode: str, huge: bool = False) -> Config:
     names = [p for p, _, _ in PROTEINS]
     if mode == "tiny":
-        return Config(mode, names[:1], {"paper": 64, "realistic": 96}, box=32, k=8, epochs=1, bm3d_n=2,
+        return Config(mode, names[:1], {"paper": 48, "realistic": 48}, box=32, k=8, epochs=1, bm3d_n=2,
                       cae_epochs=1, speed_boxes=(32,), speed_threads=(1,), speed_images=32, knn_n=(500, 1000),
-                      run_n=(96,), sim_speed_n=0, calib_n=8)
+                      run_n=(48,), sim_speed_n=0, calib_n=8, finetune_subset=24, classify_iter=1)
     if mode == "quick":
-        return Config(mode, names, {"paper": 400, "realistic": 480})
+        return Config(mode, names, {"paper": 160, "realistic": 180}, k=20, epochs=1, bm3d_n=12, cae_epochs=5,
+                      knn_n=(2000, 8000, 32000), run_n=(2000,), sim_speed_n=500, calib_n=32,
+                      finetune_subset=80, classify_iter=5)
     return Config(mode, names, {"paper": 4000, "realistic": 4000}, bm3d_n=100, cae_epochs=10,
                   knn_n=(2000, 8000, 32000, 128000), run_n=(2000, 8000, 32000) + ((128000,) if huge else ()),
                   sim_speed_n=2000, calib_n=64)
@@ -108,7 +111,7 @@ def calibrate_peers(cfg: Config, work: Path) -> dict:
     sigma = M.noise_sigma_standardised(0.1)
     from cdae_em.metrics import psnr
 
-    tv = {f: float(psnr(M.tv(noisy, sigma, f), clean).mean()) for f in (0.25, 0.5, 1.0, 2.0)}
+    tv = {f: float(psnr(M.tv(noisy, sigma, f), clean).mean()) for f in (0.25, 0.5, 1.0, 2.0, 4.0)}
     nlm = {f: float(psnr(M.nlm(noisy, sigma, f), clean).mean()) for f in (0.4, 0.8, 1.2, 1.6)}
     best = {"tv": max(tv, key=tv.get), "nlm": max(nlm, key=nlm.get), "tv_grid": tv, "nlm_grid": nlm}
     log(f"peer calibration on 4JSV: {best}")
@@ -124,7 +127,8 @@ def denoise_finetuned(ds: Dataset, cfg: Config, j: int) -> tuple[np.ndarray, flo
     cmd.add_args(parser)
     out = ds.dir / "cdae_denoise"
     args = parser.parse_args(["--i", str(ds.star), "--o", str(out), "--keep-work", "--j", str(j),
-                              "--k", str(cfg.k), "--epochs", str(cfg.epochs)] + cfg.extra_denoise_args)
+                              "--k", str(cfg.k), "--epochs", str(cfg.epochs),
+                              "--finetune-subset", str(cfg.finetune_subset)])
     t0 = time.perf_counter()
     final = out / ".cdae_work" / "block3.npy"
     if not final.exists():
@@ -163,7 +167,11 @@ def table1_for(ds: Dataset, cfg: Config, calib: dict, model, j: int) -> tuple[li
         pe, re = score_denoising(eq, clean, ds.pixel_size)
         rows.append([ds.name, name, len(idx), p, pe, r, re, 1000 * sec / len(idx) if sec else float("nan")])
         kept[name] = eq
-    return rows, {k: v for k, v in kept.items()}
+        if len(idx) != len(ds.noisy):  # a subset (BM3D): full-size array, NaN where not denoised
+            full = np.full(ds.noisy.shape, np.nan, np.float32)
+            full[idx] = eq
+            kept[name] = full
+    return rows, kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +194,7 @@ def table2_for(ds: Dataset, cfg: Config, model, denoised: dict, j: int) -> list:
                     time.perf_counter() - t0])
 
     def cls(images, method):
-        return classify(np.ascontiguousarray(images), ClassifySettings(n_classes=k, method=method, seed=0),
+        return classify(np.ascontiguousarray(images), ClassifySettings(n_classes=k, method=method, n_iter=cfg.classify_iter, seed=0),
                         torch.device("cpu")).labels
 
     add("k-means, raw pixels", lambda: M.kmeans(flat, k))
@@ -253,7 +261,10 @@ def speed_table(cfg: Config, model) -> tuple[list, list]:
 
 
 def knn_table(cfg: Config) -> list:
-    from cdae_em.align import nearest_neighbours
+    try:
+        from cdae_em.neighbours import nearest_neighbours
+    except ImportError:  # before the split of align.py
+        from cdae_em.align import nearest_neighbours
 
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -269,7 +280,8 @@ def run_job_measured(ds_dir: Path, star: Path, k: int, j: int, cfg: Config) -> t
     """Wall time (s) and peak RSS (MiB) of `cdae-em run` in a child process (os.wait4's rusage)."""
     out = ds_dir / "run_job"
     cmd = [sys.executable, "-m", "cdae_em", "run", "--i", str(star), "--o", str(out), "--K", str(k),
-           "--j", str(j), "--overwrite", "--k", str(cfg.k), "--epochs", str(cfg.epochs), "--log-level", "WARNING"]
+           "--j", str(j), "--overwrite", "--k", str(cfg.k), "--epochs", str(cfg.epochs), "--finetune-subset", str(cfg.finetune_subset),
+           "--iter", str(cfg.classify_iter), "--log-level", "WARNING"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=str(ds_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -293,9 +305,15 @@ def scale_table(cfg: Config, work: Path, j: int) -> list:
         summary = json.loads((ds.dir / "run_job" / "summary.json").read_text())
         tm = summary.get("timings", {})
         rows.append([n, wall, tm.get("denoise", float("nan")), tm.get("classify", float("nan")), rss,
-                     1000 * wall / n, sim])
+                     1000 * wall / n, sim, settings_label(cfg)])
         log(f"  {n}: {wall:.1f} s, {rss:.0f} MiB")
     return rows
+
+
+def settings_label(cfg: Config) -> str:
+    if (cfg.k, cfg.epochs, cfg.finetune_subset, cfg.classify_iter) == (30, 3, 4000, 5):
+        return "defaults"
+    return f"k {cfg.k}, {cfg.epochs} epoch(s), subset {cfg.finetune_subset}, {cfg.classify_iter} rounds"
 
 
 def simulate_speed(cfg: Config, j: int) -> str:
@@ -315,8 +333,13 @@ def figure_examples(ds: Dataset, denoised: dict, path: Path, n: int = 6) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows_sel = [v for v in range(ds.n_views)][:n]
-    idx = [int(np.flatnonzero(ds.views == v)[0]) for v in rows_sel if np.any(ds.views == v)]
+    sub = set(np.flatnonzero(np.isfinite([est[:, 0, 0] for est in denoised.values()]).all(axis=0)).tolist())
+    idx = []
+    for v in range(ds.n_views)[:n]:
+        members = np.flatnonzero(ds.views == v)
+        if len(members):
+            in_sub = [i for i in members if i in sub]
+            idx.append(int(in_sub[0] if in_sub else members[0]))
     names = ["clean"] + [k for k in denoised]
     fig, axes = plt.subplots(len(names), len(idx), figsize=(1.3 * len(idx), 1.3 * len(names)))
     for r, name in enumerate(names):
@@ -326,8 +349,8 @@ def figure_examples(ds: Dataset, denoised: dict, path: Path, n: int = 6) -> None
                 im = ds.clean[i]
             else:
                 est = denoised[name]
-                im = est[i] if len(est) == len(ds.noisy) else None
-            if im is not None:
+                im = est[i]
+            if np.isfinite(im).all():
                 ax.imshow(im, cmap="gray")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -347,26 +370,37 @@ def figure_scale(scale: list, knn: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for label in dict.fromkeys(r[-1] for r in scale):
+        sub = [r for r in scale if r[-1] == label]
+        n = [r[0] for r in sub]
+        axes[0].plot(n, [r[1] for r in sub], "o-", label=f"total ({label})")
+        axes[0].plot(n, [r[2] for r in sub], "s--", label=f"denoise ({label})")
+        axes[0].plot(n, [r[3] for r in sub], "^:", label=f"classify ({label})")
+        axes[1].plot(n, [r[4] for r in sub], "o-", label=label)
     if scale:
-        n = [r[0] for r in scale]
-        axes[0].plot(n, [r[1] for r in scale], "o-", label="total")
-        axes[0].plot(n, [r[2] for r in scale], "s--", label="denoise")
-        axes[0].plot(n, [r[3] for r in scale], "^--", label="classify")
         axes[0].set_xscale("log")
         axes[0].set_yscale("log")
         axes[0].set_xlabel("particles")
         axes[0].set_ylabel("seconds")
         axes[0].set_title("`cdae-em run` wall time")
-        axes[0].legend(fontsize=7)
-        axes[1].plot(n, [r[4] for r in scale], "o-")
+        axes[0].legend(fontsize=5)
+        axes[1].legend(fontsize=6)
         axes[1].set_xscale("log")
         axes[1].set_ylim(0, max(r[4] for r in scale) * 1.3)
         axes[1].set_xlabel("particles")
         axes[1].set_ylabel("peak RSS (MiB)")
         axes[1].set_title("`cdae-em run` peak memory")
-    axes[2].plot([r[0] for r in knn], [r[1] for r in knn], "o-")
-    axes[2].set_xscale("log")
-    axes[2].set_yscale("log")
+    if knn:
+        axes[2].plot([r[0] for r in knn], [r[1] for r in knn], "o-")
+        axes[2].set_xscale("log")
+        axes[2].set_yscale("log")
+        axes[2].minorticks_off()
+        axes[2].set_xticks([r[0] for r in knn], [f"{r[0] / 1000:g}k" for r in knn])
+    for ax in axes[:2]:
+        ns = sorted({r[0] for r in scale})
+        if ns:
+            ax.minorticks_off()
+            ax.set_xticks(ns, [f"{n / 1000:g}k" for n in ns])
     axes[2].set_xlabel("N (32-d features)")
     axes[2].set_ylabel("seconds")
     axes[2].set_title("exact kNN (k=30), nearest_neighbours")
@@ -406,12 +440,27 @@ def main(argv=None) -> int:
     parser.add_argument("--work", help="directory for simulated data and job outputs (default: a temporary one)")
     parser.add_argument("--j", type=int, default=2, help="CPU threads (default: 2)")
     parser.add_argument("--sections", default="denoise,cluster,speed,scale",
-                        help="comma list of denoise,cluster,speed,scale (cluster needs denoise)")
+                        help="comma list of denoise,cluster,speed,scale (cluster needs denoise); "
+                        "'report': run nothing, rewrite --out from --merge")
     parser.add_argument("--json", help="also write all results as JSON here")
+    parser.add_argument("--n", type=int, help="particles per data set, both protocols (overrides the mode's)")
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma list of protocols (default: all)")
+    parser.add_argument("--fine-tune-defaults", action="store_true",
+                        help="use `cdae-em denoise`/`run` default settings (k 30, 3 epochs, subset 4000, 5 rounds) "
+                             "whatever the mode")
+    parser.add_argument("--run-n", help="comma list of particle counts for `cdae-em run` (overrides the mode's)")
+    parser.add_argument("--merge", metavar="JSON", help="results of an earlier run (its --json): sections not run "
+                        "now are taken from it, `cdae-em run` rows are combined; the report shows both")
     args = parser.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     cfg = config(mode, args.huge)
-    sections = set(args.sections.split(","))
+    if args.n:
+        cfg.n = {p: args.n for p in PROTOCOLS}
+    if args.fine_tune_defaults:
+        cfg.k, cfg.epochs, cfg.finetune_subset, cfg.classify_iter = 30, 3, 4000, 5
+    if args.run_n:
+        cfg.run_n = tuple(int(v) for v in args.run_n.split(","))
+    sections = set(args.sections.split(","))  # "report": only rewrite the report from --merge
     if "cluster" in sections:
         sections.add("denoise")
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -433,6 +482,14 @@ def main(argv=None) -> int:
 
     model, _ = load_weights(default_weights_path())
     model.eval()
+    command = " ".join(["python -m benchmarks.run", {"quick": "--quick", "tiny": "--tiny", "full": ""}[mode],
+                        "--huge" if args.huge else "", f"--j {args.j}",
+                        f"--sections {args.sections}" if args.sections != "denoise,cluster,speed,scale" else "",
+                        f"--n {args.n}" if args.n else "",
+                        f"--protocols {args.protocols}" if args.protocols != ",".join(PROTOCOLS) else "",
+                        "--fine-tune-defaults" if args.fine_tune_defaults else "",
+                        f"--run-n {args.run_n}" if args.run_n else "", "--merge PREVIOUS.json" if args.merge else ""])
+    command = " ".join(command.split())
     results: dict = {"mode": mode, "machine": machine(), "threads": args.j}
     t1_rows, t2_rows, figs, datasets_info = [], [], [], []
     t1_header = ["data set", "method", "images", "PSNR dB", "PSNR dB (eq)", "FRC0.5 res A", "FRC0.5 res A (eq)", "s / 1000 img"]
@@ -442,7 +499,7 @@ def main(argv=None) -> int:
         calib = calibrate_peers(cfg, work)
         results["calibration"] = calib
         for protein in cfg.proteins:
-            for protocol in PROTOCOLS:
+            for protocol in args.protocols.split(","):
                 t0 = time.perf_counter()
                 ds = make_dataset(protein, protocol, cfg.n[protocol], cfg.box, work)
                 datasets_info.append([ds.name, len(ds.noisy), ds.n_views, ds.pixel_size, ds.snr,
@@ -450,10 +507,12 @@ def main(argv=None) -> int:
                 log(f"{ds.name}: {len(ds.noisy)} particles at {ds.pixel_size} A/px; denoising ...")
                 rows, denoised = table1_for(ds, cfg, calib, model, args.j)
                 torch.set_num_threads(args.j)
-                t1_rows += rows
+                label = f"{ds.name} n={len(ds.noisy)}" + ("" if settings_label(cfg) == "defaults" else " (quick FT)")
+                datasets_info[-1][0] = label
+                t1_rows += [[label] + row[1:] for row in rows]
                 if "cluster" in sections:
                     log(f"{ds.name}: clustering ...")
-                    t2_rows += table2_for(ds, cfg, model, denoised, args.j)
+                    t2_rows += [[label] + row[1:] for row in table2_for(ds, cfg, model, denoised, args.j)]
                 if protein == cfg.proteins[0]:
                     fig = out_md.parent / f"{out_md.stem}_examples_{protocol}.png"
                     figure_examples(ds, denoised, fig)
@@ -476,14 +535,31 @@ def main(argv=None) -> int:
     if "scale" in sections:
         scale_rows = scale_table(cfg, work, args.j)
         print("\n`cdae-em run`\n" + md_table(["particles", "wall s", "denoise s", "classify s", "peak RSS MiB",
-                                              "ms / particle", "simulation s"], scale_rows))
+                                              "ms / particle", "simulation s", "settings"], scale_rows))
     if knn_rows or scale_rows:
         fig = out_md.parent / f"{out_md.stem}_scale.png"
         figure_scale(scale_rows, knn_rows, fig)
         figs.append(fig)
     total = time.perf_counter() - t_start
     results.update(table1=t1_rows, table2=t2_rows, speed=speed_rows, peak=peak_rows, knn=knn_rows, scale=scale_rows,
-                   datasets=datasets_info, simulate_speed=sim_out, seconds=total)
+                   datasets=datasets_info, simulate_speed=sim_out, seconds=total,
+                   commands=[[command, round(total / 60, 1)]])
+    if args.merge:
+        old = json.loads(Path(args.merge).read_text())
+        for key in ("table1", "table2", "datasets"):
+            results[key] = old.get(key, []) + results[key]
+        for key in ("speed", "peak", "knn", "simulate_speed", "calibration"):
+            if not results.get(key) and old.get(key):
+                results[key] = old[key]
+        by_n = {(row[-1], row[0]): row for row in old.get("scale", [])}
+        by_n.update({(row[-1], row[0]): row for row in scale_rows})
+        results["scale"] = [by_n[key] for key in sorted(by_n)]
+        results["commands"] = old.get("commands", []) + (results["commands"] if sections != {"report"} else [])
+        results["seconds"] = old.get("seconds", 0) + total
+        figs = [f for f in (out_md.parent / f"{out_md.stem}_examples_{p}.png" for p in PROTOCOLS) if f.exists()]
+        fig = out_md.parent / f"{out_md.stem}_scale.png"
+        figure_scale(results["scale"], results["knn"], fig)
+        figs.append(fig)
     write_report(out_md, cfg, args, results, t1_header, t2_header, figs)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
@@ -493,10 +569,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def grid(d: dict) -> str:
+    return ", ".join(f"{float(k):g}: {v:.2f} dB" for k, v in d.items())
+
+
 def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, figs) -> None:
     cmd = "python -m benchmarks.run" + {"quick": " --quick", "tiny": " --tiny", "full": ""}[cfg.mode]
-    parts = [f"# Benchmarks\n\nGenerated by `{cmd}` (mode **{cfg.mode}**, {r['threads']} threads) on "
-             f"{time.strftime('%Y-%m-%d')} in {r['seconds'] / 60:.1f} min.\n\n{r['machine']}.\n"]
+    runs = "\n".join(f"    {c}    # {m} min" for c, m in r.get("commands", [[cmd, round(r['seconds'] / 60, 1)]]))
+    parts = [f"# Benchmarks\n\nGenerated on {time.strftime('%Y-%m-%d')} ({r['threads']} threads) by\n\n{runs}\n\n"
+             f"{r['machine']}.\n"]
     if COMMENTARY.exists() and cfg.mode != "tiny":
         parts.append(COMMENTARY.read_text())
     parts.append("## Data sets\n\nSimulated with `cdae_em.simulate` from the structures in `benchmarks/data/` "
@@ -511,11 +592,14 @@ def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, f
         parts.append("Peer settings: BM3D gets the true noise sigma; TV weight and NLM h are multiples of the true "
                      "noise sigma, picked by PSNR on a separate calibration set (the default map, 4JSV, paper "
                      f"protocol, {cfg.calib_n} images): TV weight {c['tv']:g} sigma "
-                     f"(grid {json.dumps(c['tv_grid'])}), NLM h {c['nlm']:g} sigma (grid {json.dumps(c['nlm_grid'])}). "
-                     "The cascade gets nothing tuned: shipped weights and `cdae-em denoise` defaults "
-                     f"(k={cfg.k}, {cfg.epochs} fine-tuning epochs per block).\n")
+                     f"(PSNR by factor: {grid(c['tv_grid'])}), NLM h {c['nlm']:g} sigma (PSNR by factor: "
+                     f"{grid(c['nlm_grid'])}). The cascade gets nothing tuned: shipped weights and `cdae-em denoise` "
+                     "defaults (k 30, 3 fine-tuning epochs per block, fine-tuning subset 4000), except in rows marked "
+                     "'(quick FT)'.\n")
     if r["table1"]:
-        parts.append("## Table 1: denoising\n\nPSNR (`cdae_em.metrics.psnr`, both images standardised, peak = "
+        parts.append("## Table 1: denoising\n\n'(quick FT)' after a data set: the CDAE rows used the quick "
+                     "fine-tuning settings (`--k 20 --epochs 1 --finetune-subset 80`, 5 classification rounds) instead "
+                     "of the defaults (k 30, 3 epochs, subset 4000). PSNR (`cdae_em.metrics.psnr`, both images standardised, peak = "
                      "the clean image's range) and FRC resolution (0.5 threshold, `metrics.frc` over the stack) "
                      "against the clean image (for the realistic protocol the clean image includes the CTF); "
                      "(eq) = after the histogram equalisation `cdae-em denoise` applies. Time per 1000 images "
@@ -535,15 +619,16 @@ def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, f
                      + md_table(["threads", "GFLOP/s (2048^2 fp32 mm)"], r["peak"]) + "\n\n"
                      + md_table(["box", "threads", "GFLOP/image (3 blocks)", "images/s", "floor images/s",
                                  "fraction of floor"], r["speed"]) + "\n\n"
-                     "Exact kNN (`cdae_em.align.nearest_neighbours`, k=30, 32-d features, "
+                     "Exact kNN (`nearest_neighbours`, in `cdae_em.neighbours` since the split of align.py, k=30, 32-d features, "
                      f"{r['threads']} threads):\n\n" + md_table(["N", "seconds"], r["knn"]) + "\n\n"
                      "`python -m benchmarks.simulate_speed`:\n\n" + r["simulate_speed"] + "\n")
     if r["scale"]:
-        parts.append("## Scale: `cdae-em run`\n\nRealistic protocol, first protein, K = 12, default settings "
-                     f"(k={cfg.k}, {cfg.epochs} epochs, fine-tuning subset 4000), {r['threads']} threads; wall "
-                     "time and peak RSS of the child process (os.wait4).\n\n"
+        parts.append("## Scale: `cdae-em run`\n\nRealistic protocol, first protein (1BHL), K = 12; settings: "
+                     "'defaults' = `cdae-em run` defaults (k 30, 3 fine-tuning epochs per block, fine-tuning subset "
+                     "4000, 5 classification rounds), otherwise as listed (`--k --epochs --finetune-subset --iter`); "
+                     f"{r['threads']} threads; wall time and peak RSS of the child process (os.wait4).\n\n"
                      + md_table(["particles", "wall s", "denoise s", "classify s", "peak RSS MiB", "ms / particle",
-                                 "simulation s"], r["scale"]) + "\n")
+                                 "simulation s", "settings"], r["scale"]) + "\n")
     if figs:
         parts.append("## Figures\n\n" + "\n\n".join(f"![{f.stem}]({f.name})" for f in figs) + "\n")
     path.write_text("\n".join(parts))

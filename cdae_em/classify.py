@@ -122,8 +122,13 @@ def class_means(images, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray,
 
 
 def classify(images, settings: ClassifySettings, device: torch.device,
-             should_stop: Callable[[], None] | None = None) -> Classification:
-    """Classify ``images`` (N, box, box; an array or memmap) into ``settings.n_classes`` classes."""
+             should_stop: Callable[[], None] | None = None,
+             initial_labels: np.ndarray | None = None) -> Classification:
+    """Classify ``images`` (N, box, box; an array or memmap) into ``settings.n_classes`` classes.
+
+    ``initial_labels`` (N,) replaces step 1 (e.g. classes found on other images of the same
+    particles); alignment and re-assignment then run on ``images``.
+    """
     n, box = len(images), images.shape[-1]
     k = settings.n_classes
     if not 2 <= k <= n:
@@ -134,7 +139,10 @@ def classify(images, settings: ClassifySettings, device: torch.device,
     radius = estimate_particle_radius(masked[np.arange(min(n, 1000))])
     features = reduce_features(invariant_features(masked, mask_radius=radius, device=device).cpu(),
                                n_components=min(settings.n_components, n - 1), seed=settings.seed).numpy()
-    labels = cluster(features, k, settings.method, settings.seed, settings.hc_max)
+    if initial_labels is not None:
+        labels = np.asarray(initial_labels, dtype=int)
+    else:
+        labels = cluster(features, k, settings.method, settings.seed, settings.hc_max)
     log.info("initial %s classes from invariant features: sizes %s", settings.method, np.bincount(labels, minlength=k).tolist())
 
     # initial references: members aligned onto their class medoid, averaged

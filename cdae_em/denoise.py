@@ -79,25 +79,15 @@ def prepare_inputs(table: ParticleTable, images: ImageSource, settings: DenoiseS
         raise InputError(table.path, "no pixel size (rlnImagePixelSize, or rlnDetectorPixelSize and rlnMagnification)")
     box_in = images.box
     box = settings.box or box_in
-    ctf = None
-    if settings.phase_flip:
-        needed = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
-        missing = [c for c in needed if per[c].isna().any()]
-        if missing:
-            raise InputError(table.path, f"--phase-flip needs CTF values; missing {', '.join(missing)}")
-        ctf = CtfParams.from_table(per)
+    prepare = BatchPreparer(table, settings, box_in, device)
     pixel_out = float(np.median(pixel)) * box_in / box
     if (work / "input.done").exists():
         log.info("particles already prepared (resuming)")
         return np.load(work / "input.npy", mmap_mode="r"), pixel_out
     out = open_work_array(work / "input.npy", len(table), box)
     for start, batch in images.batches(settings.batch_size, progress=True):
-        x = torch.from_numpy(batch).to(device)
         rows = slice(start, start + len(batch))
-        if ctf is not None:
-            x = phase_flip(x, ctf_2d(ctf.subset(rows), box_in, pixel[rows], device))
-        if box != box_in:
-            x = fourier_resize(x, box)
+        x = prepare(batch, rows)
         flat = x.reshape(len(x), -1)
         constant = torch.nonzero(flat.std(dim=1) == 0)
         if len(constant):
@@ -107,6 +97,32 @@ def prepare_inputs(table: ParticleTable, images: ImageSource, settings: DenoiseS
     out.flush()
     (work / "input.done").touch()
     return out, pixel_out
+
+
+class BatchPreparer:
+    """What happens to original particles before the model sees them: optional CTF phase flip,
+    then Fourier crop/pad to the working box. ``prepare(batch, rows)`` -> tensor on ``device``."""
+
+    def __init__(self, table: ParticleTable, settings: DenoiseSettings, box_in: int, device: torch.device):
+        per = table.per_particle()
+        self.pixel = per["rlnImagePixelSize"].to_numpy()
+        self.box_in, self.box, self.device = box_in, settings.box or box_in, device
+        self.ctf = None
+        if settings.phase_flip:
+            needed = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
+                      "rlnAmplitudeContrast"]
+            missing = [c for c in needed if per[c].isna().any()]
+            if missing:
+                raise InputError(table.path, f"--phase-flip needs CTF values; missing {', '.join(missing)}")
+            self.ctf = CtfParams.from_table(per)
+
+    def __call__(self, batch: np.ndarray, rows) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(batch, dtype=np.float32)).to(self.device)
+        if self.ctf is not None:
+            x = phase_flip(x, ctf_2d(self.ctf.subset(rows), self.box_in, self.pixel[rows], self.device))
+        if self.box != self.box_in:
+            x = fourier_resize(x, self.box)
+        return x
 
 
 @torch.no_grad()

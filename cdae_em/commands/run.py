@@ -1,9 +1,10 @@
 """Denoise and classify particles in one job: STAR in, classes and STAR files out.
 
 Stages: (1) denoise with the cascade, fine-tuned on your particles (see `cdae-em denoise -h`);
-(2) 2D classification of the denoised particles up to in-plane rotation and shift: initial classes
-from rotation/shift-invariant features (k-means or hierarchical), then rounds of alignment to the
-class averages and re-assignment; (3) aligned class averages of the original particles.
+(2) 2D classification up to in-plane rotation and shift: initial classes from rotation/shift-
+invariant features of the denoised particles (k-means or hierarchical), then rounds of alignment
+of the original particles to the class averages and re-assignment (--align-on); (3) aligned class
+averages of the original particles.
 
 Writes to --o: particles.star (input rows + rlnClassNumber, rlnAnglePsi, rlnOriginX/YAngst in
 RELION's conventions), denoised_particles.star + denoised/*.mrcs, class_averages.mrcs/.star
@@ -39,6 +40,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--i", required=True, metavar="STAR", help="input particles STAR file")
     parser.add_argument("--o", required=True, metavar="DIR", help="output directory")
     add_classify_args(parser)
+    parser.add_argument("--align-on", choices=["original", "denoised"], default="original",
+                        help="images the alignment rounds use: the original particles (default; classes still "
+                             "start from the denoised ones, whose detail is smoothed away) or the denoised ones")
     parser.add_argument("--average-phase-flipped", action="store_true",
                         help="class averages from CTF phase-flipped originals")
     parser.add_argument("--ref", metavar="MAP", help="pre-train on this map (an initial model) before fine-tuning")
@@ -53,7 +57,7 @@ def job_settings(args: argparse.Namespace):
 
     return JobSettings(
         particles=args.i, out_dir=args.o, n_classes=args.K, denoise=denoise_settings(args), method=args.method,
-        n_iter=args.iter, psi_step=args.psi_step, max_shift=args.max_shift,
+        n_iter=args.iter, psi_step=args.psi_step, align_on=args.align_on, max_shift=args.max_shift,
         average_phase_flipped=args.average_phase_flipped, project_dir=args.project_dir, reference_map=args.ref,
         gpu=args.gpu, threads=args.j, overwrite=args.overwrite, seed=args.seed,
     )
