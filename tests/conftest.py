@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import mrcfile
@@ -100,3 +102,22 @@ def particle_project(tmp_path) -> ParticleProject:
 def make_particle_project():
     """ParticleProject itself, for fixtures that are not function-scoped."""
     return ParticleProject
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``cdae-em ARGS`` as a user would (a new process), capturing its output."""
+    return subprocess.run([sys.executable, "-m", "cdae_em", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def small_weights(tmp_path_factory):
+    """Untrained small cascade weights: for tests of the plumbing (test_cascade tests the learning)."""
+    import torch
+
+    from cdae_em.cascade import Cascade
+    from cdae_em.weights import save_weights
+
+    path = tmp_path_factory.mktemp("weights") / "small.pt"
+    torch.manual_seed(0)
+    save_weights(Cascade(channels=(8, 16, 16), dropout=0.1), path, {"command": "test"})
+    return path

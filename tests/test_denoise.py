@@ -1,30 +1,12 @@
 """`cdae-em denoise` end to end on simulated STAR files, as a user runs it."""
 
-import subprocess
-import sys
-
 import mrcfile
 import numpy as np
 import pytest
 import starfile
-import torch
+from conftest import run_cli
 
-from cdae_em.cascade import Cascade
 from cdae_em.simulate import SimulationSettings, load_source, simulate
-from cdae_em.weights import save_weights
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cdae_em", *map(str, args)], capture_output=True, text=True, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """Untrained small weights: these tests check the plumbing, test_cascade checks the learning."""
-    path = tmp_path_factory.mktemp("w") / "small.pt"
-    torch.manual_seed(0)
-    save_weights(Cascade(channels=(8, 16, 16), dropout=0.1), path, {"command": "test"})
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +18,10 @@ def particles(tmp_path_factory):
     return out / "particles.star"
 
 
-def test_denoise_writes_stacks_and_star_keeping_every_column(particles, weights, tmp_path):
+def test_denoise_writes_stacks_and_star_keeping_every_column(particles, small_weights, tmp_path):
     before = particles.read_bytes()
     out = tmp_path / "den"
-    r = run_cli("denoise", "--i", particles, "--o", out, "--weights", weights, "--k", 5, "--epochs", 1,
+    r = run_cli("denoise", "--i", particles, "--o", out, "--weights", small_weights, "--k", 5, "--epochs", 1,
                 "--finetune-subset", 30, "--phase-flip", "--j", 2)
     assert r.returncode == 0, r.stderr
     assert particles.read_bytes() == before  # input untouched
@@ -66,10 +48,10 @@ def test_denoise_writes_stacks_and_star_keeping_every_column(particles, weights,
     assert "block 3" in r.stderr and "fine-tune" in r.stderr
 
 
-def test_denoised_names_resolve_from_the_project_directory(particles, weights, tmp_path):
+def test_denoised_names_resolve_from_the_project_directory(particles, small_weights, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
-    r = run_cli("denoise", "--i", particles, "--o", "Denoise/job001", "--weights", weights, "--no-finetune",
+    r = run_cli("denoise", "--i", particles, "--o", "Denoise/job001", "--weights", small_weights, "--no-finetune",
                 "--box", 16, "--no-equalise", cwd=project)
     assert r.returncode == 0, r.stderr
     star = starfile.read(project / "Denoise/job001/denoised_particles.star")
@@ -84,8 +66,8 @@ def test_denoised_names_resolve_from_the_project_directory(particles, weights, t
     assert int(star["optics"]["rlnImageSize"].iloc[0]) == 16
 
 
-def test_too_few_particles_for_k(particles, weights, tmp_path):
-    r = run_cli("denoise", "--i", particles, "--o", tmp_path / "o", "--weights", weights, "--k", 60)
+def test_too_few_particles_for_k(particles, small_weights, tmp_path):
+    r = run_cli("denoise", "--i", particles, "--o", tmp_path / "o", "--weights", small_weights, "--k", 60)
     assert r.returncode != 0 and "too few" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o" / "denoised_particles.star").exists()
 
@@ -98,13 +80,13 @@ def test_bad_weights_file(particles, tmp_path):
     assert not (tmp_path / "o" / "denoised_particles.star").exists()
 
 
-def test_constant_images_are_refused(particles, weights, tmp_path):
+def test_constant_images_are_refused(particles, small_weights, tmp_path):
     import shutil
 
     work = tmp_path / "copy"
     shutil.copytree(particles.parent, work)
     with mrcfile.open(work / "particles.mrcs", mode="r+") as m:
         m.data[7] = 1.5
-    r = run_cli("denoise", "--i", work / "particles.star", "--o", tmp_path / "o", "--weights", weights)
+    r = run_cli("denoise", "--i", work / "particles.star", "--o", tmp_path / "o", "--weights", small_weights)
     assert r.returncode != 0 and "constant" in r.stderr and "row 8" in r.stderr
     assert not (tmp_path / "o" / "denoised_particles.star").exists()

@@ -12,28 +12,15 @@ import numpy as np
 import pytest
 import starfile
 import torch
+from conftest import run_cli
 
 from cdae_em.align import apply_alignment
-from cdae_em.cascade import Cascade
 from cdae_em.classify import ClassifySettings, classify
 from cdae_em.metrics import clustering_scores
 from cdae_em.simulate import SimulationSettings, load_source, simulate
-from cdae_em.weights import save_weights
 
 CONTRACT = ["particles.star", "denoised_particles.star", "class_averages.mrcs", "class_averages.star",
             "summary.json", "gallery.png"]
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cdae_em", *map(str, args)], capture_output=True, text=True, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "small.pt"
-    torch.manual_seed(0)
-    save_weights(Cascade(channels=(8, 16, 16), dropout=0.1), path, {"command": "test"})
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +61,10 @@ def test_written_alignments_bring_particles_onto_their_class_average(sim):
         assert np.corrcoef(mean.ravel(), ref.ravel())[0, 1] > 0.8
 
 
-def test_run_writes_the_output_contract(sim, weights, tmp_path):
+def test_run_writes_the_output_contract(sim, small_weights, tmp_path):
     out = tmp_path / "job"
     before = (sim / "particles.star").read_bytes()
-    r = run_cli("run", "--i", sim / "particles.star", "--o", out, "--K", 4, "--weights", weights,
+    r = run_cli("run", "--i", sim / "particles.star", "--o", out, "--K", 4, "--weights", small_weights,
                 "--no-finetune", "--iter", 2, "--j", 2)
     assert r.returncode == 0, r.stderr
     assert (sim / "particles.star").read_bytes() == before
@@ -121,9 +108,9 @@ def test_classify_command_on_a_denoised_star(sim, tmp_path):
     assert (out / "class_averages.mrcs").exists() and (out / "class_averages.star").exists()
 
 
-def test_refuses_another_jobs_outputs_unless_overwrite(sim, weights, tmp_path):
+def test_refuses_another_jobs_outputs_unless_overwrite(sim, small_weights, tmp_path):
     out = tmp_path / "job"
-    args = ["run", "--i", sim / "particles.star", "--o", out, "--weights", weights, "--no-finetune", "--iter", 1]
+    args = ["run", "--i", sim / "particles.star", "--o", out, "--weights", small_weights, "--no-finetune", "--iter", 1]
     assert run_cli(*args, "--K", 3).returncode == 0
     stamp = (out / "particles.star").read_bytes()
     r = run_cli(*args, "--K", 2)
@@ -135,21 +122,21 @@ def test_refuses_another_jobs_outputs_unless_overwrite(sim, weights, tmp_path):
 
 
 @pytest.mark.parametrize("k, words", [(1, "at least 2"), (500, "only 120 particles")])
-def test_bad_number_of_classes(sim, weights, tmp_path, k, words):
-    r = run_cli("run", "--i", sim / "particles.star", "--o", tmp_path / "o", "--K", k, "--weights", weights)
+def test_bad_number_of_classes(sim, small_weights, tmp_path, k, words):
+    r = run_cli("run", "--i", sim / "particles.star", "--o", tmp_path / "o", "--K", k, "--weights", small_weights)
     assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr
     assert not any((tmp_path / "o" / name).exists() for name in CONTRACT)
 
 
-def test_unusable_output_directory(sim, weights, tmp_path):
+def test_unusable_output_directory(sim, small_weights, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    r = run_cli("run", "--i", sim / "particles.star", "--o", blocker / "job", "--K", 2, "--weights", weights)
+    r = run_cli("run", "--i", sim / "particles.star", "--o", blocker / "job", "--K", 2, "--weights", small_weights)
     assert r.returncode != 0 and "a_file" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_killed_job_resumes_to_the_same_classes(sim, weights, tmp_path):
-    args = ["--i", sim / "particles.star", "--K", 3, "--weights", weights, "--k", 5, "--epochs", 1,
+def test_killed_job_resumes_to_the_same_classes(sim, small_weights, tmp_path):
+    args = ["--i", sim / "particles.star", "--K", 3, "--weights", small_weights, "--k", 5, "--epochs", 1,
             "--finetune-subset", 40, "--iter", 2, "--j", 1]
     assert run_cli("run", "--o", tmp_path / "whole", *args).returncode == 0
     out = tmp_path / "killed"
