@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -142,8 +142,7 @@ def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None
             t = time.perf_counter()
             _pretrain_on_reference(settings, job_dir / "pretrained", device)
             timings["pretrain"] = round(time.perf_counter() - t, 2)
-        denoise_settings = DenoiseSettings(**{**asdict(settings.denoise), "weights": str(weights)})
-        denoise_settings.train = settings.denoise.train
+        denoise_settings = replace(settings.denoise, weights=str(weights))
 
     # 2. denoising (with fine-tuning), resumable per block
     marker = job_dir / "denoise.json"

@@ -14,8 +14,7 @@ import torch
 
 from cdae_em.align import apply_alignment
 from cdae_em.figures import gallery, raw_denoised_pairs
-from cdae_em.ctf import CtfParams, ctf_2d, phase_flip
-from cdae_em.denoise import star_path_name
+from cdae_em.denoise import BatchPreparer, DenoiseSettings, star_path_name
 from cdae_em.stacks import ImageSource, write_stack
 from cdae_em.star import ParticleTable, write_star
 
@@ -27,16 +26,14 @@ def original_class_averages(table: ParticleTable, images: ImageSource, labels: n
                             batch_size: int = 256, should_stop: Callable[[], None] | None = None) -> np.ndarray:
     """Aligned per-class means (K, box, box) of the original particles (origins in their pixels)."""
     box = images.box
-    per = table.per_particle()
-    ctf = CtfParams.from_table(per) if phase_flipped else None
+    # the same phase flip the denoiser applies, at the original box
+    prepare = BatchPreparer(table, DenoiseSettings(phase_flip=phase_flipped), box, device)
     sums = torch.zeros((n_classes, box, box), device=device)
     for start, batch in images.batches(batch_size):
         if should_stop is not None:
             should_stop()
         rows = slice(start, start + len(batch))
-        x = torch.from_numpy(batch).to(device)
-        if ctf is not None:
-            x = phase_flip(x, ctf_2d(ctf.subset(rows), box, per["rlnImagePixelSize"].to_numpy()[rows], device))
+        x = prepare(batch, rows)
         x = apply_alignment(x, torch.as_tensor(psi[rows], dtype=torch.float32, device=device),
                             torch.as_tensor(origin[rows], dtype=torch.float32, device=device))
         sums.index_add_(0, torch.as_tensor(labels[rows], device=device), x)
