@@ -32,6 +32,7 @@ from cdae_em.align import align_pairs, align_to_references, apply_alignment, est
 from cdae_em.neighbours import invariant_features, reduce_features
 from cdae_em.errors import InputError
 from cdae_em.preprocess import soft_circular_mask
+from cdae_em.progress import report
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def classify(images, settings: ClassifySettings, device: torch.device,
     references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
 
     history = []
+    report(0, settings.n_iter, "round")
     for it in range(1, settings.n_iter + 1):
         if should_stop is not None:
             should_stop()
@@ -177,6 +179,7 @@ def classify(images, settings: ClassifySettings, device: torch.device,
                         "sizes": counts.tolist()})
         log.info("classification round %d/%d: %.1f%% of particles changed class, mean score %.3f",
                  it, settings.n_iter, 100 * changed, float(score.mean()))
+        report(it, settings.n_iter, "round")
         if changed == 0.0:
             break
 

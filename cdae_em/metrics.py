@@ -1,11 +1,14 @@
-"""Quality measures against simulated ground truth: PSNR and FRC for denoising.
-
-(Clustering scores live with the classification code.)
+"""Quality measures: PSNR and FRC for denoising, half-set FRC/SSNR/resolution of class averages,
+clustering scores against simulated truth.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+NO_RESOLUTION = 999.0  # Angstrom: RELION's "not known"
 
 
 def psnr(estimate: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -27,20 +30,37 @@ def _standardise(x: np.ndarray) -> np.ndarray:
     return (x - mean) / np.maximum(std, 1e-12)
 
 
+def rings(box: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fourier ring of every pixel of an unshifted (box, box) FFT, flattened, and which pixels lie
+    on rings 0..box//2 (the rest, the corners, are left out of every per-ring measure)."""
+    f = np.fft.fftfreq(box) * box
+    ring = np.rint(np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)).astype(int).ravel()
+    return ring, ring <= box // 2
+
+
+def ring_sums(values: np.ndarray) -> np.ndarray:
+    """Sums per Fourier ring 0..box//2 of (..., box, box) values laid out as an unshifted FFT."""
+    box = values.shape[-1]
+    ring, keep = rings(box)
+    flat = values.reshape((-1, box * box))[:, keep]
+    out = np.stack([np.bincount(ring[keep], v, minlength=box // 2 + 1) for v in flat])
+    return out.reshape(values.shape[:-2] + (box // 2 + 1,))
+
+
+def radial_power(images: np.ndarray) -> np.ndarray:
+    """Mean power per Fourier ring 0..box//2 (orthonormal FFT) of (..., box, box) images."""
+    box = images.shape[-1]
+    counts = ring_sums(np.ones((box, box)))
+    return ring_sums(np.abs(np.fft.fft2(images, norm="ortho")) ** 2) / np.maximum(counts, 1)
+
+
 def frc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Fourier ring correlation of two images (box, box) or the mean over stacks, per ring 0..box//2."""
     a = np.asarray(a, dtype=np.float64).reshape((-1,) + np.shape(a)[-2:])
     b = np.asarray(b, dtype=np.float64).reshape(a.shape)
-    box = a.shape[-1]
     fa, fb = np.fft.fft2(a), np.fft.fft2(b)
-    f = np.fft.fftfreq(box) * box
-    ring = np.rint(np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)).astype(int).ravel()
-    keep = ring <= box // 2
-    cross = (fa * fb.conj()).real.sum(axis=0).ravel()
-    pa, pb = (np.abs(fa) ** 2).sum(axis=0).ravel(), (np.abs(fb) ** 2).sum(axis=0).ravel()
-    num = np.bincount(ring[keep], cross[keep], minlength=box // 2 + 1)
-    den = np.sqrt(np.bincount(ring[keep], pa[keep], minlength=box // 2 + 1)
-                  * np.bincount(ring[keep], pb[keep], minlength=box // 2 + 1))
+    num = ring_sums((fa * fb.conj()).real.sum(axis=0))
+    den = np.sqrt(ring_sums((np.abs(fa) ** 2).sum(axis=0)) * ring_sums((np.abs(fb) ** 2).sum(axis=0)))
     return num / np.maximum(den, 1e-30)
 
 
@@ -51,6 +71,64 @@ def frc_resolution(curve: np.ndarray, pixel_size: float, threshold: float = 0.5)
     below = np.flatnonzero(curve[1:] < threshold)
     ring = (below[0] + 1) if len(below) else len(curve) - 1
     return float(box * pixel_size / max(ring, 1))
+
+
+@dataclass
+class HalfSetStats:
+    """Per class: half-set FRC, SSNR of the full average, estimated resolution; and the noise power
+    spectrum of one particle. Curves are per Fourier ring 0..box//2."""
+
+    frc: np.ndarray  # (K, rings)
+    ssnr: np.ndarray  # (K, rings)
+    resolution: np.ndarray  # (K,) Angstrom, NO_RESOLUTION where unknown
+    noise: np.ndarray  # (rings,)
+
+    def to_json(self) -> dict:
+        """Lists, rounded, for summary.json."""
+        return {"frc": np.round(self.frc, 5).tolist(), "ssnr": np.round(self.ssnr, 4).tolist(),
+                "resolution": np.round(self.resolution, 2).tolist(), "noise": [float(f"{x:.6g}") for x in self.noise]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> HalfSetStats:
+        return cls(*(np.asarray(d[k], dtype=np.float64) for k in ("frc", "ssnr", "resolution", "noise")))
+
+
+def random_halves(labels: np.ndarray, n_classes: int, seed: int = 0) -> np.ndarray:
+    """0 or 1 per particle: each class split into two random halves (the second the smaller)."""
+    rng = np.random.default_rng(seed)
+    half = np.zeros(len(labels), dtype=np.int64)
+    for c in range(n_classes):
+        rows = np.flatnonzero(labels == c)
+        half[rng.permutation(rows)[: len(rows) // 2]] = 1
+    return half
+
+
+def half_set_stats(a: np.ndarray, b: np.ndarray, n_a: np.ndarray, n_b: np.ndarray,
+                   pixel_size: float) -> HalfSetStats:
+    """Compare the averages of each class's two halves, (K, box, box) each from ``n_a``/``n_b``
+    particles: FRC -> SSNR of the full average (2 FRC / (1 - FRC)) -> estimated resolution where
+    the SSNR first drops below 1, as RELION's ``MlModel::calculateTotalFourierCoverage`` defines
+    it. The noise power of one particle comes from the half differences: P(A - B) / (1/n_A + 1/n_B)."""
+    n_classes, box = len(a), a.shape[-1]
+    shells = box // 2 + 1
+    curves = np.zeros((n_classes, shells))
+    ssnr = np.zeros((n_classes, shells))
+    resolution = np.full(n_classes, NO_RESOLUTION)
+    for c in range(n_classes):
+        if min(n_a[c], n_b[c]) < 1:
+            continue
+        curves[c] = np.clip(frc(a[c], b[c]), -1.0, 1.0)
+        ssnr[c] = np.maximum(2 * curves[c] / np.maximum(1 - curves[c], 1e-6), 0.0)
+        ssnr[c, 0] = max(ssnr[c, 0], 1.0)  # the origin ring carries no resolution information
+        below = np.flatnonzero(ssnr[c, 1:] < 1.0)
+        last = int(below[0]) if len(below) else shells - 1  # the last ring before the first SSNR < 1
+        resolution[c] = box * pixel_size / last if last > 0 else NO_RESOLUTION
+    both = (np.asarray(n_a) > 0) & (np.asarray(n_b) > 0)
+    noise = np.zeros(shells)
+    if both.any():
+        weight = 1.0 / (1.0 / n_a[both] + 1.0 / n_b[both])
+        noise = (radial_power((a - b)[both]) * weight[:, None]).sum(axis=0) / both.sum()
+    return HalfSetStats(curves, ssnr, resolution, noise)
 
 
 def clustering_scores(truth: np.ndarray, labels: np.ndarray) -> dict:

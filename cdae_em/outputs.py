@@ -14,6 +14,7 @@ import torch
 
 from cdae_em.align import apply_alignment
 from cdae_em.figures import gallery, raw_denoised_pairs
+from cdae_em.metrics import half_set_stats, random_halves
 from cdae_em.denoise import BatchPreparer, DenoiseSettings, star_path_name
 from cdae_em.stacks import ImageSource, write_stack
 from cdae_em.star import ParticleTable, write_star
@@ -52,10 +53,17 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
     with ImageSource(table, project_dir=settings.project_dir) as images:
         scale = images.box / work_box  # origins were found in the working box
         origin_px = origin * scale
-        averages = original_class_averages(table, images, labels, psi, origin_px, k, settings.average_phase_flipped,
-                                           device, settings.denoise.batch_size, should_stop)
+        # each class averaged as two random halves in the same pass, for the half-set FRC/SSNR
+        halves = labels * 2 + random_halves(labels, k)
+        half_means = original_class_averages(table, images, halves, psi, origin_px, 2 * k,
+                                             settings.average_phase_flipped, device, settings.denoise.batch_size,
+                                             should_stop)
         box = images.box
     counts = np.bincount(labels, minlength=k)
+    n_half = np.bincount(halves, minlength=2 * k).reshape(k, 2)
+    averages = (half_means[0::2] * n_half[:, :1, None] + half_means[1::2] * n_half[:, 1:, None]) \
+        / np.maximum(counts, 1)[:, None, None]
+    stats = half_set_stats(half_means[0::2], half_means[1::2], n_half[:, 0], n_half[:, 1], pixel)
     write_stack(out / "class_averages.mrcs", averages.astype(np.float32), pixel)
     write_stack(out / "class_averages_denoised.mrcs", references.astype(np.float32), pixel * scale)
 
@@ -81,7 +89,7 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
     gallery(out / "gallery.png", averages, counts, pairs)
     log.info("class sizes: %s", counts.tolist())
     return {"class_sizes": counts.tolist(), "box": int(box), "pixel_size": pixel,
-            "mean_alignment_score": float(score.mean())}
+            "mean_alignment_score": float(score.mean()), "half_sets": stats.to_json()}
 
 
 def _write_table(df, path: Path) -> None:

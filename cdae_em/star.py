@@ -266,13 +266,19 @@ def write_star(table: ParticleTable, path: str | Path) -> None:
     version = table.version_line
     if table.flavour == "3.1" and version is None:
         version = DEFAULT_VERSION_LINE
-    parts = []
-    for name, block in table.blocks.items():
-        if version is not None:
-            parts.append(f"\n{version}\n\n")
-        parts.append(_block_text(name, block))
-    write_text(path, "".join(parts))
+    write_text(path, star_text(table.blocks, version))
     log.debug("wrote %d particles to %s", len(table), path)
+
+
+def star_text(blocks: Mapping[str, pd.DataFrame | dict], version_line: str | None = None) -> str:
+    """STAR text of ``blocks`` (name without ``data_`` -> table, or -> {label: value}), each block
+    preceded by ``version_line`` (e.g. "# version 50001") when given, as RELION writes them."""
+    parts = []
+    for name, block in blocks.items():
+        if version_line is not None:
+            parts.append(f"\n{version_line}\n\n")
+        parts.append(_block_text(name, block))
+    return "".join(parts)
 
 
 def new_particle_table(particles: pd.DataFrame, optics: pd.DataFrame) -> ParticleTable:

@@ -2,7 +2,7 @@
 
 Steps: convert the input SetOfParticles to a STAR file (``scipion_convert``), run the core job as
 a subprocess (``<python> -m cdae_em run ...``, its log in the protocol's run log), then turn the
-job's output files (DESIGN.md section 3) into Scipion sets: ``outputParticles`` (the denoised
+job's output files into Scipion sets: ``outputParticles`` (the denoised
 particles), ``outputClasses`` (SetOfClasses2D of the input particles, each with its 2D alignment
 to its class; representative = class average) and ``outputAverages`` (SetOfAverages).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from enum import Enum
 
@@ -130,15 +129,18 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         self.info(f"wrote {n} particles to {self._getInputStar()}")
 
     def runCdaeStep(self):
+        from cdae_em.progress import STATUS_FILE
+
         from .scipion_plugin import Plugin
 
-        logs = self.getLogPaths()[:2]
-        offsets = [os.path.getsize(p) if os.path.exists(p) else 0 for p in logs]
+        os.makedirs(self._getJobPath(), exist_ok=True)  # the job writes its status.json there
+        if os.path.exists(self._getJobPath(STATUS_FILE)):
+            os.remove(self._getJobPath(STATUS_FILE))  # an earlier run's
         try:
             self.runJob(Plugin.getProgram(), self._getRunArgs(), env=Plugin.getEnviron(),
                         numberOfMpi=1, numberOfThreads=1)
         except subprocess.CalledProcessError as exc:
-            reason = job_error(logs, offsets) or f"exit status {exc.returncode}"
+            reason = job_error(self._getJobPath()) or f"exit status {exc.returncode}"
             raise RuntimeError(f"cdae-em failed: {reason} (details in the run log)") from None
 
     def createOutputStep(self):
@@ -352,25 +354,9 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         return [str(a) for a in args]
 
 
-_CDAE_ERROR = re.compile(r"ERROR cdae_em[\w.]*: (.*)")
-_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Aborted)\b:? ?(.*)")
+def job_error(job_dir: str) -> str:
+    """What went wrong, as the job recorded it in its status.json (empty if it did not get that far)."""
+    from cdae_em.progress import read_status
 
-
-def job_error(logs: list[str], offsets: list[int]) -> str:
-    """What went wrong, from what cdae-em wrote to the run logs after ``offsets``: its one-line
-    error ("HH:MM:SS ERROR cdae_em: ...") or, after a crash, the traceback's last line."""
-    error = exception = ""
-    for path, offset in zip(logs, offsets):
-        try:
-            with open(path, errors="replace") as f:
-                f.seek(offset)
-                for line in f:
-                    line = line.strip()
-                    match = _CDAE_ERROR.search(line)
-                    if match:
-                        error = match.group(1).strip()
-                    elif _EXCEPTION.match(line):
-                        exception = line
-        except OSError:
-            continue
-    return error or exception
+    status = read_status(job_dir)
+    return (status.error or "") if status is not None and status.state != "running" else ""

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -53,6 +52,9 @@ import traceback
 from pathlib import Path
 
 from cdae_em.protocols import relion_files as rf
+from cdae_em.protocols.relion_args import ArgumentError, build_parser
+from cdae_em.protocols.relion_args import gpu_id as _gpu
+from cdae_em.protocols.relion_args import yes_no as _yes_no
 from cdae_em.protocols.relion_progress import Progress, duration, setup_logging, StderrToLog
 
 log = logging.getLogger("cdae_em.relion")
@@ -62,87 +64,11 @@ ABORT_GRACE_S = 15.0  # how long an abort waits for the core's next should_stop 
 _REAL_STDERR = sys.stderr
 
 
-class ArgumentError(Exception):
-    """A RELION argument could not be used (reported as the job's failure reason)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # never exit from inside argparse: the job must write its exit file
-        raise ArgumentError(message)
-
-
-def _names(*names: str) -> list[str]:
-    """--a_b and --a-b for each name (RELION users type labels either way)."""
-    out = []
-    for n in names:
-        for v in (n, n.replace("_", "-"), n.replace("-", "_")):
-            if f"--{v}" not in out:
-                out.append(f"--{v}")
-    return out
-
-
-def _yes_no(text: str) -> bool:
-    t = str(text).strip().lower()
-    if t in ("", "yes", "y", "true", "1", "on"):
-        return True
-    if t in ("no", "n", "false", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected Yes or No, got {text!r}")
-
-
-def _or_none(convert):
-    """A value converter for which an empty value means "not given" (RELION passes a parameter
-    whose value field is empty as a bare --label)."""
-    def parse(text: str):
-        return None if str(text).strip() in ("", '""', "''") else convert(text)
-    parse.__name__ = getattr(convert, "__name__", "value")
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="cdae-em-relion", description=(__doc__ or "").split("\n\n")[0], allow_abbrev=False,
-                add_help=True)
-    # what RELION passes
-    p.add_argument("--o", required=True, help="job directory, e.g. External/job012/")
-    p.add_argument("--in_parts", "--in-parts", dest="in_parts", help="input particles STAR file")
-    p.add_argument("--in_3dref", "--in-3dref", dest="in_3dref", help="3D reference map: pre-train the cascade on it")
-    for unused in ("in_movies", "in_mics", "in_coords", "in_mask"):
-        p.add_argument(f"--{unused}", dest=unused, help=argparse.SUPPRESS)
-    p.add_argument("--j", type=int, default=1, help="CPU threads (RELION's 'Number of threads')")
-    # user parameters: nargs="?" so that a label with an empty value does not swallow the next option
-    opt = dict(nargs="?", default=None, const=None)
-    p.add_argument(*_names("K", "classes", "n_classes"), dest="K", type=_or_none(int), **opt, help="number of classes")
-    p.add_argument(*_names("epochs"), dest="epochs", type=_or_none(int), **opt)
-    p.add_argument(*_names("neighbours", "neighbors", "k"), dest="k", type=_or_none(int), **opt)
-    p.add_argument(*_names("finetune", "fine_tune"), dest="finetune", type=_or_none(_yes_no), **opt)
-    p.add_argument(*_names("no_finetune"), dest="no_finetune", nargs="?", const="yes", default=None, type=str)
-    p.add_argument(*_names("weights"), dest="weights", type=_or_none(str), **opt)
-    p.add_argument(*_names("gpu"), dest="gpu", nargs="?", const="auto", default=None)
-    p.add_argument(*_names("method"), dest="method", type=_or_none(str.lower), **opt)
-    p.add_argument(*_names("iterations", "iter", "n_iter"), dest="n_iter", type=_or_none(int), **opt)
-    p.add_argument(*_names("box"), dest="box", type=_or_none(int), **opt)
-    p.add_argument(*_names("phase_flip"), dest="phase_flip", type=_or_none(_yes_no), nargs="?", const=True, default=None)
-    p.add_argument(*_names("average_phase_flipped"), dest="average_phase_flipped", type=_or_none(_yes_no), nargs="?",
-                   const=True, default=None)
-    p.add_argument(*_names("psi_step"), dest="psi_step", type=_or_none(float), **opt)
-    p.add_argument(*_names("max_shift"), dest="max_shift", type=_or_none(float), **opt)
-    p.add_argument(*_names("batch_size"), dest="batch_size", type=_or_none(int), **opt)
-    p.add_argument(*_names("finetune_subset"), dest="finetune_subset", type=_or_none(int), **opt)
-    p.add_argument(*_names("mask_diameter"), dest="mask_diameter", type=_or_none(float), **opt)
-    p.add_argument(*_names("lr"), dest="lr", type=_or_none(float), **opt)
-    p.add_argument(*_names("seed"), dest="seed", type=_or_none(int), **opt)
-    p.add_argument(*_names("pretrain_particles"), dest="pretrain_particles", type=_or_none(int), **opt)
-    p.add_argument(*_names("pretrain_epochs"), dest="pretrain_epochs", type=_or_none(int), **opt)
-    p.add_argument(*_names("nodes_flavour", "nodes_flavor"), dest="nodes_flavour", type=_or_none(str), **opt)
-    p.add_argument("--log_level", "--log-level", dest="log_level", default="INFO",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return p
-
-
 def job_settings(args: argparse.Namespace):
-    """RELION's arguments -> the core JobSettings (defaults from ``cdae-em denoise``'s parser)."""
-    from cdae_em.commands.common import add_seed_arg
-    from cdae_em.commands.denoise import add_denoise_args, denoise_settings
+    """RELION's arguments -> the core JobSettings (defaults: DenoiseSettings' and JobSettings')."""
+    from dataclasses import replace
+
+    from cdae_em.denoise import DenoiseSettings
     from cdae_em.job import JobSettings
 
     if not args.in_parts:
@@ -151,20 +77,20 @@ def job_settings(args: argparse.Namespace):
         raise ArgumentError("no number of classes: add a parameter with label K and a value, e.g. 20")
     if args.method is not None and args.method not in ("kmeans", "hierarchical"):
         raise ArgumentError(f"--method {args.method}: expected kmeans or hierarchical")
-    base = argparse.ArgumentParser(add_help=False)
-    add_denoise_args(base)
-    add_seed_arg(base)
-    d = base.parse_args([])  # the documented defaults of `cdae-em denoise`
-    for name in ("epochs", "k", "weights", "box", "batch_size", "finetune_subset", "mask_diameter", "lr", "seed"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(d, name, value)
+    # defaults: the settings dataclasses' own (those `cdae-em run` shows in its --help)
+    seed = JobSettings.seed if args.seed is None else args.seed
+    given = {name: getattr(args, name) for name in ("k", "weights", "box", "batch_size", "finetune_subset",
+                                                     "mask_diameter") if getattr(args, name) is not None}
+    defaults = DenoiseSettings()
+    train = replace(defaults.train, seed=seed, **{name: getattr(args, name) for name in ("epochs", "lr")
+                                                  if getattr(args, name) is not None})
+    finetune = defaults.finetune
     if args.finetune is not None:
-        d.no_finetune = not args.finetune
+        finetune = bool(args.finetune)
     if args.no_finetune is not None:
-        d.no_finetune = _yes_no(args.no_finetune)
+        finetune = not _yes_no(args.no_finetune)
     phase_flip = bool(args.phase_flip)
-    d.phase_flip = phase_flip
+    denoise = replace(defaults, train=train, finetune=finetune, phase_flip=phase_flip, seed=seed, **given)
     average_flipped = phase_flip if args.average_phase_flipped is None else bool(args.average_phase_flipped)
     kwargs = {}
     for name in ("method", "n_iter", "psi_step", "max_shift", "pretrain_particles", "pretrain_epochs"):
@@ -172,30 +98,10 @@ def job_settings(args: argparse.Namespace):
         if value is not None:
             kwargs[name] = value
     return JobSettings(
-        particles=args.in_parts, out_dir=args.o, n_classes=args.K, denoise=denoise_settings(d),
+        particles=args.in_parts, out_dir=args.o, n_classes=args.K, denoise=denoise,
         average_phase_flipped=average_flipped, reference_map=args.in_3dref or None, gpu=_gpu(args.gpu),
-        threads=max(1, args.j), overwrite=True, seed=d.seed, **kwargs,
+        threads=max(1, args.j), overwrite=True, seed=seed, **kwargs,
     )
-
-
-def _gpu(value: str | None) -> str | None:
-    """RELION-style GPU ids ("0", "0:1", "0,1", empty = any) -> one CUDA device id or None (CPU)."""
-    if value is None:
-        return None
-    v = str(value).strip().lower()
-    if v in ("cpu", "no", "none", "-1", "false"):
-        return None
-    if v in ("", "auto", "yes", "true"):
-        import torch
-
-        if torch.cuda.is_available():
-            return "0"
-        log.info("gpu: no CUDA device on this machine; running on the CPU")
-        return None
-    first = re.split(r"[:,\s]+", v)[0]
-    if not first.isdigit():
-        raise ArgumentError(f"--gpu {value!r}: expected a device number such as 0 (or cpu)")
-    return first
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int:
-    from cdae_em.errors import CdaeError
+    from cdae_em.errors import CdaeError, is_out_of_memory
     from cdae_em.job import JobAborted, run_job
+    from cdae_em.metrics import HalfSetStats
+    from cdae_em.protocols.relion_class2d import write_classification_files
 
     job = _job_name(args.o)
     try:
@@ -392,18 +300,14 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
                  f"GPU {settings.gpu}" if settings.gpu else "CPU", settings.threads,
                  f", pre-training on {settings.reference_map}" if settings.reference_map else "")
         stop()
-        summary = run_job(settings, should_stop=stop)
+        summary = run_job(settings, should_stop=stop, on_progress=stop.progress)
 
         log.info("writing RELION files (Subset selection, output nodes)")
-        stats = rf.half_set_stats(out / "particles.star", _read_stack(out / "class_averages.mrcs"), settings.n_classes,
-                                  settings.average_phase_flipped, settings.project_dir,
-                                  batch_size=settings.denoise.batch_size, should_stop=stop)
-        box = int(summary.get("box") or stats.signal.shape[1] * 2 - 2)
-        pixel = float(summary.get("pixel_size") or 1.0)
+        box, pixel = int(summary["box"]), float(summary["pixel_size"])
         diameter = settings.denoise.mask_diameter or 0.9 * box * pixel
-        rf.write_classification_files(out, job, settings.n_classes, pixel, box, diameter,
-                                      settings.average_phase_flipped, 50001 if flavour == "5" else 30001, stats,
-                                      psi_step=settings.psi_step)
+        write_classification_files(out, job, settings.n_classes, pixel, box, diameter, settings.average_phase_flipped,
+                                   rf.star_version(flavour), HalfSetStats.from_json(summary["half_sets"]),
+                                   psi_step=settings.psi_step)
         nodes = rf.write_output_nodes(out, job, flavour)
         sizes = summary.get("class_sizes")
         log.info("done in %s: %d particles in %d classes%s", duration(time.monotonic() - t0),
@@ -422,11 +326,11 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
     except (CdaeError, ArgumentError) as exc:
         rf.remove_relion_files(out)
         return _fail(out, str(exc))
-    except MemoryError:
+    except Exception as exc:
         rf.remove_relion_files(out)
-        return _fail(out, "out of memory: use a smaller --batch_size or --box, or fewer --neighbours")
-    except Exception as exc:  # a bug: keep the traceback in run.out, the one-line reason in run.err
-        rf.remove_relion_files(out)
+        if is_out_of_memory(exc):
+            return _fail(out, "out of memory: use a smaller --batch_size or --box, or fewer --neighbours")
+        # a bug: keep the traceback in run.out, the one-line reason in run.err
         traceback.print_exc(file=sys.stdout)
         sys.stdout.flush()
         return _fail(out, f"internal error ({type(exc).__name__}: {exc}); the traceback is in run.out")
@@ -438,15 +342,6 @@ def _fail(out: Path, reason: str) -> int:
     print(f"ERROR: {reason}", file=_REAL_STDERR, flush=True)
     _touch(out / rf.EXIT_FAILURE)
     return 1
-
-
-def _read_stack(path: Path):
-    import mrcfile
-    import numpy as np
-
-    with mrcfile.open(path, permissive=True) as mrc:
-        data = np.asarray(mrc.data, dtype=np.float32)
-    return data[None] if data.ndim == 2 else data
 
 
 if __name__ == "__main__":

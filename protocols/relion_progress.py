@@ -1,17 +1,20 @@
 """run.out for the RELION External job: progress lines a user watching the GUI understands (stage,
-counts, ETA), stray stderr output routed into the log, repeated lines dropped."""
+counts, ETA, from the core's progress callback), stray stderr output routed into the log,
+repeated lines dropped."""
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import time
+
+from cdae_em.progress import Status
 
 log = logging.getLogger("cdae_em.relion")
 
 
 def duration(seconds: float) -> str:
+    """Seconds as a person reads them: "45 s", "3 min 05 s", "2 h 07 min"."""
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -21,55 +24,27 @@ def duration(seconds: float) -> str:
 
 
 class Progress(logging.Handler):
-    """Watches the core's log records and adds an ETA where it can count: fine-tuning epochs
-    (``block J ... epoch E/N``) and classification rounds (``round R/N``)."""
+    """The job's progress callback (``run_job(on_progress=...)``): logs how far the current count
+    is (fine-tuning epochs, classification rounds) with an ETA, and keeps the stage for the
+    heartbeat. As a log handler on the core's logger it only notes *when* the core last spoke,
+    so that the heartbeat stays quiet while the core is talking."""
 
-    _BLOCK = re.compile(r"^block (\d+)\b")
-    _EPOCH = re.compile(r"epoch (\d+)/(\d+)")
-    _ROUND = re.compile(r"round (\d+)/(\d+)")
-
-    def __init__(self, n_blocks: int = 3):
+    def __init__(self):
         super().__init__(level=logging.INFO)
-        self.n_blocks = n_blocks
-        self.block = 1
-        self.phase_start: float | None = None
-        self.phase: str | None = None
         self.last = time.monotonic()
         self.stage = "starting"
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name == log.name:
-            return
+    def __call__(self, status: Status) -> None:
         self.last = time.monotonic()
-        try:
-            msg = record.getMessage()
-        except Exception:
-            return
-        if msg.startswith("stage "):
-            self.stage = msg.split(":")[0]
-        m = self._BLOCK.match(msg)
-        if m:
-            self.block = int(m.group(1))
-        m = self._EPOCH.search(msg)
-        if m and "pre-training" not in msg:
-            self._eta("fine-tuning", (self.block - 1) * int(m.group(2)) + int(m.group(1)),
-                      self.n_blocks * int(m.group(2)))
-            return
-        m = self._ROUND.search(msg)
-        if m:
-            self._eta("classification", int(m.group(1)), int(m.group(2)))
+        if status.stage_number:
+            self.stage = f"stage {status.stage_number}/{status.n_stages} {status.stage}"
+        if status.step and status.eta_s is not None and 0 < status.done < status.total:
+            log.info("  %s: %s %d of %d done, about %s left", status.stage, status.step, status.done,
+                     status.total, duration(status.eta_s))
 
-    def _eta(self, phase: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if self.phase != phase or self.phase_start is None:
-            # the first count of a phase starts its clock (its duration covers one step less)
-            self.phase, self.phase_start, self.first_done = phase, now, done
-            return
-        steps = done - self.first_done
-        if steps <= 0 or total <= done:
-            return
-        left = (now - self.phase_start) / steps * (total - done)
-        log.info("  %s: %d of %d done, about %s left in this stage", phase, done, total, duration(left))
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name != log.name:
+            self.last = time.monotonic()
 
 
 class StderrToLog:
@@ -114,6 +89,7 @@ class _NoRepeats(logging.Filter):
 
 
 def setup_logging(level: str) -> Progress:
+    """Log lines to stdout (run.out), without repeats; returns the progress callback."""
     logging.captureWarnings(True)
     root = logging.getLogger()
     for h in list(root.handlers):

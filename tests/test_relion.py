@@ -18,6 +18,7 @@ import starfile
 
 from cdae_em.protocols import relion_external as rx
 from cdae_em.protocols import relion_files as rf
+from cdae_em.protocols.relion_args import gpu_id
 
 EXE = shutil.which("cdae-em-relion", path=str(Path(sys.executable).parent)) or shutil.which("cdae-em-relion")
 JOB = "External/job012/"
@@ -343,7 +344,7 @@ def test_relion_parameters_map_onto_the_job():
     assert (s.denoise.train.epochs, s.denoise.k, s.denoise.box, s.denoise.phase_flip) == (2, 7, None, True)
     assert s.average_phase_flipped and s.reference_map == "ref.mrc" and s.threads == 3 and s.overwrite
     assert s.gpu in (None, "0")  # empty value: the first GPU if there is one
-    assert rx._gpu("1:2") == "1" and rx._gpu("cpu") is None and rx._gpu(None) is None
+    assert gpu_id("1:2") == "1" and gpu_id("cpu") is None and gpu_id(None) is None
     args, _ = rx.build_parser().parse_known_args(["--o", "External/job003/", "--in_parts", "p.star", "--j", "1"])
     with pytest.raises(rx.ArgumentError, match="number of classes"):
         rx.job_settings(args)
@@ -394,23 +395,18 @@ def test_flavour_detection(tmp_path):
 
 
 def test_progress_lines_give_an_eta(caplog):
-    """run.out: the ETA comes from the core's epoch and round counts."""
+    """run.out: the ETA comes from the core's progress callback (counts of epochs or rounds)."""
     import logging
 
-    progress = rx.Progress()
-    core = logging.getLogger("cdae_em.train")
-    core.addHandler(progress)
+    from cdae_em.progress import JobProgress
+    from cdae_em.protocols.relion_progress import Progress
+
     t = [100.0]
-    real = rx.time.monotonic
-    rx.time.monotonic = lambda: t[0]
-    try:
-        with caplog.at_level(logging.INFO):
-            core.info("block %d: kNN targets (k=%d) for %d particles", 1, 5, 60)
-            for epoch in (1, 2):
-                t[0] += 10.0
-                core.info("%s epoch %d/%d: train loss %.4f (%.1f s)", "block 1", epoch, 3, 0.5, 10.0)
-    finally:
-        rx.time.monotonic = real
-        core.removeHandler(progress)
-    # 1 epoch in 10 s, 7 of 9 (3 blocks x 3 epochs) left
-    assert "fine-tuning: 2 of 9 done, about 1 min 10 s left in this stage" in caplog.text
+    progress = JobProgress(None, Progress(), clock=lambda: t[0])
+    with caplog.at_level(logging.INFO):
+        progress.stage(2, "classify")
+        for done in (0, 1, 2):
+            progress.count(done, 9, "round")
+            t[0] += 10.0
+    # 1 round in 10 s, 7 of 9 left
+    assert "classify: round 2 of 9 done, about 1 min 10 s left" in caplog.text
