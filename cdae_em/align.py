@@ -15,126 +15,26 @@ projection by (psi, o = -s), as in ``cdae_em.simulate``.
 All functions take float32 tensors (N, box, box) indexed [y, x] on any device (or, where stated, a
 numpy array / memmap, read in batches) and never modify their input.
 
-Pipeline for CDAE targets: ``invariant_features`` -> ``reduce_features`` -> ``nearest_neighbours``
--> ``aligned_neighbour_means``. Speeds measured on the shared 2-core development CPU at 64 px
-(torch 2.13; other jobs were running, so these are lower bounds; a GPU is much faster):
-``align_pairs`` 2000-4000 pairs/s on 1 thread (600-1000 on 2 threads while the machine was
-oversubscribed), ``aligned_neighbour_means`` (k = 30, with refine) about 1100-1900 pairs/s on 1
-thread, ``align_to_references`` (K = 8, psi_step 5) about 100 images/s on 1 thread,
-``nearest_neighbours`` for N = 20,000, d = 32, k = 30 about 4 s on 1 thread.
+Polar sampling and the per-box geometry live in ``cdae_em.polar``; the neighbour search built on
+this alignment in ``cdae_em.neighbours``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from cdae_em.preprocess import radius_grid, soft_circular_mask, translate
+from cdae_em.polar import AlignmentGrid, Images, batch_rows, device_of, max_shift_disc, rotate
+from cdae_em.preprocess import largest_mask_radius, radius_grid, translate
 
 log = logging.getLogger(__name__)
 
-ImageSource = torch.Tensor | np.ndarray
-
 
 # ----------------------------------------------------------------------------------------------
-# Small helpers
+# Peaks of correlation maps and profiles
 # ----------------------------------------------------------------------------------------------
-def _device_of(images: ImageSource, device: torch.device | str | None) -> torch.device:
-    """The device to compute on: ``device`` if given, else the images' own (numpy: CPU)."""
-    if device is not None:
-        return torch.device(device)
-    return images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
-
-
-def _rows(images: ImageSource, rows: slice | torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
-    """Rows of a tensor or numpy array / memmap as a float32 tensor on ``device``."""
-    if isinstance(images, torch.Tensor):
-        if isinstance(rows, torch.Tensor):
-            rows = rows.to(images.device)
-        out = images[rows]
-    else:
-        if isinstance(rows, torch.Tensor):
-            rows = rows.cpu().numpy()
-        out = torch.from_numpy(np.ascontiguousarray(images[rows]))
-    return out.to(device=device, dtype=torch.float32)
-
-
-def _rotate(images: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
-    """Rotate by R(+psi) about pixel box // 2: out(r) = images(R^T r), bilinear, zeros outside."""
-    n, box = images.shape[0], images.shape[-1]
-    t = torch.deg2rad(psi.to(device=images.device, dtype=torch.float32)).reshape(n, 1)
-    c, s = torch.cos(t), torch.sin(t)
-    # grid_sample coordinates (align_corners=False): pixel j sits at (2 j + 1) / box - 1, i.e. at
-    # u_j + 1 / box with u_j = 2 (j - box // 2) / box; source (x, y) = R^T (x, y) about the centre
-    u = 2.0 * (torch.arange(box, device=images.device, dtype=torch.float32) - box // 2) / box
-    along_x = torch.stack([c * u + 1.0 / box, -s * u + 1.0 / box], dim=-1)  # (n, box, 2)
-    along_y = torch.stack([s * u, c * u], dim=-1)
-    grid = along_x[:, None, :, :] + along_y[:, :, None, :]  # (n, rows, cols, 2), one broadcast add
-    out = F.grid_sample(images[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out[:, 0]
-
-
-def _polar_sampler(box: int, radii: torch.Tensor, n_theta: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear gather of an rfft2 amplitude map (flattened) on a polar grid over angles [0, pi).
-
-    Returns (index, weight), each (R * n_theta * 4,). Amplitudes of real images are centrosymmetric,
-    |F(-k)| = |F(k)|, so a frequency with kx < 0 is read at -k inside the rfft2 half-plane.
-    """
-    dev = radii.device
-    theta = torch.arange(n_theta, device=dev, dtype=torch.float32) * (math.pi / n_theta)
-    kx = radii[:, None] * torch.cos(theta)[None]
-    ky = radii[:, None] * torch.sin(theta)[None]
-    x0, y0 = torch.floor(kx), torch.floor(ky)
-    fx, fy = kx - x0, ky - y0
-    corners = [(x0, y0, (1 - fx) * (1 - fy)), (x0 + 1, y0, fx * (1 - fy)),
-               (x0, y0 + 1, (1 - fx) * fy), (x0 + 1, y0 + 1, fx * fy)]
-    half = box // 2 + 1
-    index, weight = [], []
-    for cx, cy, w in corners:
-        cx, cy = cx.long(), cy.long()
-        neg = cx < 0
-        cx, cy = torch.where(neg, -cx, cx), torch.where(neg, -cy, cy)
-        index.append(torch.remainder(cy, box) * half + cx)
-        weight.append(w)
-    return torch.stack(index, dim=-1).reshape(-1), torch.stack(weight, dim=-1).reshape(-1)
-
-
-def _polar_amplitudes(
-    images: torch.Tensor, mask: torch.Tensor, sampler: tuple[torch.Tensor, torch.Tensor], n_radii: int, n_theta: int,
-    oversample: int = 1,
-) -> torch.Tensor:
-    """Fourier amplitudes |F| of the masked, zero-mean images on the polar grid: (N, R, n_theta).
-
-    ``oversample`` > 1 zero-pads the images to oversample * box first (a finer Fourier grid, so
-    the bilinear polar resampling is more accurate; the sampler must be built for that size).
-    """
-    x = images - images.mean(dim=(-2, -1), keepdim=True)
-    size = oversample * images.shape[-1]
-    amp = torch.fft.rfft2(x * mask, s=(size, size)).abs().reshape(len(images), -1)
-    index, weight = sampler
-    return (amp[:, index] * weight).reshape(len(images), n_radii, n_theta, 4).sum(dim=-1)
-
-
-def _default_mask_radius(box: int) -> float:
-    return box / 2 - 3.0
-
-
-def _max_shift_disc(
-    box: int, max_shift: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat indices of the cross-correlation map within |t| <= max_shift, and their (tx, ty)."""
-    t = torch.fft.fftfreq(box, 1.0 / box, device=device)  # 0, 1, ..., -1 (signed shifts)
-    ty, tx = torch.meshgrid(t, t, indexing="ij")
-    inside = (tx**2 + ty**2 <= max_shift**2 + 1e-6).reshape(-1)
-    index = torch.nonzero(inside).reshape(-1)
-    return index, tx.reshape(-1)[index], ty.reshape(-1)[index]
-
-
 def _peak_neighbourhood(maps: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """Values (B, 5) of periodic maps (B, box, box) at flat peak indices: centre, x-1, x+1, y-1, y+1."""
     box = maps.shape[-1]
@@ -197,40 +97,7 @@ def apply_alignment(images: torch.Tensor, psi: torch.Tensor, origin: torch.Tenso
     psi = torch.as_tensor(psi, dtype=torch.float32, device=dev).reshape(-1).expand(n)
     origin = torch.as_tensor(origin, dtype=torch.float32, device=dev).reshape(-1, 2).expand(n, 2)
     shifted = translate(images, origin) if n and bool(origin.abs().max() > 0) else images
-    return _rotate(shifted, psi)
-
-
-class _Grid:
-    """Fixed per-box geometry shared by the alignment functions (masks, polar sampler, shift disc)."""
-
-    def __init__(self, box: int, device: torch.device, psi_step: float, max_shift: float | None,
-                 mask_radius: float | None = None, r_min: float = 2.0, r_max: float | None = None,
-                 oversample: int = 1):
-        self.box = box
-        self.oversample = oversample
-        self.mask = soft_circular_mask(box, mask_radius if mask_radius is not None else _default_mask_radius(box),
-                                       device=device)
-        r_max = r_max if r_max is not None else box / 4
-        self.radii = torch.arange(r_min, r_max + 1e-6, 1.0, device=device, dtype=torch.float32)
-        n = max(math.ceil(180.0 / psi_step), math.ceil(math.pi * r_max))
-        self.n_theta = n + (n % 2)
-        self.sampler = _polar_sampler(oversample * box, oversample * self.radii, self.n_theta)
-        self.max_shift = float(max_shift) if max_shift is not None else box / 4
-        self.disc, self.disc_tx, self.disc_ty = _max_shift_disc(box, self.max_shift, device)
-
-    def spectrum(self, images: torch.Tensor) -> torch.Tensor:
-        """Angular FFT (N, R, T // 2 + 1) of the ring-centred polar amplitudes, normalised per image."""
-        p = _polar_amplitudes(images, self.mask, self.sampler, len(self.radii), self.n_theta, self.oversample)
-        p = p - p.mean(dim=-1, keepdim=True)
-        p = p / p.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
-        return torch.fft.rfft(p, dim=-1)
-
-    def reference(self, refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked, zero-mean references' rfft2 and norms (the masks keep noise outside the particle out)."""
-        a = refs - refs.mean(dim=(-2, -1), keepdim=True)
-        a = a * self.mask
-        a = a - a.mean(dim=(-2, -1), keepdim=True)
-        return torch.fft.rfft2(a), a.flatten(1).norm(dim=1)
+    return rotate(shifted, psi)
 
 
 def _rotation_candidates(
@@ -250,9 +117,9 @@ def _rotation_candidates(
     return torch.stack(out, dim=1)
 
 
-def _align_prepared(
+def align_prepared(
     images: torch.Tensor, ref_fft: torch.Tensor, ref_norm: torch.Tensor, img_spec: torch.Tensor,
-    ref_spec: torch.Tensor, grid: _Grid, n_candidates: int,
+    ref_spec: torch.Tensor, grid: AlignmentGrid, n_candidates: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Align images (B) onto prepared references (B): rotation candidates from Fourier amplitudes,
     each tried at psi and psi + 180 with an FFT shift search; keeps the best normalised CC."""
@@ -264,7 +131,7 @@ def _align_prepared(
     best_values = torch.zeros((b, 5), device=dev)
     best_flat = torch.zeros(b, dtype=torch.long, device=dev)
     for c in range(angles.shape[1]):
-        g = _rotate(images, angles[:, c])
+        g = rotate(images, angles[:, c])
         gf = torch.fft.rfft2(g)
         gf[:, 0, 0] = 0  # zero mean
         norm = (ref_norm * _half_spectrum_norm(gf)).clamp_min(1e-12)
@@ -304,19 +171,19 @@ def align_pairs(
     cannot tell them apart), the image rotated and the shift found by FFT cross-correlation with the
     masked reference within |t| <= max_shift (default box / 4), sub-pixel by a parabola. The score
     is the normalised cross-correlation (zero-mean masked reference, zero-mean rotated image over
-    the box). The soft mask (radius ``mask_radius``, default box / 2 - 3) applies to the reference
+    the box). The soft mask (radius ``mask_radius``, default ``largest_mask_radius(box)``) applies to the reference
     and to both amplitude spectra; pass the particle radius (``estimate_particle_radius``) at low
     SNR. Returns tensors on the compute device (default images.device).
     """
-    dev = _device_of(images, device)
+    dev = device_of(images, device)
     n, box = images.shape[0], images.shape[-1]
-    grid = _Grid(box, dev, psi_step, max_shift, mask_radius)
+    grid = AlignmentGrid(box, dev, psi_step, max_shift, mask_radius)
     out = ([], [], [])
     for start in range(0, n, batch_size):
         rows = slice(start, min(start + batch_size, n))
-        x, r = _rows(images, rows, dev), _rows(references, rows, dev)
+        x, r = batch_rows(images, rows, dev), batch_rows(references, rows, dev)
         ref_fft, ref_norm = grid.reference(r)
-        res = _align_prepared(x, ref_fft, ref_norm, grid.spectrum(x), grid.spectrum(r), grid, n_candidates)
+        res = align_prepared(x, ref_fft, ref_norm, grid.spectrum(x), grid.spectrum(r), grid, n_candidates)
         for lst, v in zip(out, res):
             lst.append(v)
     if n == 0:
@@ -342,7 +209,7 @@ def _half_spectrum_norm(f: torch.Tensor) -> torch.Tensor:
 
 
 def align_to_references(
-    images: ImageSource,
+    images: Images,
     references: torch.Tensor,
     psi_step: float = 5.0,
     max_shift: float | None = None,
@@ -370,21 +237,21 @@ def align_to_references(
     ``estimate_particle_radius``). ``images`` may be a numpy memmap; it is read ``batch_size`` rows
     at a time. The score is the full-resolution normalised CC. Returns tensors on the compute device.
     """
-    dev = _device_of(images, device)
+    dev = device_of(images, device)
     n, box = images.shape[0], images.shape[-1]
     refs = torch.as_tensor(references).to(device=dev, dtype=torch.float32)
     k = refs.shape[0]
     if mask_radius is None:
         mask_radius = estimate_particle_radius(refs)
-    grid = _Grid(box, dev, psi_step, max_shift, mask_radius)
+    grid = AlignmentGrid(box, dev, psi_step, max_shift, mask_radius)
     m = box if band is None or band >= 0.5 else max(2, 2 * int(round(band * box)))
     factor = box / m
-    coarse_disc, coarse_tx, coarse_ty = _max_shift_disc(m, grid.max_shift / factor, dev)
+    coarse_disc, coarse_tx, coarse_ty = max_shift_disc(m, grid.max_shift / factor, dev)
     n_half = max(1, round(180.0 / psi_step))
     step = 180.0 / n_half
     psis = torch.arange(n_half, device=dev, dtype=torch.float32) * step
     # rows (ref, p): reference ref rotated by -psi_p, so that image ~ rotated ref shifted by -o
-    rotated = _rotate(refs.repeat_interleave(n_half, dim=0), -psis.repeat(k))
+    rotated = rotate(refs.repeat_interleave(n_half, dim=0), -psis.repeat(k))
     rot_fft, rot_norm = grid.reference(rotated)  # mask applied after rotation: same support for all psi
     del rotated
     rot_coarse = _crop_spectrum(rot_fft, m)
@@ -394,7 +261,7 @@ def align_to_references(
     chunk = max(1, int(memory_mb * 2**20 // (per_row * max(1, min(batch_size, n)))))
     out_ref, out_psi, out_origin, out_score = [], [], [], []
     for start in tqdm(range(0, n, batch_size), desc="align", unit="batch", leave=False, disable=not progress):
-        x = _rows(images, slice(start, min(start + batch_size, n)), dev)
+        x = batch_rows(images, slice(start, min(start + batch_size, n)), dev)
         b = len(x)
         xf = torch.fft.rfft2(x)
         xf[:, 0, 0] = 0  # zero mean
@@ -442,7 +309,7 @@ def align_to_references(
     return torch.cat(out_ref), torch.cat(out_psi), torch.cat(out_origin), torch.cat(out_score)
 
 
-def estimate_particle_radius(images: ImageSource, max_images: int = 1000, threshold: float = 0.05,
+def estimate_particle_radius(images: Images, max_images: int = 1000, threshold: float = 0.05,
                              margin: float = 2.0, device: torch.device | str | None = None) -> float:
     """Radius (pixels) of the disc holding the particles' signal, estimated from the data.
 
@@ -451,12 +318,11 @@ def estimate_particle_radius(images: ImageSource, max_images: int = 1000, thresh
     bin, less its median over the outer ring (r > 0.8 * box / 2), is the particles' radial
     variance profile (shifts included). Going outwards from its peak, the radius is where it first
     drops below both ``threshold`` of the peak and 4 standard errors of a noise-only bin, plus
-    ``margin``, clamped to [box / 8, box / 2 - 3]. Used as the default mask: masking to the
-    particle is what makes features and correlations usable at low SNR (on the 64 px test map at
-    SNR 0.1, a 19 px mask instead of 29 px doubled the fraction of neighbours within 20 degrees of
-    the true view). Particles filling the box (no noise-only outer ring) give the maximum.
+    ``margin``, clamped to [box / 8, ``largest_mask_radius(box)``]. Used as the default mask:
+    masking to the particle is what makes features and correlations usable at low SNR (see
+    docs/notes.md). Particles filling the box (no noise-only outer ring) give the maximum.
     """
-    dev = _device_of(images, device)
+    dev = device_of(images, device)
     n, box = images.shape[0], images.shape[-1]
     rows = torch.linspace(0, n - 1, min(n, max_images)).round().long().unique()
     n_bins = box // 2 + 1
@@ -464,7 +330,7 @@ def estimate_particle_radius(images: ImageSource, max_images: int = 1000, thresh
     counts = torch.bincount(r, minlength=n_bins).double()
     sums = torch.zeros(n_bins, dtype=torch.float64, device=dev)
     for start in range(0, len(rows), 256):
-        x = _rows(images, rows[start:start + 256], dev)
+        x = batch_rows(images, rows[start:start + 256], dev)
         x = x - x.mean(dim=(-2, -1), keepdim=True)
         sums += torch.bincount(r, weights=(x.double() ** 2).sum(0).reshape(-1), minlength=n_bins)
     profile = sums / (counts * max(len(rows), 1))
@@ -476,5 +342,5 @@ def estimate_particle_radius(images: ImageSource, max_images: int = 1000, thresh
     limit = torch.maximum(threshold * excess.max(), 4.0 * noise_se)
     peak = int(excess.argmax())
     below = torch.nonzero(excess[peak:] < limit[peak:]).reshape(-1)
-    radius = float(peak + int(below[0])) + margin if len(below) else box / 2 - 3.0
-    return float(min(max(radius, box / 8), box / 2 - 3.0))
+    radius = float(peak + int(below[0])) + margin if len(below) else largest_mask_radius(box)
+    return float(min(max(radius, box / 8), largest_mask_radius(box)))

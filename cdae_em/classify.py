@@ -31,7 +31,7 @@ from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 from cdae_em.align import align_pairs, align_to_references, apply_alignment, estimate_particle_radius
 from cdae_em.neighbours import invariant_features, reduce_features
 from cdae_em.errors import InputError
-from cdae_em.preprocess import soft_circular_mask
+from cdae_em.preprocess import particle_mask
 from cdae_em.progress import report
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _rows(images, rows, device) -> torch.Tensor:
     would dominate every cross-correlation and all classes would look alike.
     """
     x = torch.from_numpy(np.asarray(images[rows], dtype=np.float32)).to(device)
-    mask = soft_circular_mask(x.shape[-1], radius=0.45 * x.shape[-1] - 2, width=4, device=device)
+    mask = particle_mask(x.shape[-1], device=device)  # the denoiser's default mask
     inside = mask > 0.5
     mean = x[:, inside].mean(dim=1)
     return (x - mean[:, None, None]) * mask

@@ -1,7 +1,7 @@
 """The one end-to-end entry point shared by every front end: particles STAR in, classes out.
 
 ``run_job(JobSettings)`` denoises (with fine-tuning), classifies, averages and writes the output
-contract of DESIGN.md section 3 into ``out_dir``:
+contract (the README's table) into ``out_dir``:
 
 | file | what |
 |---|---|
@@ -9,8 +9,10 @@ contract of DESIGN.md section 3 into ``out_dir``:
 | denoised_particles.star | same rows; rlnImageName -> denoised stacks, rlnImageOriginalName -> input image |
 | denoised/*.mrcs | denoised images, float32, voxel size set |
 | class_averages.mrcs | K aligned averages of the original particles (class k at index k, classes by size) |
-| class_averages.star | one row per class: rlnReferenceImage (k@class_averages.mrcs), rlnClassNumber, rlnClassDistribution, rlnClassParticleCount |
-| summary.json, gallery.png | settings, timings, losses, class sizes; averages and raw/denoised pairs |
+| class_averages.star | one row per class: rlnReferenceImage (k@class_averages.mrcs), rlnClassNumber, rlnClassDistribution, cdaeParticleCount |
+| class_averages_denoised.mrcs | the same classes averaged from the denoised particles |
+| summary.json, gallery.png | settings, timings, losses, class sizes, half-set FRC/SSNR per class; averages and raw/denoised pairs |
+| status.json | stage, counts, ETA, and the error of a failed run, updated as the job runs (``cdae_em.progress``) |
 
 Front ends (``cdae-em run``, the RELION External job, the Scipion protocol) only translate their
 inputs into a ``JobSettings`` and the outputs into their framework's objects. ``should_stop`` is

@@ -6,10 +6,9 @@ Which features, and why: Fourier amplitudes (shift invariant) of the 2x zero-pad
 resampled on polar rings up to box/4, then an FFT over the angle; the features are the magnitudes
 of the angular harmonics h_m(r) (rotation invariant) plus cross-ring products h_m(r) conj(h_m(r+d)),
 d = 1, 2, which keep the relative phase between rings and so tell a view from its mirror (plain
-magnitudes cannot: about as many neighbours were mirror views as true views). Measured on 2,000
-simulated particles at SNR 0.5: neighbours within 20 degrees of the true view 0.43 -> 0.85,
-mirror neighbours 0.42 -> 0.05; at SNR 0.1, 0.16 -> 0.30. A mask fitted to the particle
-(``estimate_particle_radius``) roughly doubles neighbour quality at SNR 0.1.
+magnitudes cannot: about as many neighbours were mirror views as true views). A mask fitted to
+the particle (``estimate_particle_radius``) matters at low SNR. The measurements behind these
+choices are in docs/notes.md.
 """
 
 from __future__ import annotations
@@ -22,14 +21,14 @@ import torch
 from tqdm import tqdm
 
 from cdae_em.preprocess import soft_circular_mask
-from cdae_em.align import (ImageSource, _align_prepared, _device_of, _Grid, _polar_amplitudes, _polar_sampler, _rows,
-                           apply_alignment, estimate_particle_radius)
+from cdae_em.align import align_prepared, apply_alignment, estimate_particle_radius
+from cdae_em.polar import AlignmentGrid, Images, batch_rows, device_of, polar_amplitudes, polar_sampler
 
 log = logging.getLogger(__name__)
 
 
 def invariant_features(
-    images: ImageSource,
+    images: Images,
     n_radii: int | None = None,
     n_angular: int = 16,
     mask_radius: float | None = None,
@@ -55,17 +54,13 @@ def invariant_features(
     - ``kind="bispectrum"`` (default): |h_m(r)| plus the bispectrum-like cross-ring products
       h_m(r) conj(h_m(r + d)), d = 1, 2, m >= 1 (real and imaginary parts, scaled by
       |.|^-1/2 to stay in amplitude units). These are also rotation invariant but keep the
-      angular phase between rings and change sign under mirroring.
+      angular phase between rings and change sign under mirroring (better neighbours: see
+      docs/notes.md).
 
-    Measured on 2000 simulated 64 px particles of the test map (random views, psi, +-3 px shifts,
-    PCA 32, k = 10, estimated mask): fraction of neighbours within 20 degrees of the true view,
-    amplitude -> bispectrum, 0.16 -> 0.30 at SNR 0.1 and 0.43 -> 0.85 at SNR 0.5; mirror-view
-    neighbours (> 160 degrees) 0.16 -> 0.08 and 0.42 -> 0.05. ``oversample`` = 2 (zero-padding
-    before the FFT, so the polar resampling interpolates a finer grid) raised 0.25 -> 0.30 and
-    0.75 -> 0.85 over no padding; power |F|^2 instead of |F|, more ring offsets, triple products
-    within rings or whitened PCA did no better.
+    ``oversample`` = 2 zero-pads before the FFT, so that the polar resampling interpolates a finer
+    grid.
     """
-    dev = _device_of(images, device)
+    dev = device_of(images, device)
     n, box = images.shape[0], images.shape[-1]
     if kind not in ("amplitude", "bispectrum"):
         raise ValueError(f"kind must be 'amplitude' or 'bispectrum', got {kind!r}")
@@ -80,12 +75,12 @@ def invariant_features(
     radii = torch.linspace(r_min, r_max, n_radii, device=dev)
     n_theta = max(2 * n_angular, math.ceil(math.pi * r_max))
     n_theta += n_theta % 2
-    sampler = _polar_sampler(oversample * box, oversample * radii, n_theta)
+    sampler = polar_sampler(oversample * box, oversample * radii, n_theta)
     mask = soft_circular_mask(box, mask_radius, device=dev)
     out = []
     for start in range(0, n, batch_size):
-        x = _rows(images, slice(start, min(start + batch_size, n)), dev)
-        p = _polar_amplitudes(x, mask, sampler, n_radii, n_theta, oversample)
+        x = batch_rows(images, slice(start, min(start + batch_size, n)), dev)
+        p = polar_amplitudes(x, mask, sampler, n_radii, n_theta, oversample)
         h = torch.fft.rfft(p, dim=-1)[:, :, :n_angular] / n_theta  # (b, R, M)
         feats = [h.abs().flatten(1)]
         if kind == "bispectrum":
@@ -196,7 +191,7 @@ def nearest_neighbours(
 
 
 def aligned_neighbour_means(
-    images: ImageSource,
+    images: Images,
     neighbours: torch.Tensor | np.ndarray,
     psi_step: float = 5.0,
     max_shift: float | None = None,
@@ -223,10 +218,7 @@ def aligned_neighbour_means(
     alignment); with that cleaner reference one amplitude rotation candidate (and its 180 degree
     partner) is enough. Each output is one interpolation of the raw images (no resampling of
     resamplings). The references still contain x_i's noise, so a little of it is reinforced
-    ("noise bias"). Measured on the 64 px test map (random views, psi, +-3 px shifts, k = 30):
-    with the true-view neighbours at SNR 0.05 the median correlation of the result with the clean
-    particle rose from 0.82 (round 1 only) to 0.85 with ``refine``; with kNN neighbours at SNR 0.1
-    it stayed at 0.87 (limited by the neighbours), while refine costs about 2x the time.
+    ("noise bias"). ``refine`` costs about twice the time (what it gains: docs/notes.md).
 
     ``rows`` (default: all) selects the centre images i: then neighbours[r] belongs to rows[r]
     and the result has len(rows) images, in that order. Neighbour indices always index ``images``.
@@ -236,7 +228,7 @@ def aligned_neighbour_means(
     writable memmap), else to a new float32 tensor on images.device (CPU for numpy input).
     ``mask_radius`` defaults to ``estimate_particle_radius(images)``.
     """
-    dev = _device_of(images, device)
+    dev = device_of(images, device)
     box = images.shape[-1]
     nb = torch.as_tensor(np.asarray(neighbours) if not isinstance(neighbours, torch.Tensor) else neighbours)
     nb = nb.to(device=dev, dtype=torch.long)
@@ -252,7 +244,7 @@ def aligned_neighbour_means(
     if mask_radius is None:
         mask_radius = estimate_particle_radius(images, device=dev)
         log.info("neighbour means: mask radius %.1f px (estimated particle radius)", mask_radius)
-    grid = _Grid(box, dev, psi_step, max_shift, mask_radius)
+    grid = AlignmentGrid(box, dev, psi_step, max_shift, mask_radius)
     if out is None:
         out_dev = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
         out = torch.empty((n, box, box), dtype=torch.float32, device=out_dev)
@@ -261,24 +253,24 @@ def aligned_neighbour_means(
         batch = slice(start, min(start + per, n))
         centre = centres[batch]
         b = len(centre)
-        xi = _rows(images, centre, dev)
+        xi = batch_rows(images, centre, dev)
         if k == 0:
             total = xi
         else:
             cols = nb[batch].reshape(-1)
-            xj = _rows(images, cols, dev)
+            xj = batch_rows(images, cols, dev)
             identity = cols == centre.repeat_interleave(k)
             spec_j = grid.spectrum(xj)
             ref_fft, ref_norm = grid.reference(xi)
             ref_spec = grid.spectrum(xi)
-            psi, origin, _ = _align_prepared(xj, ref_fft.repeat_interleave(k, 0), ref_norm.repeat_interleave(k, 0),
+            psi, origin, _ = align_prepared(xj, ref_fft.repeat_interleave(k, 0), ref_norm.repeat_interleave(k, 0),
                                              spec_j, ref_spec.repeat_interleave(k, 0), grid, n_candidates)
             aligned = _apply_or_keep(xj, psi, origin, identity).reshape(b, k, box, box)
             total = xi + aligned.sum(dim=1)
             if refine and k > 1:
                 loo = ((total[:, None] - aligned) / k).reshape(b * k, box, box)
                 ref_fft, ref_norm = grid.reference(loo)
-                psi, origin, _ = _align_prepared(xj, ref_fft, ref_norm, spec_j, grid.spectrum(loo), grid, 1)
+                psi, origin, _ = align_prepared(xj, ref_fft, ref_norm, spec_j, grid.spectrum(loo), grid, 1)
                 aligned = _apply_or_keep(xj, psi, origin, identity).reshape(b, k, box, box)
                 total = xi + aligned.sum(dim=1)
         mean = total / (k + 1)

@@ -1,6 +1,7 @@
-"""The job's output files (DESIGN.md section 3) from a classification: aligned class averages of
-the original particles, particles.star with classes and alignments, class_averages.star/.mrcs and
-the gallery. Every file is written under a temporary name and renamed when complete.
+"""The job's output files (the contract in ``cdae_em.job``) from a classification: aligned class
+averages of the original particles (and the half-set FRC/SSNR of each class, from the same
+pass), particles.star with classes and alignments, class_averages.star/.mrcs and the gallery.
+Every file is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations

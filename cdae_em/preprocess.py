@@ -1,5 +1,5 @@
-"""Image preprocessing on batches (torch tensors, CPU or GPU): normalisation, Fourier resizing,
-soft circular masks.
+"""Image preprocessing on batches (torch tensors, CPU or GPU): Fourier resizing, shifts, soft
+circular masks (the particle mask and its defaults), histogram equalisation.
 
 CTF phase flipping lives in ``cdae_em.ctf``. All functions take and return float32 tensors of shape
 (N, box, box) and never modify their input.
@@ -19,42 +19,45 @@ def radius_grid(box: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
 
 
+#: width (pixels) of the raised-cosine edge of soft masks
+MASK_EDGE = 3.0
+#: the particle mask's default diameter, as a fraction of the box (``--mask-diameter`` not given)
+PARTICLE_MASK_FRACTION = 0.9
+#: the particle mask's edge (pixels), inside its diameter
+PARTICLE_MASK_EDGE = 4.0
+
+
+def largest_mask_radius(box: int, width: float = MASK_EDGE) -> float:
+    """The largest radius (pixels) of a soft mask whose edge of ``width`` still fits in the box."""
+    return box / 2 - width
+
+
 def soft_circular_mask(
-    box: int, radius: float | None = None, width: float = 3.0, device: torch.device | str = "cpu"
+    box: int, radius: float | None = None, width: float = MASK_EDGE, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """A (box, box) mask: 1 inside ``radius``, a raised-cosine edge ``width`` pixels wide, then 0.
 
-    The default radius leaves room for the edge inside the box: box / 2 - width.
+    The default radius is the largest whose edge fits in the box (``largest_mask_radius``).
     """
     if radius is None:
-        radius = box / 2 - width
+        radius = largest_mask_radius(box, width)
     r = radius_grid(box, device)
     edge = 0.5 * (1.0 + torch.cos(math.pi * (r - radius) / max(width, 1e-6)))
     return torch.where(r <= radius, torch.ones_like(r), torch.where(r < radius + width, edge, torch.zeros_like(r)))
 
 
-def background_mask(box: int, radius: float | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean (box, box) mask of the background: pixels outside ``radius``.
-
-    The default is RELION's ``--bg_radius`` default, 75% of half the box.
-    """
-    if radius is None:
-        radius = 0.75 * box / 2
-    return radius_grid(box, device) > radius
+def default_mask_diameter(box: float) -> float:
+    """The particle mask's diameter (in the unit of ``box``) when none is given."""
+    return PARTICLE_MASK_FRACTION * box
 
 
-def normalise(images: torch.Tensor, bg_radius: float | None = None, eps: float = 1e-8) -> torch.Tensor:
-    """RELION-style normalisation: zero mean and unit standard deviation of the background.
-
-    The background is the area outside ``bg_radius`` pixels (default 75% of half the box), where a
-    centred particle has no signal, so noise levels become comparable between micrographs. Like
-    relion_preprocess --norm (image.cpp, normalise) but without its background plane (ramp) fit.
-    """
-    bg = background_mask(images.shape[-1], bg_radius, images.device)
-    values = images[:, bg]
-    mean = values.mean(dim=1)
-    std = values.std(dim=1, correction=0).clamp_min(eps)
-    return (images - mean[:, None, None]) / std[:, None, None]
+def particle_mask(box: int, diameter: float | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The soft mask around the particle used for histogram equalisation and classification:
+    ``diameter`` pixels (default ``default_mask_diameter``), its edge inside that diameter."""
+    if diameter is None:
+        diameter = default_mask_diameter(box)
+    return soft_circular_mask(box, radius=diameter / 2 - PARTICLE_MASK_EDGE / 2, width=PARTICLE_MASK_EDGE,
+                              device=device)
 
 
 def fourier_resize(images: torch.Tensor, new_box: int) -> torch.Tensor:

@@ -282,6 +282,7 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
     from cdae_em.errors import CdaeError, is_out_of_memory
     from cdae_em.job import JobAborted, run_job
     from cdae_em.metrics import HalfSetStats
+    from cdae_em.preprocess import default_mask_diameter
     from cdae_em.protocols.relion_class2d import write_classification_files
 
     job = _job_name(args.o)
@@ -304,7 +305,7 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
 
         log.info("writing RELION files (Subset selection, output nodes)")
         box, pixel = int(summary["box"]), float(summary["pixel_size"])
-        diameter = settings.denoise.mask_diameter or 0.9 * box * pixel
+        diameter = settings.denoise.mask_diameter or default_mask_diameter(box) * pixel
         write_classification_files(out, job, settings.n_classes, pixel, box, diameter, settings.average_phase_flipped,
                                    rf.star_version(flavour), HalfSetStats.from_json(summary["half_sets"]),
                                    psi_step=settings.psi_step)

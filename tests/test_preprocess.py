@@ -1,25 +1,15 @@
-"""Normalisation, Fourier resizing, masks and shifts."""
+"""Fourier resizing, masks and shifts."""
 
 import numpy as np
 import torch
 
-from cdae_em.preprocess import background_mask, fourier_resize, normalise, soft_circular_mask, translate
+from cdae_em.preprocess import fourier_resize, particle_mask, soft_circular_mask, translate
 
 
 def gaussian(box, sigma, centre=(0.0, 0.0)):
     c = torch.arange(box, dtype=torch.float32) - box // 2
     y, x = torch.meshgrid(c, c, indexing="ij")
     return torch.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2) / (2 * sigma**2))
-
-
-def test_normalise_background_zero_mean_unit_std():
-    gen = torch.Generator().manual_seed(1)
-    images = 5.0 + 3.0 * torch.randn((4, 32, 32), generator=gen) + 10 * gaussian(32, 3)[None]
-    out = normalise(images)
-    bg = background_mask(32)
-    assert torch.allclose(out[:, bg].mean(dim=1), torch.zeros(4), atol=1e-5)
-    assert torch.allclose(out[:, bg].std(dim=1, correction=0), torch.ones(4), atol=1e-5)
-    assert images.mean() > 4  # input untouched
 
 
 def test_fourier_crop_matches_coarser_sampling_and_keeps_mean():
@@ -66,3 +56,13 @@ def test_histogram_equalisation_is_flat_inside_the_mask():
     a, b = images[0][inside], out[0][inside]
     order = torch.argsort(a)
     assert torch.all(torch.diff(b[order]) >= 0)
+
+
+def test_particle_mask_defaults_to_90_percent_of_the_box():
+    box = 40
+    m = particle_mask(box)
+    centre_row = m[box // 2]
+    assert float(m[box // 2, box // 2]) == 1.0
+    inside = int((centre_row > 0.5).sum())  # the diameter at half height
+    assert abs(inside - 0.9 * box) <= 2
+    assert torch.equal(particle_mask(box, diameter=20), soft_circular_mask(box, radius=8, width=4))
