@@ -21,6 +21,7 @@ from emtable import Table
 import pwem.convert.transformations as tfs
 from pwem.objects import Transform
 
+from cdae_em import stacks
 from cdae_em.star import new_particle_table, write_star
 
 #: extensions that are MRC files, read by cdae-em directly (Scipion may add ":mrc"/":mrcs" hints)
@@ -147,10 +148,8 @@ def resolve_image_path(path: str, star_dir: str, project_dir: str) -> str:
 
 def parse_image_name(name: str) -> tuple[int, str]:
     """``"3@x.mrcs"`` -> (3, ``"x.mrcs"``) (Scipion's 1-based index); ``"x.mrc"`` -> (1, ...)."""
-    index, sep, path = str(name).partition("@")
-    if not sep:
-        return 1, index
-    return int(index), path
+    index, path = stacks.parse_image_name(name)
+    return index + 1, path
 
 
 def read_star_rows(star_path: str, block: str | None = "particles"):
