@@ -17,6 +17,7 @@ import pytest
 import starfile
 
 from cdae_em.protocols import relion_external as rx
+from cdae_em.progress import read_status
 from cdae_em.protocols import relion_files as rf
 from cdae_em.protocols.relion_args import gpu_id
 
@@ -163,6 +164,8 @@ def check_outputs(project: Path, flavour: str, K: int = 3) -> None:
     assert (job / "run.err").read_text().strip() == "", "run.err must stay empty on success"
     for name in CONTRACT:
         assert (job / name).is_file(), name
+    status = read_status(job)  # what a front end that runs the job as a subprocess reads
+    assert status.state == "done" and status.fraction == 1.0 and status.error is None
 
     nodes = starfile.read(job / rf.OUTPUT_NODES, always_dict=True)["output_nodes"]
     text = (job / rf.OUTPUT_NODES).read_text()
@@ -410,3 +413,39 @@ def test_progress_lines_give_an_eta(caplog):
             t[0] += 10.0
     # 1 round in 10 s, 7 of 9 left
     assert "classify: round 2 of 9 done, about 1 min 10 s left" in caplog.text
+
+
+@pytest.mark.parametrize("error", ["resource", "cuda_oom"])
+def test_out_of_memory_is_one_line_in_run_err(tmp_path, monkeypatch, error):
+    """A CdaeError from the core (e.g. ResourceError for GPU memory), or a raw CUDA out-of-memory
+    error that escaped it, ends the job as RELION expects: one line in run.err, EXIT_FAILURE, exit
+    code 1; not an "internal error"."""
+    import io
+    import logging
+
+    import torch
+
+    import cdae_em.job
+    from cdae_em.errors import ResourceError
+
+    def run_job(*args, **kwargs):
+        if error == "resource":
+            raise ResourceError("out of GPU memory: use a smaller --batch-size (now 256), or a smaller --box")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cdae_em.job, "run_job", run_job)
+    err = io.StringIO()
+    monkeypatch.setattr(rx, "_REAL_STDERR", err)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.star").write_text("data_\nloop_\n_rlnImageName\n1@a.mrcs\n")
+    root, handlers, level = logging.getLogger(), logging.getLogger().handlers[:], logging.getLogger().level
+    core_handlers = logging.getLogger("cdae_em").handlers[:]
+    try:
+        code = rx.main(["--o", "External/job001/", "--in_parts", "p.star", "--K", "3", "--j", "1"])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger("cdae_em").handlers[:] = core_handlers
+    lines = err.getvalue().strip().splitlines()
+    assert code == 1 and exit_files(tmp_path / JOB.replace("012", "001")) == {rf.EXIT_FAILURE}
+    assert len(lines) == 1 and lines[0].startswith("ERROR: out of") and "internal error" not in lines[0], lines
