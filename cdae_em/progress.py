@@ -11,7 +11,7 @@ atomically to ``status.json`` in the output directory (what the Scipion protocol
 
 ``state`` is running, done, failed or aborted; ``error`` the one-line reason of a failure;
 ``eta_s`` the seconds left in the current count (null until two counts were seen); ``fraction``
-the share of the whole job done, counting every stage as equal (coarse).
+the share of the whole job done, counting every stage as equal (coarse; it never goes back).
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ class JobProgress:
         within = min(s.done / s.total, 1.0) if s.total else 0.0
         if s.state == "done":
             s.fraction = 1.0
-        elif s.stage_number:
-            s.fraction = round((s.stage_number - 1 + within) / s.n_stages, 4)
+        elif s.stage_number:  # never backwards: a stage may count several things in turn
+            s.fraction = max(s.fraction, round((s.stage_number - 1 + within) / s.n_stages, 4))
         now = self.clock()
         s.elapsed_s = round(now - self.t0, 1)
         s.updated = datetime.now(timezone.utc).isoformat(timespec="seconds")
