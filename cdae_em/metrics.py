@@ -84,13 +84,24 @@ class HalfSetStats:
     noise: np.ndarray  # (rings,)
 
     def to_json(self) -> dict:
-        """Lists, rounded, for summary.json."""
-        return {"frc": np.round(self.frc, 5).tolist(), "ssnr": np.round(self.ssnr, 4).tolist(),
-                "resolution": np.round(self.resolution, 2).tolist(), "noise": [float(f"{x:.6g}") for x in self.noise]}
+        """Lists, rounded, for summary.json (the SSNR follows from the FRC)."""
+        return {"frc": np.round(self.frc, 4).tolist(), "resolution": np.round(self.resolution, 2).tolist(),
+                "noise": [float(f"{x:.6g}") for x in self.noise]}
 
     @classmethod
     def from_json(cls, d: dict) -> HalfSetStats:
-        return cls(*(np.asarray(d[k], dtype=np.float64) for k in ("frc", "ssnr", "resolution", "noise")))
+        frc_curves = np.asarray(d["frc"], dtype=np.float64)
+        return cls(frc_curves, ssnr_from_frc(frc_curves), np.asarray(d["resolution"], dtype=np.float64),
+                   np.asarray(d["noise"], dtype=np.float64))
+
+
+def ssnr_from_frc(curves: np.ndarray) -> np.ndarray:
+    """SSNR of the full average from its half-set FRC, 2 FRC / (1 - FRC), per ring (..., rings); at
+    least 1 at the origin ring, which carries no resolution information."""
+    curves = np.clip(np.asarray(curves, dtype=np.float64), -1.0, 1.0)
+    ssnr = np.maximum(2 * curves / np.maximum(1 - curves, 1e-6), 0.0)
+    ssnr[..., 0] = np.maximum(ssnr[..., 0], 1.0)
+    return ssnr
 
 
 def random_halves(labels: np.ndarray, n_classes: int, seed: int = 0) -> np.ndarray:
@@ -112,14 +123,13 @@ def half_set_stats(a: np.ndarray, b: np.ndarray, n_a: np.ndarray, n_b: np.ndarra
     n_classes, box = len(a), a.shape[-1]
     shells = box // 2 + 1
     curves = np.zeros((n_classes, shells))
-    ssnr = np.zeros((n_classes, shells))
+    for c in np.flatnonzero((np.asarray(n_a) > 0) & (np.asarray(n_b) > 0)):
+        curves[c] = np.clip(frc(a[c], b[c]), -1.0, 1.0)
+    ssnr = ssnr_from_frc(curves)
     resolution = np.full(n_classes, NO_RESOLUTION)
     for c in range(n_classes):
         if min(n_a[c], n_b[c]) < 1:
             continue
-        curves[c] = np.clip(frc(a[c], b[c]), -1.0, 1.0)
-        ssnr[c] = np.maximum(2 * curves[c] / np.maximum(1 - curves[c], 1e-6), 0.0)
-        ssnr[c, 0] = max(ssnr[c, 0], 1.0)  # the origin ring carries no resolution information
         below = np.flatnonzero(ssnr[c, 1:] < 1.0)
         last = int(below[0]) if len(below) else shells - 1  # the last ring before the first SSNR < 1
         resolution[c] = box * pixel_size / last if last > 0 else NO_RESOLUTION
