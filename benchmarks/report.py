@@ -32,6 +32,7 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 
 def figure_examples(ds: Dataset, denoised: dict, path: Path, n: int = 6) -> None:
+    """Noisy, clean and denoised examples of a data set, one column per image, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,6 +69,7 @@ def figure_examples(ds: Dataset, denoised: dict, path: Path, n: int = 6) -> None
 
 
 def figure_scale(scale: list, knn: list, path: Path) -> None:
+    """Wall time and memory of `cdae-em run`, and kNN time, against the number of particles, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,6 +116,7 @@ def figure_scale(scale: list, knn: list, path: Path) -> None:
 
 
 def machine() -> str:
+    """One line: CPU, cores and the versions of the libraries that matter for speed."""
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -135,10 +138,12 @@ def machine() -> str:
 
 
 def grid(d: dict) -> str:
+    """A calibration grid (factor -> PSNR) as text."""
     return ", ".join(f"{float(k):g}: {v:.2f} dB" for k, v in d.items())
 
 
 def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, figs) -> None:
+    """The Markdown report at ``path`` from the results ``r`` (and benchmarks/commentary.md)."""
     cmd = "python -m benchmarks.run" + {"quick": " --quick", "tiny": " --tiny", "full": ""}[cfg.mode]
     runs = "\n".join(f"    {c}    # {m} min" for c, m in r.get("commands", [[cmd, round(r['seconds'] / 60, 1)]]))
     parts = [f"# Benchmarks\n\nGenerated on {time.strftime('%Y-%m-%d')} ({r['threads']} threads) by\n\n{runs}\n\n"

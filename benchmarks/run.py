@@ -30,6 +30,7 @@ from benchmarks.tables import (calibrate_peers, knn_table, scale_table, settings
 
 
 def main(argv=None) -> int:
+    """The command line (``python -m benchmarks.run``); returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes (< 10 min on 2 CPU cores)")

@@ -22,6 +22,7 @@ from benchmarks.datasets import Dataset, make_dataset
 # denoising
 # ----------------------------------------------------------------------------------------------
 def score_denoising(est: np.ndarray, clean: np.ndarray, pixel: float) -> tuple[float, float]:
+    """Mean PSNR (dB) and FRC 0.5 resolution (Angstrom) of denoised images against the clean ones."""
     from cdae_em.metrics import frc, frc_resolution, psnr
 
     return float(psnr(est, clean).mean()), frc_resolution(frc(M.standardise(est), M.standardise(clean)), pixel)
@@ -109,6 +110,7 @@ def table1_for(ds: Dataset, cfg: Config, calib: dict, model, j: int) -> tuple[li
 # clustering
 # ----------------------------------------------------------------------------------------------
 def table2_for(ds: Dataset, cfg: Config, model, denoised: dict, j: int) -> list:
+    """Table 2 rows for a data set: clustering scores of every method against the true views."""
     from cdae_em.classify import ClassifySettings, classify
     from cdae_em.metrics import clustering_scores
 
@@ -146,6 +148,7 @@ def table2_for(ds: Dataset, cfg: Config, model, denoised: dict, j: int) -> list:
 # speed and scale
 # ----------------------------------------------------------------------------------------------
 def matmul_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """The machine's fp32 matrix-multiply speed (GFLOP/s) at a thread count: the floor for inference."""
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
@@ -169,6 +172,7 @@ def block_flops(box: int) -> float:
 
 
 def speed_table(cfg: Config, model) -> tuple[list, list]:
+    """Inference speed of the cascade per box and thread count, against the FLOP floor; and the floors."""
     rows, peak = [], []
     for t in cfg.speed_threads:
         peak.append([t, matmul_gflops(t)])
@@ -192,6 +196,7 @@ def speed_table(cfg: Config, model) -> tuple[list, list]:
 
 
 def knn_table(cfg: Config) -> list:
+    """Seconds of exact kNN (``nearest_neighbours``) per number of particles."""
     try:
         from cdae_em.neighbours import nearest_neighbours
     except ImportError:  # before the split of align.py
@@ -226,6 +231,7 @@ def run_job_measured(ds_dir: Path, star: Path, k: int, j: int, cfg: Config) -> t
 
 
 def scale_table(cfg: Config, work: Path, j: int) -> list:
+    """`cdae-em run` wall time, stage times and peak memory per number of particles."""
     rows = []
     for n in cfg.run_n:
         t0 = time.perf_counter()
@@ -242,12 +248,14 @@ def scale_table(cfg: Config, work: Path, j: int) -> list:
 
 
 def settings_label(cfg: Config) -> str:
+    """"defaults" or the fine-tuning settings that differ from them."""
     if (cfg.k, cfg.epochs, cfg.finetune_subset, cfg.classify_iter) == (30, 3, 4000, 5):
         return "defaults"
     return f"k {cfg.k}, {cfg.epochs} epoch(s), subset {cfg.finetune_subset}, {cfg.classify_iter} rounds"
 
 
 def simulate_speed(cfg: Config, j: int) -> str:
+    """The output of `python -m benchmarks.simulate_speed` (skipped where the mode says so)."""
     if not cfg.sim_speed_n:
         return "(skipped in this mode)"
     r = subprocess.run([sys.executable, "-m", "benchmarks.simulate_speed", "--n", str(cfg.sim_speed_n), "--j", str(j)],

@@ -90,6 +90,7 @@ class HalfSetStats:
 
     @classmethod
     def from_json(cls, d: dict) -> HalfSetStats:
+        """The statistics as ``to_json`` wrote them."""
         frc_curves = np.asarray(d["frc"], dtype=np.float64)
         return cls(frc_curves, ssnr_from_frc(frc_curves), np.asarray(d["resolution"], dtype=np.float64),
                    np.asarray(d["noise"], dtype=np.float64))

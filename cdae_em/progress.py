@@ -94,6 +94,7 @@ class JobProgress:
         self._update(force=done >= total)
 
     def finish(self) -> None:
+        """The job completed."""
         self.status.state, self.status.eta_s = "done", 0.0
         self.status.stage = "done"
         self._update(force=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+from typing import Any, Callable
 
 log = logging.getLogger("cdae_em.relion")
 
@@ -31,6 +32,7 @@ def _names(*names: str) -> list[str]:
 
 
 def yes_no(text: str) -> bool:
+    """RELION's Yes/No (and true/false, 1/0, on/off); an empty value is Yes (a bare --flag)."""
     t = str(text).strip().lower()
     if t in ("", "yes", "y", "true", "1", "on"):
         return True
@@ -39,7 +41,7 @@ def yes_no(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected Yes or No, got {text!r}")
 
 
-def _or_none(convert):
+def _or_none(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     """A value converter for which an empty value means "not given" (RELION passes a parameter
     whose value field is empty as a bare --label)."""
     def parse(text: str):

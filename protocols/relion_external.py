@@ -202,6 +202,7 @@ def _job_name(o: str) -> str:
 
 
 def _touch(path: Path) -> None:
+    """Create an (exit) file; a failure is reported on the real stderr, not raised."""
     try:
         path.touch()
     except OSError as exc:
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int:
+    """The job and the RELION files; every outcome ends in its exit file and exit code."""
     from cdae_em.errors import CdaeError, is_out_of_memory
     from cdae_em.job import JobAborted, run_job
     from cdae_em.metrics import HalfSetStats
@@ -338,6 +340,7 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
 
 
 def _fail(out: Path, reason: str) -> int:
+    """A failure: one line in run.err (and run.out), RELION_JOB_EXIT_FAILURE, exit code 1."""
     reason = " ".join(str(reason).split())  # one line
     log.error("ERROR: %s", reason)
     print(f"ERROR: {reason}", file=_REAL_STDERR, flush=True)
