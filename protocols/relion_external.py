@@ -32,7 +32,7 @@ and these parameters filled in, for the GUI's Jobs / Load job settings.
 ``--in_3dref`` pre-trains the cascade on projections of that map before fine-tuning.
 
 Outputs in --o: the job's output contract (particles.star, denoised_particles.star + denoised/,
-class_averages.mrcs/.star, summary.json, gallery.png), plus run_it000_{optimiser,model,data}.star
+class_averages.mrcs/.star, summary.json, gallery.png, status.json), plus run_it000_{optimiser,model,data}.star
 and run_it000_classes.mrcs for Subset selection, RELION_OUTPUT_NODES.star, and one of
 RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED. Creating RELION_JOB_ABORT_NOW in --o (the GUI's
 "Abort running") stops the job within seconds. Rerunning the same command ("Continue") resumes
