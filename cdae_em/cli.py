@@ -43,6 +43,7 @@ def setup_logging(level: str = "INFO") -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdae-em",
+        allow_abbrev=False,  # --j must never be taken for --job
         description="Denoise single-particle cryo-EM images with a cascade of denoising "
         "autoencoders and sort them into 2D classes (STAR in, STAR out).",
     )
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=doc.splitlines()[0] if doc else None,
             description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
         )
         p.add_argument(
             "--log-level",

@@ -9,6 +9,9 @@ kNN features (N x ``n_components`` floats) and the neighbour lists (N x k intege
 
 from __future__ import annotations
 
+import copy
+import errno
+import json
 import logging
 import os
 import shutil
@@ -25,6 +28,7 @@ from cdae_em.cascade import Cascade
 from cdae_em.ctf import CtfParams, ctf_2d, phase_flip
 from cdae_em.errors import InputError
 from cdae_em.preprocess import equalise_histogram, fourier_resize, soft_circular_mask
+from cdae_em.selfcheck import check_rows
 from cdae_em.stacks import ImageSource, StackWriter
 from cdae_em.star import ParticleTable, read_particles, write_star
 from cdae_em.train import TrainSettings, autocast, train_block
@@ -47,7 +51,11 @@ class DenoiseSettings:
     n_components: int = 32  # PCA size of the invariant kNN features
     psi_step: float = 5.0  # degrees, rotational search when aligning neighbours
     train: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=3))
-    equalise: bool = True  # histogram equalisation of the output (paper: on)
+    # histogram-equalised denoised stacks (the paper's enhancement step). Off: the stacks stay
+    # faithful to the particles; classification equalises for its own use either way
+    equalise: bool = False
+    contrast: str = "auto"  # protein "bright", "dark", or "auto": chosen by the blind-spot check
+    check: bool = True  # blind-spot check of fine-tuning on held-out particles, with fallback
     mask_diameter: float | None = None  # Angstrom; default: 90% of the box
     phase_flip: bool = False  # CTF phase flipping before denoising (needs CTF columns)
     box: int | None = None  # working box (Fourier crop/pad); default: the input box
@@ -66,37 +74,66 @@ def resolve_device(gpu: str | int | None) -> torch.device:
 
 
 def open_work_array(path: Path, n: int, box: int, mode: str = "w+") -> np.memmap:
-    return np.lib.format.open_memmap(path, mode=mode, dtype=np.float32, shape=(n, box, box))
+    """A float32 (n, box, box) ``.npy`` work array, memory-mapped. A new one has its disk space
+    reserved at once, so that a full disk is an ``OSError`` (ENOSPC) here rather than a SIGBUS
+    halfway through writing into the map."""
+    array = np.lib.format.open_memmap(path, mode=mode, dtype=np.float32, shape=(n, box, box))
+    if mode == "w+" and hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without fallocate
+                del array
+                Path(path).unlink(missing_ok=True)
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+        finally:
+            os.close(fd)
+    return array
 
 
 def prepare_inputs(table: ParticleTable, images: ImageSource, settings: DenoiseSettings, work: Path,
-                   device: torch.device) -> tuple[np.memmap, float]:
-    """Read particles in STAR order, phase-flip / resize as asked, check them, and store them in
-    the work array ``input.npy``; returns it and the working pixel size."""
-    per = table.per_particle()
-    pixel = per["rlnImagePixelSize"].to_numpy()
-    if np.isnan(pixel).any():
-        raise InputError(table.path, "no pixel size (rlnImagePixelSize, or rlnDetectorPixelSize and rlnMagnification)")
+                   device: torch.device) -> tuple[np.memmap, float, np.ndarray]:
+    """Read particles in STAR order, phase-flip / resize as asked, and store them in the work
+    array ``input.npy``; returns it, the working pixel size and the rows (0-based) of blank images.
+
+    A blank image (all pixels equal, e.g. a box at a micrograph's edge) cannot be denoised: it is
+    kept out of fine-tuning and neighbour targets, and passed through (denoised image = input).
+    """
+    pixel = table.pixel_size()
     box_in = images.box
     box = settings.box or box_in
     prepare = BatchPreparer(table, settings, box_in, device)
-    pixel_out = float(np.median(pixel)) * box_in / box
-    if (work / "input.done").exists():
+    pixel_out = pixel * box_in / box
+    if (work / "input.done").exists() and (work / "input.npy").exists() and (work / "blank.npy").exists():
         log.info("particles already prepared (resuming)")
-        return np.load(work / "input.npy", mmap_mode="r"), pixel_out
+        blank = np.load(work / "blank.npy")
+        _warn_blank(table, blank)
+        return np.load(work / "input.npy", mmap_mode="r"), pixel_out, blank
+    (work / "input.done").unlink(missing_ok=True)
     out = open_work_array(work / "input.npy", len(table), box)
+    blank = []
     for start, batch in images.batches(settings.batch_size, progress=True):
         rows = slice(start, start + len(batch))
-        x = prepare(batch, rows)
-        flat = x.reshape(len(x), -1)
-        constant = torch.nonzero(flat.std(dim=1) == 0)
-        if len(constant):
-            row = start + int(constant[0])
-            raise InputError(table.path, "image is constant (all pixels equal): nothing to denoise", row=row + 1)
-        out[rows] = x.cpu().numpy()
+        flat = np.asarray(batch).reshape(len(batch), -1)
+        blank += (start + np.flatnonzero(flat.max(axis=1) == flat.min(axis=1))).tolist()
+        out[rows] = prepare(batch, rows).cpu().numpy()
     out.flush()
+    blank = np.asarray(blank, dtype=np.int64)
+    np.save(work / "blank.npy", blank)
+    _warn_blank(table, blank)
+    if len(blank) > len(table) - 2:
+        raise InputError(table.path, f"{len(blank)} of {len(table)} images are blank (all pixels equal): "
+                         "nothing to denoise")
     (work / "input.done").touch()
-    return out, pixel_out
+    return out, pixel_out, blank
+
+
+def _warn_blank(table: ParticleTable, blank: np.ndarray) -> None:
+    if len(blank):
+        first = ", ".join(str(r + 1) for r in blank[:10])
+        log.warning("%s: %d blank image(s) (all pixels equal) passed through undenoised and left out of "
+                    "fine-tuning: row(s) %s%s", table.path, len(blank), first, ", ..." if len(blank) > 10 else "")
 
 
 class BatchPreparer:
@@ -141,22 +178,32 @@ def run_block(block: torch.nn.Module, src: np.ndarray, dst: np.ndarray, device: 
         dst.flush()
 
 
-def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSettings, device: torch.device) -> torch.Tensor:
+def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSettings, device: torch.device,
+                      valid: np.ndarray | None = None) -> torch.Tensor:
     """Fine-tuning targets for ``rows``: the mean of each one's k nearest neighbours among all
-    block outputs, found with rotation/shift-invariant features and aligned to it before averaging.
+    block outputs (among the ``valid`` rows only, if given: blank images are never neighbours),
+    found with rotation/shift-invariant features and aligned to it before averaging.
     """
     from cdae_em.neighbours import aligned_neighbour_means, invariant_features, nearest_neighbours, reduce_features
 
     feats = invariant_features(outputs, device=device).cpu()  # one mask radius for all particles
-    features = reduce_features(feats, n_components=settings.n_components, seed=settings.seed)
-    idx, _ = nearest_neighbours(features, settings.k, max_distance=settings.max_distance)
+    if valid is not None and len(valid) < len(feats):
+        features = reduce_features(feats[torch.as_tensor(valid)], n_components=settings.n_components,
+                                   seed=settings.seed)
+        local, _ = nearest_neighbours(features, settings.k, max_distance=settings.max_distance)
+        idx = torch.full((len(feats), local.shape[1]), -1, dtype=local.dtype)
+        idx[torch.as_tensor(valid)] = torch.as_tensor(valid)[local]  # back to rows of ``outputs``
+    else:
+        features = reduce_features(feats, n_components=settings.n_components, seed=settings.seed)
+        idx, _ = nearest_neighbours(features, settings.k, max_distance=settings.max_distance)
     return aligned_neighbour_means(outputs, idx[torch.as_tensor(rows)], rows=torch.as_tensor(rows),
                                    psi_step=settings.psi_step, batch_size=settings.batch_size, progress=True,
                                    device=device)
 
 
 def finetune(model: Cascade, inputs: np.ndarray, work: Path, settings: DenoiseSettings, device: torch.device,
-             should_stop: Callable[[], None] | None = None) -> list[dict]:
+             should_stop: Callable[[], None] | None = None, blank: np.ndarray | None = None,
+             holdout: np.ndarray | None = None) -> list[dict]:
     """Algorithm 1, lines 2-7: fine-tune blocks 1, 2, 3 in order on the user's particles.
 
     For block j: y = f_j(x_j) for every particle; target_i = mean of y over x_i's aligned k nearest
@@ -166,31 +213,37 @@ def finetune(model: Cascade, inputs: np.ndarray, work: Path, settings: DenoiseSe
     Resumable: after block j, its weights (``block{j}.pt``), its output (``block{j}.npy``) and a
     marker (``block{j}.done``) are in ``work``; a rerun loads finished blocks instead of redoing
     them. Each block draws from its own seeded generator, so a resumed run gives the same result.
+    ``holdout`` rows are never trained on (they check the result, see ``cdae_em.selfcheck``).
     """
     from cdae_em.weights import load_weights, save_weights
 
     n = len(inputs)
-    if n <= settings.k:
-        raise InputError(None, f"{n} particles are too few for {settings.k} neighbours: give more particles or a smaller --k")
+    valid = np.setdiff1d(np.arange(n), blank if blank is not None else [])  # blank images never train
+    if len(valid) <= settings.k:
+        raise InputError(None, f"{len(valid)} particles are too few for {settings.k} neighbours: give more particles "
+                         "or a smaller --neighbours")
     history = []
-    x = inputs
     box = inputs.shape[-1]
+    resumed = resume_point(work, len(model.blocks), n, box)
+    if resumed:  # the last finished block's file holds every block fine-tuned so far
+        finished, _ = load_weights(work / f"block{resumed}.pt", map_location=device)
+        for i in range(resumed):
+            model.blocks[i].load_state_dict(finished.blocks[i].state_dict())
+            history.append({"block": i + 1, "resumed": True})
+            log.info("block %d: already fine-tuned (resuming)", i + 1)
+    x = np.load(work / f"block{resumed}.npy", mmap_mode="r") if resumed else inputs  # only what is needed
     for j, block in enumerate(model.blocks, start=1):
         done = work / f"block{j}.done"
-        if done.exists():
-            finished, _ = load_weights(work / f"block{j}.pt", map_location=device)
-            model.blocks[j - 1].load_state_dict(finished.blocks[j - 1].state_dict())
-            x = np.load(work / f"block{j}.npy", mmap_mode="r")
-            history.append({"block": j, "resumed": True})
-            log.info("block %d: already fine-tuned (resuming)", j)
+        if j <= resumed:
             continue
         t0 = time.perf_counter()
         rng = np.random.default_rng([settings.seed, j])
         y = open_work_array(work / f"block{j}_before.npy", n, box)
         run_block(block, x, y, device, settings.batch_size, f"block {j}: denoise", should_stop)
-        rows = np.sort(rng.choice(n, size=min(n, settings.finetune_subset), replace=False))
+        trainable = np.setdiff1d(valid, holdout) if holdout is not None and len(valid) - len(holdout) > settings.k else valid
+        rows = np.sort(rng.choice(trainable, size=min(len(trainable), settings.finetune_subset), replace=False))
         log.info("block %d: kNN targets (k=%d) for %d particles", j, settings.k, len(rows))
-        targets = neighbour_targets(y, rows, settings, device).cpu().numpy()
+        targets = neighbour_targets(y, rows, settings, device, valid=valid).cpu().numpy()
         del y
         (work / f"block{j}_before.npy").unlink()
         train = TrainSettings(**{**asdict(settings.train), "seed": settings.seed + j})
@@ -208,6 +261,97 @@ def finetune(model: Cascade, inputs: np.ndarray, work: Path, settings: DenoiseSe
         history.append(record)
         log.info("block %d fine-tuned in %.1f s", j, record["seconds"])
     return history
+
+
+def run_cascade(model: Cascade, inputs: np.ndarray, path: Path, device: torch.device, batch_size: int,
+                should_stop: Callable[[], None] | None = None) -> np.ndarray:
+    """All blocks of ``model`` over ``inputs``, into the work array ``path`` (one pass per block)."""
+    x = inputs
+    for j, block in enumerate(model.blocks, start=1):
+        nxt = open_work_array(path.with_name(f"{path.stem}_{j}.npy"), len(inputs), inputs.shape[-1])
+        run_block(block, x, nxt, device, batch_size, f"block {j}: denoise", should_stop)
+        if j > 1:
+            del x
+            path.with_name(f"{path.stem}_{j - 1}.npy").unlink(missing_ok=True)
+        x = nxt
+    return x
+
+
+def _cascade_fn(model: Cascade, device: torch.device):
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            return model.eval()(x).float()
+    return apply
+
+
+def choose_polarity(model: Cascade, images: torch.Tensor, settings: DenoiseSettings,
+                    device: torch.device) -> tuple[int, dict]:
+    """+1 (protein bright) or -1 (dark), as ``settings.contrast`` says or, for "auto", whichever
+    polarity gives the pre-trained cascade the lower blind-spot loss on ``images``; with the
+    losses for the summary."""
+    from cdae_em.selfcheck import blind_spot_loss
+
+    record = {"check_particles": len(images), "blind_spot_loss": {}}
+    record["blind_spot_loss"]["4-neighbour mean"] = round(blind_spot_loss(None, images, seed=settings.seed), 5)
+    if settings.contrast in ("bright", "dark"):
+        sign = 1 if settings.contrast == "bright" else -1
+        record["contrast"] = settings.contrast + " (given)"
+    else:
+        losses = {}
+        for s in (1, -1):
+            model.set_polarity(s)
+            losses[s] = blind_spot_loss(_cascade_fn(model, device), images, seed=settings.seed)
+        sign = 1 if losses[1] <= losses[-1] else -1
+        record["blind_spot_loss"]["pre-trained, protein bright"] = round(losses[1], 5)
+        record["blind_spot_loss"]["pre-trained, protein dark"] = round(losses[-1], 5)
+        record["contrast"] = "bright" if sign > 0 else "dark"
+        log.info("protein contrast: %s (blind-spot loss %.4f bright vs %.4f dark; the denoised stacks keep "
+                 "the input's contrast)", record["contrast"], losses[1], losses[-1])
+    return sign, record
+
+
+def _finetuning_helped(model: Cascade, pretrained: Cascade, images: torch.Tensor, record: dict,
+                       device: torch.device) -> bool:
+    """Blind-spot losses of the fine-tuned and pre-trained cascades on the held-out particles;
+    False (and a warning) when fine-tuning made the result worse."""
+    from cdae_em.selfcheck import blind_spot_loss
+
+    seed = 0
+    tuned = blind_spot_loss(_cascade_fn(model, device), images, seed=seed)
+    base = blind_spot_loss(_cascade_fn(pretrained, device), images, seed=seed)
+    record["blind_spot_loss"]["fine-tuned"] = round(tuned, 5)
+    record["blind_spot_loss"]["pre-trained"] = round(base, 5)
+    helped = tuned <= base
+    record["used"] = "fine-tuned" if helped else "pre-trained (fine-tuning made the held-out loss worse)"
+    if helped:
+        log.info("fine-tuning check: blind-spot loss on %d held-out particles %.4f -> %.4f", len(images), base, tuned)
+    else:
+        log.warning("fine-tuning made the denoiser worse on %d held-out particles (blind-spot loss %.4f -> %.4f): "
+                    "writing the pre-trained cascade's output instead", len(images), base, tuned)
+    bar = record["blind_spot_loss"]["4-neighbour mean"]
+    if min(tuned, base) >= bar:
+        record["warning"] = "the denoiser does no better than a 4-pixel mean filter on these particles"
+        log.warning("the denoiser does no better than a 4-pixel mean filter on these particles "
+                    "(blind-spot loss %.4f vs %.4f): check the contrast (--contrast) and the weights", min(tuned, base), bar)
+    return helped
+
+
+def resume_point(work: Path, n_blocks: int, n: int, box: int) -> int:
+    """The last fine-tuned block a rerun can start after (0: none): its marker, weights and output
+    array (of the right shape) are all there. Markers of later or incomplete blocks are removed."""
+    point = 0
+    for j in range(1, n_blocks + 1):
+        if not (work / f"block{j}.done").exists():
+            break
+        if (work / f"block{j}.pt").exists() and (work / f"block{j}.npy").exists():
+            try:
+                if np.load(work / f"block{j}.npy", mmap_mode="r").shape == (n, box, box):
+                    point = j
+            except (OSError, ValueError):
+                pass
+    for j in range(point + 1, n_blocks + 1):
+        (work / f"block{j}.done").unlink(missing_ok=True)
+    return point
 
 
 class _Rows:
@@ -239,8 +383,10 @@ def star_path_name(path: Path) -> str:
 
 
 def write_denoised(table: ParticleTable, images: np.ndarray, out_dir: Path, pixel_size: float,
-                   settings: DenoiseSettings, device: torch.device) -> Path:
-    """Equalise (if asked) and write the denoised stacks and ``denoised_particles.star``.
+                   settings: DenoiseSettings, device: torch.device, blank: np.ndarray | None = None,
+                   inputs: np.ndarray | None = None) -> Path:
+    """Equalise (if asked) and write the denoised stacks and ``denoised_particles.star``; the
+    ``blank`` rows get their ``inputs`` image unchanged.
 
     Stacks are written in the work directory and moved to ``denoised/`` only when all are
     complete; the STAR file comes last, so a pipeline never sees a half-written result.
@@ -259,6 +405,9 @@ def write_denoised(table: ParticleTable, images: np.ndarray, out_dir: Path, pixe
                 x = torch.from_numpy(np.array(images[start:min(hi, start + settings.batch_size)])).to(device)
                 if settings.equalise:
                     x = equalise_histogram(x, mask)
+                here = blank[(blank >= start) & (blank < start + len(x))] if blank is not None else []
+                if len(here):  # blank images pass through as they are
+                    x[torch.as_tensor(here - start)] = torch.from_numpy(np.array(inputs[here])).to(x)
                 writer.write(start - lo, x.cpu().numpy())
         rel = star_path_name(path)
         names += [f"{k:06d}@{rel}" for k in range(1, hi - lo + 1)]
@@ -290,6 +439,34 @@ def load_model(settings: DenoiseSettings, device: torch.device) -> tuple[Cascade
     return model, meta
 
 
+def _work_dir(out: Path, star: str | Path, settings: DenoiseSettings, project_dir: str | Path | None) -> Path:
+    """``OUT/.cdae_work``, emptied first if it holds the work of other settings or particles (a
+    rerun with the same ones resumes from it)."""
+    work = out / WORK_DIR
+    key = json.dumps({"particles": str(Path(star).resolve()), "project_dir": str(project_dir),
+                      "settings": asdict(settings)}, sort_keys=True, default=str)
+    stamp = work / "settings.json"
+    if work.exists() and (not stamp.exists() or stamp.read_text() != key):
+        log.info("%s holds the work of other settings: starting afresh", work)
+        remove_work(out)
+    work.mkdir(exist_ok=True)
+    if not stamp.exists():
+        stamp.write_text(key)
+    return work
+
+
+def remove_work(out: Path) -> None:
+    """Remove ``OUT/.cdae_work``: renamed first, so that a kill halfway never leaves a work
+    directory with some of its files gone."""
+    work = out / WORK_DIR
+    if work.exists():
+        trash = out / f"{WORK_DIR}.removing"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(work, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(out / f"{WORK_DIR}.removing", ignore_errors=True)
+
+
 def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, device: torch.device,
             project_dir: str | Path | None = None, keep_work: bool = False,
             should_stop: Callable[[], None] | None = None) -> dict:
@@ -303,23 +480,27 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
         if images.box < 8:
             raise InputError(star, f"images of {images.box} px are too small for the model (at least 8)")
         out.mkdir(parents=True, exist_ok=True)
-        work = out / WORK_DIR
-        work.mkdir(exist_ok=True)
+        work = _work_dir(out, star, settings, project_dir)
         log.info("denoising %d particles of %d px from %s", len(table), images.box, star)
-        inputs, pixel = prepare_inputs(table, images, settings, work, device)
+        inputs, pixel, blank = prepare_inputs(table, images, settings, work, device)
     summary: dict = {"particles": len(table), "box": inputs.shape[-1], "pixel_size": pixel,
                      "weights": str(settings.weights or "default"), "weights_metadata": meta.get("command")}
+    check = np.setdiff1d(check_rows(len(inputs), settings.seed), blank)
+    check_images = torch.from_numpy(np.array(inputs[check])).to(device)
+    sign, summary["selfcheck"] = choose_polarity(model, check_images, settings, device)
+    model.set_polarity(sign)
     if settings.finetune:
-        summary["finetune"] = finetune(model, inputs, work, settings, device, should_stop)
+        pretrained = copy.deepcopy(model)
+        summary["finetune"] = finetune(model, inputs, work, settings, device, should_stop, blank=blank,
+                                       holdout=check if settings.check else None)
         final = np.load(work / f"block{len(model.blocks)}.npy", mmap_mode="r")
+        if settings.check and not _finetuning_helped(model, pretrained, check_images, summary["selfcheck"], device):
+            final = run_cascade(pretrained, inputs, work / "pretrained.npy", device, settings.batch_size, should_stop)
     else:
-        final = inputs
-        for j, block in enumerate(model.blocks, start=1):
-            nxt = open_work_array(work / f"block{j}.npy", len(inputs), inputs.shape[-1])
-            run_block(block, final, nxt, device, settings.batch_size, f"block {j}: denoise", should_stop)
-            final = nxt
+        final = run_cascade(model, inputs, work / "pretrained.npy", device, settings.batch_size, should_stop)
         summary["finetune"] = []
-    summary["denoised_star"] = str(write_denoised(table, final, out, pixel, settings, device))
+    summary["denoised_star"] = str(write_denoised(table, final, out, pixel, settings, device, blank, inputs))
+    summary["blank_rows"] = (blank + 1).tolist()
     from cdae_em.figures import gallery, raw_denoised_pairs
 
     gallery(out / "denoised_pairs.png", None, None,
@@ -327,6 +508,6 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     del final, inputs
     if not keep_work:
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+        remove_work(out)
     log.info("denoised %d particles in %.1f s", len(table), summary["seconds"])
     return summary

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 class CdaeError(Exception):
@@ -27,3 +31,43 @@ class InputError(CdaeError):
 
 class OutputError(CdaeError):
     """The output location cannot be used (unwritable, or holds another job's results)."""
+
+
+class ResourceError(CdaeError):
+    """The machine ran out of something (GPU or CPU memory, disk space); the message says what to
+    change."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CPU ``MemoryError`` and torch's CUDA out-of-memory error (without importing torch)."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch is not None else None
+    return (oom is not None and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+@contextmanager
+def resource_errors(batch_size: int | None = None, out_dir: str | Path | None = None) -> Iterator[None]:
+    """Turn running out of memory (GPU or CPU) or disk space inside the block into a one-line
+    :class:`ResourceError` that names the fix (a smaller --batch-size, free space)."""
+    try:
+        yield
+    except CdaeError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = exc.filename or out_dir or "the output directory"
+        raise ResourceError(f"{where}: no space left on the device; free some space (or choose another "
+                            "output directory) and rerun the same command to resume") from None
+    except BaseException as exc:
+        if isinstance(exc, RuntimeError) and "file write failed" in str(exc):  # torch.save on a full disk
+            raise ResourceError(f"{out_dir or 'output'}: a file could not be written (is the disk full?); free some "
+                                "space and rerun the same command to resume") from None
+        if not is_out_of_memory(exc):
+            raise
+        what = "memory" if isinstance(exc, MemoryError) else "GPU memory"
+        now = f" (now {batch_size})" if batch_size else ""
+        raise ResourceError(f"out of {what}: use a smaller --batch-size{now}, or a smaller --box") from None

@@ -27,17 +27,20 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from cdae_em.atomic import atomic_path
 from cdae_em.atomic import write_text as atomic_text
 from cdae_em.denoise import DenoiseSettings
-from cdae_em.errors import CdaeError, InputError, OutputError
+from cdae_em.errors import CdaeError, InputError, OutputError, ResourceError, resource_errors
+from cdae_em.progress import JobProgress, ProgressCallback, tracking
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +75,14 @@ class JobSettings:
     threads: int = 1
     overwrite: bool = False
     seed: int = 0
+    stages: str = "all"  # "all"; "denoise" (cdae-em denoise); "classify": the particles as they are
+    keep_work: bool = False  # keep OUT/.cdae_work (intermediate arrays) after denoising
 
     def signature(self) -> str:
         """A hash of what determines the result (not threads, device or overwrite): a rerun with
         the same signature resumes; a different one is refused unless ``overwrite``."""
         d = asdict(self)
-        for key in ("gpu", "threads", "overwrite", "out_dir"):
+        for key in ("gpu", "threads", "overwrite", "out_dir", "keep_work"):
             d.pop(key)
         d["particles"] = str(Path(self.particles).resolve())
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -109,25 +114,146 @@ def prepare_output(settings: JobSettings) -> Path:
             shutil.rmtree(out / name, ignore_errors=True)
     elif previous == signature:
         log.info("resuming the job in %s", out)
+    for partial in out.rglob(".*.partial"):  # left by a killed run; never a finished file
+        partial.unlink(missing_ok=True)
     job_dir.mkdir(exist_ok=True)
-    sig_file.write_text(signature + "\n")
+    atomic_text(sig_file, signature + "\n")
     return job_dir
 
 
-def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None) -> dict:
-    """Run the whole job (resuming finished stages); returns the summary written to summary.json."""
+LOCK_FILE = ".cdae_lock"
+
+
+def _make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create the output directory ({exc.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: output directory is not writable")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextmanager
+def job_lock(out_dir: str | Path) -> Iterator[Path]:
+    """Hold ``OUT/.cdae_lock`` (holding ``pid@host``) while a job runs there: a second job started
+    into the same directory is refused; a lock left by a dead process of this host is taken over."""
+    out = Path(out_dir)
+    _make_out_dir(out)
+    lock = out / LOCK_FILE
+    me = f"{os.getpid()}@{socket.gethostname()}"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = lock.read_text().strip()
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            pid_text, _, host = owner.partition("@")
+            pid = int(pid_text) if pid_text.isdigit() else None
+            if pid is not None and host == socket.gethostname() and not _pid_alive(pid):
+                log.warning("%s: taking over the lock of process %d, which no longer runs", out, pid)
+                lock.unlink(missing_ok=True)
+                continue
+            raise OutputError(f"{out}: another cdae-em job ({owner or 'unknown process'}) is running in this "
+                              f"directory; wait for it to end, or remove {lock} if no job runs there") from None
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot create the lock file {LOCK_FILE} ({exc.strerror})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    else:
+        raise OutputError(f"{out}: could not take the job lock {lock}")
+    try:
+        yield lock
+    finally:
+        try:
+            if lock.read_text().strip() == me:
+                lock.unlink()
+        except OSError:
+            pass
+
+
+def check_settings(settings: JobSettings) -> None:
+    """Refuse numbers no job can run with, as one line naming the option."""
+    d = settings.denoise
+    checks = [
+        (d.batch_size >= 1, f"--batch-size {d.batch_size}: must be at least 1"),
+        (d.k >= 1, f"--neighbours {d.k}: must be at least 1"),
+        (d.finetune_subset >= 1, f"--finetune-subset {d.finetune_subset}: must be at least 1"),
+        (d.train.epochs >= 0, f"--epochs {d.train.epochs}: must be 0 or more"),
+        (d.train.lr > 0, f"--lr {d.train.lr}: must be positive"),
+        (d.box is None or d.box >= 8, f"--box {d.box}: must be at least 8 pixels"),
+        (d.mask_diameter is None or d.mask_diameter > 0, f"--mask-diameter {d.mask_diameter}: must be positive"),
+        (d.max_distance is None or d.max_distance > 0, f"--max-distance {d.max_distance}: must be positive"),
+        (settings.n_iter >= 0, f"--iter {settings.n_iter}: must be 0 or more"),
+        (settings.psi_step > 0, f"--psi-step {settings.psi_step}: must be positive"),
+        (settings.max_shift is None or settings.max_shift >= 0, f"--max-shift {settings.max_shift}: must be 0 or more"),
+        (settings.method in ("kmeans", "hierarchical"), f"--method {settings.method}: expected kmeans or hierarchical"),
+        (settings.stages in ("all", "denoise", "classify"), f"stages {settings.stages!r}: expected all, denoise or classify"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            raise InputError(None, problem)
+
+
+def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None,
+            on_progress: ProgressCallback | None = None) -> dict:
+    """Run the job's stages (all, or denoise / classify alone), resuming finished ones; returns the
+    summary written to summary.json. The one stage runner of every front end: settings checked,
+    output directory locked and guarded (another job's results are refused unless overwrite),
+    ``should_stop`` polled, running out of memory or disk turned into a one-line ResourceError.
+    Progress (stage, counts, ETA, the error of a failure) goes to ``on_progress`` and OUT/status.json."""
+    check_settings(settings)
+    if settings.stages != "denoise" and settings.n_classes < 2:
+        raise InputError(None, f"number of classes K={settings.n_classes} must be at least 2")
+    with job_lock(settings.out_dir):
+        try:
+            with tracking(JobProgress(settings.out_dir, on_progress)) as progress, \
+                    resource_errors(settings.denoise.batch_size, settings.out_dir):
+                summary = _run_job(settings, should_stop, progress)
+                progress.finish()
+                return summary
+        except ResourceError:
+            discard_unfinished(Path(settings.out_dir))
+            raise
+
+
+def discard_unfinished(out: Path) -> None:
+    """Remove what an interrupted run half-wrote (temporary files, work arrays of unfinished
+    stages), keeping finished stages for a rerun to resume from."""
+    for partial in out.rglob(".*.partial"):
+        partial.unlink(missing_ok=True)
+    work = out / ".cdae_work"
+    if work.exists():
+        for array in work.glob("*.npy"):
+            if not (work / f"{array.stem}.done").exists():
+                array.unlink(missing_ok=True)
+        shutil.rmtree(work / "denoised", ignore_errors=True)
+
+
+def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, progress: JobProgress) -> dict:
     import torch
 
-    from cdae_em.classify import ClassifySettings
     from cdae_em.denoise import denoise, resolve_device
     from cdae_em.star import read_particles
 
     t0 = time.perf_counter()
-    if settings.n_classes < 2:
-        raise InputError(None, f"number of classes K={settings.n_classes} must be at least 2")
     table = read_particles(settings.particles)  # fail early on a bad STAR, before touching the output
-    if settings.n_classes > len(table):
+    classify_stage = settings.stages in ("all", "classify")
+    if classify_stage and settings.n_classes > len(table):
         raise InputError(settings.particles, f"K={settings.n_classes} classes but only {len(table)} particles")
+    table.pixel_size()  # missing, zero, negative or mixed: refused here
     device = resolve_device(settings.gpu)
     torch.set_num_threads(max(1, settings.threads))
     out = Path(settings.out_dir)
@@ -136,7 +262,33 @@ def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None
     summary: dict = {"cdae_em_job": settings.signature(), "settings": _jsonable(asdict(settings)),
                      "particles": len(table)}
 
-    # 1. optional pre-training on the user's reference map
+    if settings.stages in ("all", "denoise"):
+        summary["denoise"] = _denoise_stage(settings, table, job_dir, device, should_stop, progress, timings)
+    if classify_stage:
+        labels, psi, origin, score, refs, box = _classify_stage(settings, job_dir, device, should_stop, progress,
+                                                                 summary, timings)
+
+        # 4. class averages of the original particles and the output STAR files
+        progress.stage(3, "outputs")
+        log.info("stage 3/3 class averages and output files")
+        t = time.perf_counter()
+        from cdae_em.outputs import write_outputs
+
+        summary.update(write_outputs(settings, table, labels, psi, origin, score, refs, box, device, should_stop))
+        timings["outputs"] = round(time.perf_counter() - t, 2)
+    summary["timings"] = {**timings, "total": round(time.perf_counter() - t0, 2)}
+    atomic_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    log.info("job done in %.1f s: %s", time.perf_counter() - t0, out)
+    return summary
+
+
+def _denoise_stage(settings: JobSettings, table, job_dir: Path, device, should_stop, progress: JobProgress,
+                   timings: dict) -> dict:
+    """1. optional pre-training on the user's reference map; 2. denoising (with fine-tuning),
+    resumable per block; returns the denoising summary."""
+    from cdae_em.denoise import denoise
+
+    out = Path(settings.out_dir)
     denoise_settings = settings.denoise
     if settings.reference_map:
         weights = job_dir / "pretrained" / "cdae_weights.pt"
@@ -146,67 +298,72 @@ def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None
             timings["pretrain"] = round(time.perf_counter() - t, 2)
         denoise_settings = replace(settings.denoise, weights=str(weights))
 
-    # 2. denoising (with fine-tuning), resumable per block
+    progress.stage(1, "denoise")
     marker = job_dir / "denoise.json"
     if marker.exists() and (out / "denoised_particles.star").exists():
-        summary["denoise"] = json.loads(marker.read_text())
         log.info("stage 1/3 denoise: already done (resuming)")
-    else:
-        log.info("stage 1/3 denoise: %d particles", len(table))
-        t = time.perf_counter()
-        summary["denoise"] = denoise(settings.particles, out, denoise_settings, device,
-                                     project_dir=settings.project_dir, should_stop=should_stop)
-        timings["denoise"] = round(time.perf_counter() - t, 2)
-        atomic_text(marker, json.dumps(summary["denoise"], default=str))
+        return json.loads(marker.read_text())
+    log.info("stage 1/3 denoise: %d particles", len(table))
+    t = time.perf_counter()
+    result = denoise(settings.particles, out, denoise_settings, device, project_dir=settings.project_dir,
+                     should_stop=should_stop, keep_work=settings.keep_work)
+    timings["denoise"] = round(time.perf_counter() - t, 2)
+    atomic_text(marker, json.dumps(result, default=str))
+    return result
 
-    # 3. classification of the denoised particles
-    from cdae_em.classify import class_means, classify
 
+def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, progress: JobProgress,
+                    summary: dict, timings: dict) -> tuple:
+    """3. classification: of the denoised particles (then alignment rounds on the originals), or
+    with ``stages="classify"`` of the input particles as they are. Returns labels, psi, origin,
+    score, references and the box the origins are in."""
+    from cdae_em.classify import ClassifySettings, class_means, classify
+
+    out = Path(settings.out_dir)
+    progress.stage(2, "classify")
     result_file = job_dir / "classes.npz"
     if result_file.exists():
         saved = np.load(result_file)
         labels, psi, origin, score, refs = (saved[k] for k in ("labels", "psi", "origin", "score", "references"))
         summary["classify"] = json.loads(str(saved["history"]))
         log.info("stage 2/3 classify: already done (resuming)")
+        return labels, psi, origin, score, refs, int(saved["box"])
+    log.info("stage 2/3 classify: K=%d by %s", settings.n_classes, settings.method)
+    t = time.perf_counter()
+    cs = ClassifySettings(n_classes=settings.n_classes, method=settings.method, n_iter=settings.n_iter,
+                          psi_step=settings.psi_step, max_shift=settings.max_shift, seed=settings.seed,
+                          batch_size=settings.denoise.batch_size)
+    if settings.stages == "classify":
+        with StarImages(Path(settings.particles), settings.project_dir) as images:
+            result = classify(images, cs, device, should_stop)
+            box = images.shape[-1]
+        refs = result.references
     else:
-        log.info("stage 2/3 classify: K=%d by %s", settings.n_classes, settings.method)
-        t = time.perf_counter()
-        cs = ClassifySettings(n_classes=settings.n_classes, method=settings.method, n_iter=settings.n_iter,
-                              psi_step=settings.psi_step, max_shift=settings.max_shift, seed=settings.seed,
-                              batch_size=settings.denoise.batch_size)
-        with StarImages(out / "denoised_particles.star", settings.project_dir) as denoised:
+        # the denoised stacks are faithful images unless --equalise: equalise them here for clustering
+        diameter = None
+        if not settings.denoise.equalise:
+            diameter = 0.0 if settings.denoise.mask_diameter is None else settings.denoise.mask_diameter / _pixel_size(out)
+        with StarImages(out / "denoised_particles.star", settings.project_dir, equalise_diameter=diameter) as denoised:
+            box = denoised.shape[-1]
             if settings.align_on == "denoised":
                 result = classify(denoised, cs, device, should_stop)
             else:
                 # Initial classes from the denoised particles' invariant features, then the
                 # alignment rounds on the (phase-flipped, resized) originals, which keep the detail
-                # alignment needs: on 1,200 simulated particles (2XHE, 12 views, random psi and
-                # shifts, CTF, SNR 0.05) pair F1 0.998, vs 0.357 aligning the denoised particles
-                # and 0.904 classifying the originals alone.
+                # alignment needs.
                 init = classify(denoised, ClassifySettings(**{**asdict(cs), "n_iter": 0}), device, should_stop).labels
                 with StarImages(Path(settings.particles), settings.project_dir, prepare=settings.denoise,
                                 device=device) as originals:
                     result = classify(originals, cs, device, should_stop, initial_labels=init)
-            labels, psi, origin, score = result.labels, result.psi, result.origin, result.score
-            refs, _ = class_means(denoised, labels, psi, origin, settings.n_classes, device, cs.batch_size)
-        summary["classify"] = result.history
-        with atomic_path(result_file) as tmp, open(tmp, "wb") as f:
-            np.savez(f, labels=labels, psi=psi, origin=origin, score=score, references=refs,
-                     history=json.dumps(result.history))
-        timings["classify"] = round(time.perf_counter() - t, 2)
-
-    # 4. class averages of the original particles and the output STAR files
-    log.info("stage 3/3 class averages and output files")
-    t = time.perf_counter()
-    from cdae_em.outputs import write_outputs
-
-    summary.update(write_outputs(settings, table, labels, psi, origin, score, refs,
-                                 summary["denoise"]["box"], device, should_stop))
-    timings["outputs"] = round(time.perf_counter() - t, 2)
-    summary["timings"] = {**timings, "total": round(time.perf_counter() - t0, 2)}
-    atomic_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    log.info("job done in %.1f s: %s", time.perf_counter() - t0, out)
-    return summary
+            refs, _ = class_means(denoised, result.labels, result.psi, result.origin, settings.n_classes, device,
+                                  cs.batch_size)
+    labels, psi, origin, score = result.labels, result.psi, result.origin, result.score
+    summary["classify"] = result.history
+    with atomic_path(result_file) as tmp, open(tmp, "wb") as f:
+        np.savez(f, labels=labels, psi=psi, origin=origin, score=score, references=refs, box=box,
+                 history=json.dumps(result.history))
+    timings["classify"] = round(time.perf_counter() - t, 2)
+    return labels, psi, origin, score, refs, box
 
 
 def _pretrain_on_reference(settings: JobSettings, out: Path, device) -> None:
@@ -229,7 +386,7 @@ class StarImages:
     """Images of a STAR file as an array-like (``len``, ``shape``, ``[rows]``) for classification."""
 
     def __init__(self, star: Path, project_dir: str | None, prepare: DenoiseSettings | None = None,
-                 device=None):
+                 device=None, equalise_diameter: float | None = None):
         from cdae_em.denoise import BatchPreparer
         from cdae_em.stacks import ImageSource
         from cdae_em.star import read_particles
@@ -240,6 +397,12 @@ class StarImages:
         self.prepare = None if prepare is None else BatchPreparer(table, prepare, self.source.box, device)
         box = self.prepare.box if self.prepare is not None else self.source.box
         self.shape = (self.source.n, box, box)
+        # histogram equalisation inside the particle mask (the paper's step before clustering)
+        self.equalise_mask = None
+        if equalise_diameter is not None:
+            from cdae_em.preprocess import particle_mask
+
+            self.equalise_mask = particle_mask(box, equalise_diameter or None)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -251,6 +414,12 @@ class StarImages:
         images = self.source.read(rows)
         if self.prepare is not None:
             images = self.prepare(images, rows).cpu().numpy()
+        if self.equalise_mask is not None:
+            import torch
+
+            from cdae_em.preprocess import equalise_histogram
+
+            images = equalise_histogram(torch.from_numpy(np.asarray(images, dtype=np.float32)), self.equalise_mask).numpy()
         return images
 
     def __enter__(self):
@@ -258,6 +427,13 @@ class StarImages:
 
     def __exit__(self, *exc) -> None:
         self.source.close()
+
+
+def _pixel_size(out: Path) -> float:
+    """Pixel size of the denoised stacks (Angstrom)."""
+    from cdae_em.star import read_particles
+
+    return float(read_particles(out / "denoised_particles.star").pixel_size())
 
 
 def _jsonable(d: dict) -> dict:

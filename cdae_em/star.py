@@ -146,6 +146,37 @@ class ParticleTable:
                 out["rlnImagePixelSize"] = detector * 1e4 / mag
         return pd.DataFrame(out, index=particles.index)
 
+    def pixel_size(self) -> float:
+        """The one pixel size (Angstrom) of all particles; an InputError if it is missing, not
+        positive, or differs between optics groups (or rows): cdae-em does not rescale groups."""
+        pixel = self.per_particle()["rlnImagePixelSize"].to_numpy()
+        bad = np.flatnonzero(~(pixel > 0) | ~np.isfinite(pixel))
+        if len(bad):
+            row = int(bad[0])
+            value = pixel[row]
+            where = ""
+            if self.optics is not None and "rlnImagePixelSize" not in self.particles.columns:
+                where = f" of optics group {self.particles['rlnOpticsGroup'].iloc[row]}" \
+                    if "rlnOpticsGroup" in self.particles.columns else " in data_optics"
+            if np.isnan(value):
+                problem = (f"no pixel size{where} (rlnImagePixelSize, or rlnDetectorPixelSize and "
+                           "rlnMagnification)")
+            else:
+                problem = f"pixel size{where} is {value:g}: it must be a positive number of Angstrom"
+            raise InputError(self.path, problem, row=row + 1)
+        values = np.unique(np.round(pixel, 6))
+        if len(values) > 1:
+            if self.optics is not None and "rlnOpticsGroup" in self.particles.columns:
+                groups = pd.Series(pixel).groupby(self.particles["rlnOpticsGroup"].to_numpy()).first()
+                listed = ", ".join(f"group {g}: {p:g} A" for g, p in groups.items())
+                raise InputError(self.path, f"optics groups have different pixel sizes ({listed}); cdae-em "
+                                 "needs one: rescale the particles to one pixel size (e.g. relion_image_handler "
+                                 "--rescale_angpix) or process each optics group separately")
+            row = int(np.flatnonzero(np.round(pixel, 6) != np.round(pixel[0], 6))[0])
+            raise InputError(self.path, f"pixel size {pixel[row]:g} A differs from row 1's {pixel[0]:g} A; "
+                             "cdae-em needs one pixel size for all particles", row=row + 1)
+        return float(pixel[0])
+
     def with_columns(
         self,
         particles: Mapping[str, Any] | None = None,

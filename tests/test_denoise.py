@@ -80,13 +80,56 @@ def test_bad_weights_file(particles, tmp_path):
     assert not (tmp_path / "o" / "denoised_particles.star").exists()
 
 
-def test_constant_images_are_refused(particles, small_weights, tmp_path):
+def test_blank_images_pass_through_and_never_train(particles, small_weights, tmp_path):
+    """Blank boxes (all pixels equal) do not stop the job: each is written back unchanged (no
+    equalisation), every output stays row-aligned, and one warning names how many and which rows."""
     import shutil
 
     work = tmp_path / "copy"
     shutil.copytree(particles.parent, work)
     with mrcfile.open(work / "particles.mrcs", mode="r+") as m:
         m.data[7] = 1.5
+        m.data[40] = 0.0
+        raw = np.array(m.data)
+    r = run_cli("denoise", "--i", work / "particles.star", "--o", tmp_path / "o", "--weights", small_weights,
+                "--neighbours", 5, "--epochs", 1, "--finetune-subset", 30)
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if "WARNING" in line and "blank" in line]
+    assert len(warning) == 1 and "2 blank image(s)" in warning[0] and "row(s) 8, 41" in warning[0], warning
+    denoised = mrcfile.read(tmp_path / "o" / "denoised" / "particles_00001.mrcs")
+    assert len(denoised) == 60
+    assert np.array_equal(denoised[7], raw[7]) and np.array_equal(denoised[40], raw[40])
+    assert denoised[8].std() > 0 and np.isfinite(denoised).all()
+    star = starfile.read(tmp_path / "o" / "denoised_particles.star")["particles"]
+    assert list(star["rlnImageOriginalName"]) == list(starfile.read(work / "particles.star")["particles"]["rlnImageName"])
+
+
+def test_blank_images_are_never_neighbours():
+    """The kNN targets are found among the valid rows only."""
+    import torch
+
+    from cdae_em.denoise import DenoiseSettings, neighbour_targets
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(30, 32, 32)).astype(np.float32)
+    images[[3, 17]] = 0.0  # blank: if one were a neighbour, a mean would be pulled towards zero
+    valid = np.setdiff1d(np.arange(30), [3, 17])
+    settings = DenoiseSettings(k=27, psi_step=30.0)
+    targets = neighbour_targets(images, valid, settings, torch.device("cpu"), valid=valid).numpy()
+    # with k = all other valid rows, every target is built from the 27 other valid images only
+    assert targets.shape == (28, 32, 32) and np.isfinite(targets).all()
+    energy = np.square(targets).mean(axis=(1, 2))
+    with_blank = neighbour_targets(images, valid, DenoiseSettings(k=29, psi_step=30.0), torch.device("cpu")).numpy()
+    assert (np.square(with_blank).mean(axis=(1, 2)) < energy).all()
+
+
+def test_all_images_blank_is_refused(particles, small_weights, tmp_path):
+    import shutil
+
+    work = tmp_path / "copy"
+    shutil.copytree(particles.parent, work)
+    with mrcfile.open(work / "particles.mrcs", mode="r+") as m:
+        m.data[:] = 2.0
     r = run_cli("denoise", "--i", work / "particles.star", "--o", tmp_path / "o", "--weights", small_weights)
-    assert r.returncode != 0 and "constant" in r.stderr and "row 8" in r.stderr
+    assert r.returncode == 1 and "60 of 60 images are blank" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o" / "denoised_particles.star").exists()

@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 
+from cdae_em.commands.common import positive_int
 from cdae_em.stacks import ImageSource
 from cdae_em.star import read_particles
 
@@ -27,7 +28,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="directory that relative image paths start from (default: the working directory, "
         "then the STAR file's directory)",
     )
-    parser.add_argument("--batch-size", type=int, default=1024, help="images read at a time (default: 1024)")
+    parser.add_argument("--batch-size", type=positive_int, default=1024, help="images read at a time (default: %(default)s)")
 
 
 def _describe(values: np.ndarray, unit: str = "") -> str:

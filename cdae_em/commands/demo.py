@@ -13,17 +13,17 @@ import argparse
 import logging
 from pathlib import Path
 
-from cdae_em.commands.common import add_seed_arg, add_threads_arg, apply_threads
+from cdae_em.commands.common import add_seed_arg, add_threads_arg, apply_threads, at_least, positive_int
 
 log = logging.getLogger(__name__)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--o", default="cdae_demo", metavar="DIR", help="output directory (default: cdae_demo)")
-    parser.add_argument("--n", type=int, default=800, help="particles (default: 800)")
-    parser.add_argument("--views", type=int, default=4, help="distinct views = classes (default: 4)")
+    parser.add_argument("--n", type=positive_int, default=800, help="particles (default: %(default)s)")
+    parser.add_argument("--views", type=at_least(2), default=4, help="distinct views = classes (default: %(default)s)")
     parser.add_argument("--snr", type=float, default=0.1, help="(default: 0.1)")
-    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per block (default: 2)")
+    parser.add_argument("--epochs", type=at_least(0), default=2, help="fine-tuning epochs per block (default: %(default)s)")
     parser.add_argument("--gpu", metavar="ID", help="CUDA device, e.g. 0 (default: CPU)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --o")
     add_threads_arg(parser)

@@ -17,13 +17,16 @@ import json
 import logging
 from pathlib import Path
 
+from cdae_em.commands.common import positive_int
+
 log = logging.getLogger(__name__)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", required=True, metavar="DIR", help="output directory of `cdae-em run`")
     parser.add_argument("--truth", required=True, metavar="STAR", help="truth.star written by `cdae-em simulate`")
-    parser.add_argument("--max-images", type=int, default=2000, help="images used for PSNR/FRC (default: 2000)")
+    parser.add_argument("--max-images", type=positive_int, default=2000,
+                        help="images used for PSNR/FRC (default: %(default)s)")
 
 
 def evaluate(job: Path, truth_star: Path, max_images: int = 2000) -> dict:
@@ -35,6 +38,16 @@ def evaluate(job: Path, truth_star: Path, max_images: int = 2000) -> dict:
     from cdae_em.stacks import ImageSource
     from cdae_em.star import read_particles
 
+    summary_path = job / "summary.json"
+    if not job.is_dir():
+        raise InputError(job, "not a directory: --job takes the output directory of `cdae-em run`")
+    if not summary_path.exists():
+        raise InputError(summary_path, "not found: --job must be the output directory of a finished `cdae-em run` "
+                         "(or denoise/classify)")
+    try:
+        settings = json.loads(summary_path.read_text())["settings"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(summary_path, f"not a cdae-em summary ({type(exc).__name__}: {exc})") from None
     truth = read_particles(truth_star)
     result: dict = {"job": str(job), "truth": str(truth_star)}
     parts_path = job / "particles.star"
@@ -53,7 +66,6 @@ def evaluate(job: Path, truth_star: Path, max_images: int = 2000) -> dict:
             denoised, clean = d.read(pick), c.read(pick)
         if denoised.shape != clean.shape:
             raise InputError(den_path, f"denoised box {denoised.shape[-1]} differs from the clean box {clean.shape[-1]}")
-        settings = json.loads((job / "summary.json").read_text())["settings"]
         with ImageSource(read_particles(settings["particles"]), project_dir=settings["project_dir"]) as n:
             noisy = n.read(pick)
         pixel = float(den.per_particle()["rlnImagePixelSize"].iloc[0])
@@ -64,6 +76,9 @@ def evaluate(job: Path, truth_star: Path, max_images: int = 2000) -> dict:
             "frc_resolution_noisy_A": frc_resolution(frc(noisy, clean), pixel),
             "frc_resolution_denoised_A": frc_resolution(frc(denoised, clean), pixel),
         }
+    if "clustering" not in result and "denoising" not in result:
+        raise InputError(job, "nothing to evaluate: no particles.star with classes of simulated views, and no "
+                         "denoised_particles.star")
     write_text(job / "evaluation.json", json.dumps(result, indent=2))
     return result
 

@@ -20,29 +20,38 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cdae_em.commands.common import add_seed_arg, add_threads_arg, apply_threads
+from cdae_em.commands.common import add_seed_arg, add_threads_arg, apply_threads, at_least, positive_float
 from cdae_em.commands.denoise import add_denoise_args, denoise_settings
 
 log = logging.getLogger(__name__)
 
 
 def add_classify_args(parser: argparse.ArgumentParser) -> None:
+    """Classification options, shared with `cdae-em classify`; defaults are JobSettings'."""
+    from cdae_em.job import JobSettings
+
     g = parser.add_argument_group("classification")
     g.add_argument("--K", type=int, required=True, help="number of classes")
-    g.add_argument("--method", choices=["kmeans", "hierarchical"], default="kmeans",
-                   help="clustering of the invariant features that starts the classification (default: kmeans)")
-    g.add_argument("--iter", type=int, default=5, help="rounds of alignment and re-assignment (default: 5)")
-    g.add_argument("--psi-step", type=float, default=5.0, help="in-plane angular step, degrees (default: 5)")
-    g.add_argument("--max-shift", type=float, help="largest shift searched, pixels (default: box / 8)")
+    g.add_argument("--method", choices=["kmeans", "hierarchical"], default=JobSettings.method,
+                   help="clustering of the invariant features that starts the classification (default: %(default)s)")
+    g.add_argument("--iter", type=at_least(0), default=JobSettings.n_iter,
+                   help="rounds of alignment and re-assignment (default: %(default)s)")
+    g.add_argument("--psi-step", type=positive_float, default=JobSettings.psi_step,
+                   help="in-plane angular step, degrees (default: %(default)s)")
+    g.add_argument("--max-shift", type=float, default=JobSettings.max_shift,
+                   help="largest shift searched, pixels (default: box / 8)")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
+    from cdae_em.job import JobSettings
+
     parser.add_argument("--i", required=True, metavar="STAR", help="input particles STAR file")
     parser.add_argument("--o", required=True, metavar="DIR", help="output directory")
     add_classify_args(parser)
-    parser.add_argument("--align-on", choices=["original", "denoised"], default="original",
-                        help="images the alignment rounds use: the original particles (default; classes still "
-                             "start from the denoised ones, whose detail is smoothed away) or the denoised ones")
+    parser.add_argument("--align-on", choices=["original", "denoised"], default=JobSettings.align_on,
+                        help="images the alignment rounds use: the original particles (classes still start from "
+                             "the denoised ones, whose detail is smoothed away) or the denoised ones "
+                             "(default: %(default)s)")
     parser.add_argument("--average-phase-flipped", action="store_true",
                         help="class averages from CTF phase-flipped originals")
     parser.add_argument("--ref", metavar="MAP", help="pre-train on this map (an initial model) before fine-tuning")

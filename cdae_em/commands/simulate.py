@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cdae_em.commands.common import add_seed_arg, add_threads_arg, apply_threads
+from cdae_em.commands.common import add_seed_arg, add_threads_arg, apply_threads, positive_int
 from cdae_em.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--o", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--map", metavar="FILE",
                         help="3D map (.mrc) or atomic model (.pdb/.cif); default: the embedded map")
-    parser.add_argument("--n", type=int, default=1000, help="number of particles (default: 1000)")
-    parser.add_argument("--views", type=int, metavar="K",
+    parser.add_argument("--n", type=positive_int, default=1000, help="number of particles (default: %(default)s)")
+    parser.add_argument("--views", type=positive_int, metavar="K",
                         help="use K fixed views spread over the sphere (view id = class); default: random orientations")
     parser.add_argument("--in-plane", action="store_true", help="random in-plane rotation (psi)")
     parser.add_argument("--max-shift", type=float, default=0.0, metavar="PX",
@@ -50,13 +50,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     ctf.add_argument("--voltage", type=float, default=300.0, help="kV (default: 300)")
     ctf.add_argument("--cs", type=float, default=2.7, help="spherical aberration, mm (default: 2.7)")
     ctf.add_argument("--amplitude-contrast", type=float, default=0.1, help="(default: 0.1)")
+    parser.add_argument("--dark", action="store_true",
+                        help="protein dark, as in raw micrographs (default: bright, as RELION extracts with "
+                             "inverted contrast)")
     geo = parser.add_argument_group("sampling")
     geo.add_argument("--box", type=int, help="box size in pixels (default: the map's box, or 64 for a model)")
     geo.add_argument("--pixel-size", type=float, metavar="A",
                      help="pixel size in Angstrom (default: the map header's; for a model, fit to the box)")
     geo.add_argument("--resolution", type=float, metavar="A",
                      help="model only: resolution of the Gaussian atoms (default: 2 x pixel size)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier simulation in --o")
     add_threads_arg(parser)
     add_seed_arg(parser)
@@ -87,6 +90,7 @@ def main(args: argparse.Namespace) -> None:
         cs=args.cs,
         amplitude_contrast=args.amplitude_contrast,
         snrs=snrs,
+        dark=args.dark,
         seed=args.seed,
         batch_size=args.batch_size,
     )
