@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from cdae_em.preprocess import soft_circular_mask
+from cdae_em.progress import report
 from cdae_em.align import align_prepared, apply_alignment, estimate_particle_radius
 from cdae_em.polar import AlignmentGrid, Images, batch_rows, device_of, polar_amplitudes, polar_sampler
 
@@ -278,6 +279,7 @@ def aligned_neighbour_means(
             out[start:start + b] = mean.to(out.device)
         else:
             out[start:start + b] = mean.cpu().numpy()
+        report(start + b, n, "neighbour means")
     return out
 
 

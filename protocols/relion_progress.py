@@ -12,6 +12,8 @@ from cdae_em.progress import Status
 
 log = logging.getLogger("cdae_em.relion")
 
+ETA_EVERY_S = 30.0  # at most one "time left" line per counted step this often
+
 
 def duration(seconds: float) -> str:
     """Seconds as a person reads them: "45 s", "3 min 05 s", "2 h 07 min"."""
@@ -33,14 +35,20 @@ class Progress(logging.Handler):
         super().__init__(level=logging.INFO)
         self.last = time.monotonic()
         self.stage = "starting"
+        self._eta_logged: tuple[str | None, float] = (None, float("-inf"))  # (step, when)
 
     def __call__(self, status: Status) -> None:
-        self.last = time.monotonic()
+        now = self.last = time.monotonic()
         if status.stage_number:
             self.stage = f"stage {status.stage_number}/{status.n_stages} {status.stage}"
-        if status.step and status.eta_s is not None and 0 < status.done < status.total:
-            log.info("  %s: %s %d of %d done, about %s left", status.stage, status.step, status.done,
-                     status.total, duration(status.eta_s))
+        if not (status.step and status.eta_s is not None and 0 < status.done < status.total):
+            return
+        step, when = self._eta_logged
+        if step == status.step and now - when < ETA_EVERY_S:
+            return  # counts may come every batch: one line per ETA_EVERY_S
+        self._eta_logged = (status.step, now)
+        log.info("  %s: %s %d of %d done, about %s left", status.stage, status.step, status.done,
+                 status.total, duration(status.eta_s))
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name != log.name:

@@ -346,7 +346,13 @@ def test_relion_parameters_map_onto_the_job():
         "Select/job002/particles.star", "External/job003/", 12, "hierarchical", 4, 10.0)
     assert (s.denoise.train.epochs, s.denoise.k, s.denoise.box, s.denoise.phase_flip) == (2, 7, None, True)
     assert s.average_phase_flipped and s.reference_map == "ref.mrc" and s.threads == 3 and s.overwrite
-    assert s.gpu in (None, "0")  # empty value: the first GPU if there is one
+    import torch
+
+    assert s.gpu == ("0" if torch.cuda.is_available() else None)  # empty value: the first GPU if there is one
+    for available, expected in ((True, "0"), (False, None)):  # both outcomes, whatever this machine has
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.cuda, "is_available", lambda: available)
+            assert rx.job_settings(args).gpu == expected
     assert gpu_id("1:2") == "1" and gpu_id("cpu") is None and gpu_id(None) is None
     args, _ = rx.build_parser().parse_known_args(["--o", "External/job003/", "--in_parts", "p.star", "--j", "1"])
     with pytest.raises(rx.ArgumentError, match="number of classes"):
@@ -397,11 +403,13 @@ def test_flavour_detection(tmp_path):
     assert rf.detect_flavour(out, "particles.star", tmp_path)[0] == "5"
 
 
-def test_progress_lines_give_an_eta(caplog):
-    """run.out: the ETA comes from the core's progress callback (counts of epochs or rounds)."""
+def test_progress_lines_give_an_eta(caplog, monkeypatch):
+    """run.out: the ETA comes from the core's progress callback (counts of epochs or rounds), one
+    line per ETA_EVERY_S at most."""
     import logging
 
     from cdae_em.progress import JobProgress
+    from cdae_em.protocols import relion_progress
     from cdae_em.protocols.relion_progress import Progress
 
     t = [100.0]
@@ -411,8 +419,12 @@ def test_progress_lines_give_an_eta(caplog):
         for done in (0, 1, 2):
             progress.count(done, 9, "round")
             t[0] += 10.0
-    # 1 round in 10 s, 7 of 9 left
-    assert "classify: round 2 of 9 done, about 1 min 10 s left" in caplog.text
+        assert caplog.text.count("left") == 1  # round 2 came within ETA_EVERY_S of round 1
+        monkeypatch.setattr(relion_progress, "ETA_EVERY_S", 0.0)
+        progress.count(3, 9, "round")
+    # 1 round in 10 s: after round 1, 8 of 9 left; after round 3, 6 left
+    assert "classify: round 1 of 9 done, about 1 min 20 s left" in caplog.text
+    assert "classify: round 3 of 9 done, about 1 min 00 s left" in caplog.text
 
 
 @pytest.mark.parametrize("error", ["resource", "cuda_oom"])
