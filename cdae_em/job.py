@@ -217,29 +217,30 @@ def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None
     check_settings(settings)
     if settings.stages != "denoise" and settings.n_classes < 2:
         raise InputError(None, f"number of classes K={settings.n_classes} must be at least 2")
-    with job_lock(settings.out_dir):
-        try:
-            with tracking(JobProgress(settings.out_dir, on_progress)) as progress, \
-                    resource_errors(settings.denoise.batch_size, settings.out_dir):
-                summary = _run_job(settings, should_stop, progress)
-                progress.finish()
-                return summary
-        except ResourceError:
-            discard_unfinished(Path(settings.out_dir))
-            raise
+    with job_lock(settings.out_dir), tracking(JobProgress(settings.out_dir, on_progress)) as progress, \
+            _discard_unfinished_on(ResourceError, Path(settings.out_dir)), \
+            resource_errors(settings.denoise.batch_size, settings.out_dir):
+        summary = _run_job(settings, should_stop, progress)
+        progress.finish()
+        return summary
 
 
-def discard_unfinished(out: Path) -> None:
-    """Remove what an interrupted run half-wrote (temporary files, work arrays of unfinished
-    stages), keeping finished stages for a rerun to resume from."""
-    for partial in out.rglob(".*.partial"):
-        partial.unlink(missing_ok=True)
-    work = out / ".cdae_work"
-    if work.exists():
-        for array in work.glob("*.npy"):
-            if not (work / f"{array.stem}.done").exists():
-                array.unlink(missing_ok=True)
-        shutil.rmtree(work / "denoised", ignore_errors=True)
+@contextmanager
+def _discard_unfinished_on(error: type[Exception], out: Path) -> Iterator[None]:
+    """On ``error`` (e.g. a full disk), remove what the run half-wrote (temporary files, work
+    arrays of unfinished stages), keeping finished stages for a rerun to resume from."""
+    try:
+        yield
+    except error:
+        for partial in out.rglob(".*.partial"):
+            partial.unlink(missing_ok=True)
+        work = out / ".cdae_work"
+        if work.exists():
+            for array in work.glob("*.npy"):
+                if array.name != "blank.npy" and not (work / f"{array.stem}.done").exists():
+                    array.unlink(missing_ok=True)
+            shutil.rmtree(work / "denoised", ignore_errors=True)
+        raise
 
 
 def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, progress: JobProgress) -> dict:

@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from cdae_em.commands.common import positive_int
+from cdae_em.errors import InputError
 from cdae_em.stacks import ImageSource
 from cdae_em.star import read_particles
 
@@ -43,6 +44,12 @@ def _describe(values: np.ndarray, unit: str = "") -> str:
 
 def main(args: argparse.Namespace) -> None:
     table = read_particles(args.input)
+    try:
+        table.pixel_size()  # zero, negative or mixed pixel sizes: a problem, as `cdae-em run` says
+    except InputError as exc:
+        if not exc.problem.startswith("no pixel size"):
+            raise
+        log.warning("%s: `cdae-em run` will need one", exc)
     info = table.per_particle()
     with ImageSource(table, project_dir=args.project_dir) as source:
         lo, hi, total, total_sq = np.inf, -np.inf, 0.0, 0.0
