@@ -55,7 +55,9 @@ def test_tiny_benchmark_writes_every_table(tmp_path):
     for row in t2:
         assert len(row) == 11
         assert all(math.isfinite(v) for v in row[2:10]), row
-        assert all(0 <= v <= 1 for v in row[2:8]), row  # precision / recall / F1
+        hp, hr, hf, pp, pr, pf = row[2:8]  # Hungarian and pair-counting precision / recall / F1
+        assert pf == pytest.approx(2 * pp * pr / (pp + pr) if pp + pr else 0.0, abs=1e-9), row
+        assert hf <= (hp + hr) / 2 + 1e-9, row  # a mean of per-view harmonic means <= the arithmetic mean
 
     assert r["speed"] and all(len(row) == 6 and row[3] > 0 and row[4] > 0 for row in r["speed"])
     assert r["peak"] and all(row[1] > 0 for row in r["peak"])
