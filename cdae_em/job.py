@@ -29,7 +29,7 @@ import os
 import shutil
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -159,14 +159,11 @@ def job_lock(out_dir: str | Path) -> Iterator[Path]:
                 owner = lock.read_text().strip()
             except FileNotFoundError:
                 continue  # released meanwhile: try again
-            pid_text, _, host = owner.partition("@")
-            pid = int(pid_text) if pid_text.isdigit() else None
-            if pid is not None and host == socket.gethostname() and not _pid_alive(pid):
-                log.warning("%s: taking over the lock of process %d, which no longer runs", out, pid)
+            if _stale(owner):
+                log.warning("%s: taking over the lock of process %s, which no longer runs", out, owner)
                 lock.unlink(missing_ok=True)
                 continue
-            raise OutputError(f"{out}: another cdae-em job ({owner or 'unknown process'}) is running in this "
-                              f"directory; wait for it to end, or remove {lock} if no job runs there") from None
+            raise _locked(out, owner) from None
         except OSError as exc:
             raise OutputError(f"{out}: cannot create the lock file {LOCK_FILE} ({exc.strerror})") from None
         with os.fdopen(fd, "w") as f:
@@ -182,6 +179,28 @@ def job_lock(out_dir: str | Path) -> Iterator[Path]:
                 lock.unlink()
         except OSError:
             pass
+
+
+def _stale(owner: str) -> bool:
+    """A lock's ``pid@host`` names a process of this host that no longer runs."""
+    pid_text, _, host = owner.partition("@")
+    return pid_text.isdigit() and host == socket.gethostname() and not _pid_alive(int(pid_text))
+
+
+def _locked(out: Path, owner: str) -> OutputError:
+    return OutputError(f"{out}: another cdae-em job ({owner or 'unknown process'}) is running in this directory; "
+                       f"wait for it to end, or remove {out / LOCK_FILE} if no job runs there")
+
+
+def refuse_if_locked(out_dir: str | Path) -> None:
+    """Refuse at once (touching nothing) when a live job holds ``out_dir``'s lock."""
+    lock = Path(out_dir) / LOCK_FILE
+    try:
+        owner = lock.read_text().strip()
+    except OSError:
+        return
+    if not _stale(owner):
+        raise _locked(Path(out_dir), owner)
 
 
 def check_settings(settings: JobSettings) -> None:
@@ -217,10 +236,11 @@ def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None
     check_settings(settings)
     if settings.stages != "denoise" and settings.n_classes < 2:
         raise InputError(None, f"number of classes K={settings.n_classes} must be at least 2")
-    with job_lock(settings.out_dir), tracking(JobProgress(settings.out_dir, on_progress)) as progress, \
+    refuse_if_locked(settings.out_dir)  # before status.json is touched: it is the running job's
+    with ExitStack() as lock, tracking(JobProgress(settings.out_dir, on_progress)) as progress, \
             _discard_unfinished_on(ResourceError, Path(settings.out_dir)), \
             resource_errors(settings.denoise.batch_size, settings.out_dir):
-        summary = _run_job(settings, should_stop, progress)
+        summary = _run_job(settings, should_stop, progress, lock)
         progress.finish()
         return summary
 
@@ -243,7 +263,8 @@ def _discard_unfinished_on(error: type[Exception], out: Path) -> Iterator[None]:
         raise
 
 
-def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, progress: JobProgress) -> dict:
+def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, progress: JobProgress,
+             lock: ExitStack) -> dict:
     import torch
 
     from cdae_em.denoise import denoise, resolve_device
@@ -255,9 +276,11 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     if classify_stage and settings.n_classes > len(table):
         raise InputError(settings.particles, f"K={settings.n_classes} classes but only {len(table)} particles")
     table.pixel_size()  # missing, zero, negative or mixed: refused here
+    _check_files(settings, table)
     device = resolve_device(settings.gpu)
     torch.set_num_threads(max(1, settings.threads))
     out = Path(settings.out_dir)
+    lock.enter_context(job_lock(out))  # inputs checked: only now is the output directory made
     job_dir = prepare_output(settings)
     timings: dict[str, float] = {}
     summary: dict = {"cdae_em_job": settings.signature(), "settings": _jsonable(asdict(settings)),
@@ -281,6 +304,27 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     atomic_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     log.info("job done in %.1f s: %s", time.perf_counter() - t0, out)
     return summary
+
+
+def _check_files(settings: JobSettings, table) -> None:
+    """What can be checked before the output directory is touched: every stack's header (present,
+    readable, square, one box, enough images), the weights and reference files, CTF values for
+    phase flipping. (Pixel values are checked as they are read.)"""
+    import torch
+
+    from cdae_em.denoise import BatchPreparer
+    from cdae_em.stacks import ImageSource
+
+    with ImageSource(table, project_dir=settings.project_dir) as images:
+        box = images.box
+    if settings.stages != "classify" and box < 8:
+        raise InputError(settings.particles, f"images of {box} px are too small for the model (at least 8)")
+    for option, path in (("--weights", settings.denoise.weights), ("--ref", settings.reference_map)):
+        if path and not Path(path).is_file():
+            raise InputError(path, f"{option}: file not found")
+    flip = settings.denoise.phase_flip if settings.stages != "classify" else False
+    if flip or settings.average_phase_flipped:
+        BatchPreparer(table, replace(settings.denoise, phase_flip=True), box, torch.device("cpu"))
 
 
 def _denoise_stage(settings: JobSettings, table, job_dir: Path, device, should_stop, progress: JobProgress,
