@@ -50,7 +50,7 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
     out = Path(settings.out_dir)
     k = settings.n_classes
     per = table.per_particle()
-    pixel = float(np.median(per["rlnImagePixelSize"].to_numpy()))
+    pixel = table.pixel_size()  # one for all particles (the job refused anything else)
     with ImageSource(table, project_dir=settings.project_dir) as images:
         scale = images.box / work_box  # origins were found in the working box
         origin_px = origin * scale
