@@ -95,7 +95,7 @@ def write_map(data: np.ndarray, path: Path, pixel_size: float, label: str) -> No
 
 def main(argv: list[str] | None = None) -> int:
     """Build the map and its metadata from a PDB/mmCIF file."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--pdb", required=True, type=Path, help="atomic model (PDB or mmCIF)")
     parser.add_argument("--o", required=True, type=Path, help="output map (.mrc or .mrc.gz)")
     parser.add_argument("--box", type=int, default=BOX)
