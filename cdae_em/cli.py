@@ -40,7 +40,10 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``cdae-em`` parser. With ``only``, that command alone gets its options (the others just
+    their name and help line): option defaults come from the settings dataclasses, which import
+    torch, and `cdae-em check` or `cdae-em --help` should not wait for that."""
     parser = argparse.ArgumentParser(
         prog="cdae-em",
         allow_abbrev=False,  # --j must never be taken for --job
@@ -65,13 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
             choices=["DEBUG", "INFO", "WARNING", "ERROR"],
             help="how much to log (default: INFO)",
         )
-        module.add_args(p)
+        if only is None or name == only:
+            module.add_args(p)
         p.set_defaults(func=module.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(only=command if command in COMMANDS else "").parse_args(argv)
     setup_logging(args.log_level)
     try:
         args.func(args)

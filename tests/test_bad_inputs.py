@@ -262,3 +262,13 @@ def test_full_disk_leaves_no_corrupt_output_and_says_so(sim, small_weights, tmp_
         assert not (out / ".cdae_lock").exists()
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_check_and_help_do_not_import_torch():
+    """Option defaults come from the settings dataclasses (which import torch), but only the
+    command being run sets up its options: `cdae-em check` and `cdae-em --help` stay quick."""
+    code = ("import sys\nfrom cdae_em import cli\n"
+            "try:\n    cli.main(['check', '--i', 'missing.star'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "False", r.stderr
