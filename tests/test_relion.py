@@ -147,6 +147,17 @@ def exit_files(job: Path) -> set[str]:
     return {p.name for p in job.glob("RELION_JOB_*")}
 
 
+def abort_and_wait(job: Path, proc: subprocess.Popen) -> None:
+    """The GUI's Abort: RELION_JOB_ABORT_NOW; the job must stop within seconds, exit 2, mark
+    itself aborted and remove the abort file."""
+    (job / rf.ABORT_NOW).touch()
+    t = time.monotonic()
+    assert proc.wait(timeout=60) == 2
+    assert time.monotonic() - t < 10
+    assert exit_files(job) == {rf.EXIT_ABORTED}
+    assert not (job / rf.ABORT_NOW).exists()
+
+
 def resolve_image(project: Path, name: str) -> tuple[Path, int]:
     """N@path of a STAR file -> (file relative to the project directory, N), checked to exist."""
     number, _, path = name.partition("@")
@@ -289,12 +300,7 @@ def test_abort_mid_run(sim, tmp_path):
         assert proc.poll() is None, "the job ended before it could be aborted"
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    (job / rf.ABORT_NOW).touch()
-    t = time.monotonic()
-    assert proc.wait(timeout=60) == 2
-    assert time.monotonic() - t < 10
-    assert exit_files(job) == {rf.EXIT_ABORTED}
-    assert not (job / rf.ABORT_NOW).exists()
+    abort_and_wait(job, proc)
     for name in CONTRACT + list(rf.RELION_FILES):
         assert not (job / name).exists(), name
     assert not list(job.rglob("*.partial*"))

@@ -9,7 +9,8 @@ import sys
 import textwrap
 import time
 
-from test_relion import CONTRACT, EXE, JOB, exit_files, make_project, relion_args, run_relion, sim  # noqa: F401
+from test_relion import (CONTRACT, EXE, JOB, abort_and_wait, exit_files, make_project, relion_args,  # noqa: F401
+                         run_relion, sim)
 
 from cdae_em.protocols import relion_files as rf
 from cdae_em.star import read_particles
@@ -48,12 +49,7 @@ def test_watchdog_abort_of_a_step_without_checks_then_continue(sim, tmp_path):  
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert (job / ".particles.star.partial").exists()
-        (job / rf.ABORT_NOW).touch()
-        t = time.monotonic()
-        assert proc.wait(timeout=60) == 2
-    assert time.monotonic() - t < 10
-    assert exit_files(job) == {rf.EXIT_ABORTED}
-    assert not (job / rf.ABORT_NOW).exists()
+        abort_and_wait(job, proc)
     for name in [*CONTRACT, *rf.RELION_FILES]:  # the stage that was running left nothing
         if name != "denoised_particles.star":
             assert not (job / name).exists(), name
