@@ -107,6 +107,7 @@ class JobProgress:
         self._update(force=True)
 
     def _update(self, force: bool = False) -> None:
+        """Derive fraction and elapsed time; tell the callback; write status.json (throttled)."""
         s = self.status
         within = min(s.done / s.total, 1.0) if s.total else 0.0
         if s.state == "done":
@@ -117,11 +118,15 @@ class JobProgress:
         s.elapsed_s = round(now - self.t0, 1)
         s.updated = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if self.callback is not None:
-            self.callback(s)
+            try:
+                self.callback(s)
+            except Exception:  # a front end's display must never stop the job
+                log.debug("progress callback failed", exc_info=True)
         if self.path is not None and (force or now - self._written >= MIN_WRITE_INTERVAL_S):
             self._write(now)
 
     def _write(self, now: float) -> None:
+        """status.json, atomically; skipped while the output directory does not exist."""
         if not self.path.parent.is_dir():
             return  # the job has not created its output directory (yet)
         try:

@@ -45,3 +45,13 @@ def test_no_status_without_a_directory_or_a_job(tmp_path):
     progress.stage(1, "denoise")
     assert not (tmp_path / "not_yet").exists()
     assert read_status(tmp_path / "not_yet") is None
+
+
+def test_a_failing_callback_does_not_stop_the_job(tmp_path):
+    def broken(status):
+        raise RuntimeError("display gone")
+
+    progress = JobProgress(tmp_path, broken)
+    progress.stage(1, "denoise")
+    progress.count(1, 2, "epoch")
+    assert read_status(tmp_path).done == 1
