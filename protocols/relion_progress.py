@@ -27,9 +27,9 @@ def duration(seconds: float) -> str:
 
 class Progress(logging.Handler):
     """The job's progress callback (``run_job(on_progress=...)``): logs how far the current count
-    is (fine-tuning epochs, classification rounds) with an ETA, and keeps the stage for the
-    heartbeat. As a log handler on the core's logger it only notes *when* the core last spoke,
-    so that the heartbeat stays quiet while the core is talking."""
+    is (whatever the core counts: neighbour means, classification rounds) with an ETA, and keeps
+    the stage for the heartbeat. As a log handler on the core's logger it only notes *when* the
+    core last spoke, so that the heartbeat stays quiet while the core is talking."""
 
     def __init__(self):
         super().__init__(level=logging.INFO)
