@@ -83,11 +83,6 @@ class MapProjector:
         return torch.cat(out) if out else torch.empty((0, self.box, self.box))
 
 
-def project_map(volume: torch.Tensor, matrices: np.ndarray) -> torch.Tensor:
-    """Projections (M, box, box) of a volume for rotation matrices (M, 3, 3); see ``MapProjector``."""
-    return MapProjector(volume)(matrices)
-
-
 @dataclass
 class Source:
     """What the simulator projects: a density map or an atomic model, at a box and pixel size."""
@@ -175,6 +170,9 @@ class SimulationSettings:
     cs: float = 2.7
     amplitude_contrast: float = 0.1
     snrs: list[float | None] = field(default_factory=lambda: [0.1])  # None = clean
+    # protein dark, as in raw micrographs (RELION extraction with "invert contrast = No"); the
+    # default, bright protein, is what RELION extraction gives with its default "invert contrast = Yes"
+    dark: bool = False
     seed: int = 0
     batch_size: int = 128
 
@@ -233,7 +231,7 @@ def clean_images(source: Source, truth: Truth, rows: slice, settings: Simulation
         images = apply_filter(images, ctf_2d(params, source.box, source.pixel_size))
     mean = images.mean(dim=(1, 2), keepdim=True)
     std = images.std(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-    return (images - mean) / std
+    return (mean - images) / std if settings.dark else (images - mean) / std
 
 
 def level_name(snr: float | None) -> str:

@@ -1,4 +1,4 @@
-"""Training the cascade: SNR-ladder pre-training and kNN-mean fine-tuning (Lei & Yang 2021,
+"""Training the cascade: pre-training on simulated pairs and kNN-mean fine-tuning (Lei & Yang 2021,
 Algorithm 1), on image arrays that may be memory-mapped (only batches are ever in memory).
 """
 
@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cdae_em.cascade import DAEBlock, standardise
+from cdae_em.progress import report
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,20 @@ def _batch(array, rows: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(data[inverse]).to(device, non_blocking=True)
 
 
-def block_loss(block: DAEBlock, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """MSE between the block's output and the target, both in the input's standardised units.
+def block_loss(block: DAEBlock, inputs: torch.Tensor, targets: torch.Tensor,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between the block's output and the target, in units of ``scale`` (per image, (N, 1, 1)),
+    by default the input's standard deviation.
 
-    Scaling the target by the input's own mean and std makes the loss independent of each image's
-    intensity scale, which differs between data sets and between blocks of the cascade.
+    Scaling by each image's own spread makes the loss independent of intensity scales, which differ
+    between data sets. In pre-training every block's loss is in units of the noisy particle's
+    spread (``scale``): a later block's input, a denoised image, is nearly flat at very low SNR, and
+    dividing by its own spread would let those hopeless images dominate the loss.
     """
     x, mean, std = standardise(inputs)
-    return nn.functional.mse_loss(block.net(x).float(), (targets - mean) / std)
+    if scale is None:
+        return nn.functional.mse_loss(block.net(x).float(), (targets - mean) / std)
+    return nn.functional.mse_loss((block.net(x).float() * std + mean - targets) / scale, torch.zeros_like(targets))
 
 
 def train_block(
@@ -77,13 +84,7 @@ def train_block(
     n_val = int(round(len(rows) * settings.val_fraction)) if len(rows) >= 10 else 0
     val_rows, train_rows = rows[:n_val], rows[n_val:]
     block.to(device)
-    params = block.parameters()
-    if settings.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=settings.lr)
-    elif settings.optimizer == "rmsprop":
-        opt = torch.optim.RMSprop(params, lr=settings.lr)
-    else:
-        raise ValueError(f"unknown optimizer {settings.optimizer!r} (rmsprop or adam)")
+    opt = _optimiser(block.parameters(), settings.optimizer, settings.lr)
     torch.manual_seed(settings.seed)
     history = []
     if len(val_rows):
@@ -113,6 +114,7 @@ def train_block(
             record["val_loss"] = evaluate_block(block, inputs, targets, val_rows, device, settings.batch_size * 4)
         record["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(record)
+        report(epoch, settings.epochs, "epoch")
         log.info("%s epoch %d/%d: train loss %.4f%s (%.1f s)", desc, epoch, settings.epochs, record["train_loss"],
                  f", validation loss {record['val_loss']:.4f}" if "val_loss" in record else "", record["seconds"])
     block.eval()
@@ -131,69 +133,143 @@ def evaluate_block(block: DAEBlock, inputs, targets, rows: np.ndarray, device: t
     return total / max(len(rows), 1)
 
 
-def settings_dict(settings: TrainSettings) -> dict:
-    return asdict(settings)
+@dataclass
+class PretrainSettings:
+    """How the cascade is pre-trained on simulated pairs (``cdae_em.pretrain_data``).
+
+    Every block learns to predict the *clean* image, and block j+1 is trained on block j's outputs,
+    which is what it receives in the cascade. The paper's SNR ladder (0.1 -> 0.4 -> 0.6 -> clean)
+    trains each block towards a noisier target; with independent noise in the target the MSE
+    minimiser is the same (the clean image's conditional mean, as in Noise2Noise), so clean targets
+    only remove gradient noise.
+    """
+
+    steps: tuple[int, ...] = (2400, 800, 800)  # optimiser steps per block
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"  # or "rmsprop" (the paper's)
+    val_pairs: int = 256
+    eval_every: int = 100
+    seed: int = 0
 
 
-def pretrain(
-    source,
-    out_dir,
-    sim_settings,
-    train_settings: TrainSettings,
-    device: torch.device,
-    channels: tuple[int, ...] | None = None,
-    dropout: float = 0.5,
-    metadata: dict | None = None,
-    keep_ladder: bool = False,
-):
-    """Algorithm 1, line 1: pre-train block j on SNR-ladder pairs (level j -> level j+1).
+def _optimiser(params, name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r} (rmsprop or adam)")
 
-    Simulates the ladder (``sim_settings.snrs``, e.g. 0.1, 0.4, 0.6, clean: one more level than
-    blocks) from ``source`` into ``out_dir/ladder``, trains each block on its pair of levels, and
-    writes ``out_dir/cdae_weights.pt`` with the settings and per-epoch losses in its metadata.
+
+@torch.no_grad()
+def _through(blocks, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """``x`` passed through the (frozen, eval-mode) ``blocks``."""
+    if not blocks:
+        return x
+    out = []
+    for start in range(0, len(x), batch_size):
+        y = x[start:start + batch_size].to(device)
+        for b in blocks:
+            with autocast(device):
+                y = b.eval()(y).float()
+        out.append(y.cpu())
+    return torch.cat(out)
+
+
+def _psnr_gain(estimate: torch.Tensor, noisy: torch.Tensor, clean: torch.Tensor) -> float:
+    from cdae_em.metrics import psnr
+
+    c = clean.numpy()
+    return float(psnr(estimate.numpy(), c).mean() - psnr(noisy.numpy(), c).mean())
+
+
+def pretrain(sampler, out_dir, settings: PretrainSettings, device: torch.device,
+             channels: tuple[int, ...] | None = None, dropout: float = 0.5, decoder: str | None = None,
+             metadata: dict | None = None, should_stop: Callable[[], None] | None = None, init=None):
+    """Algorithm 1, line 1 (see ``PretrainSettings``): train the blocks one after the other on
+    pairs drawn from ``sampler`` (a ``cdae_em.pretrain_data.PairSampler``); writes
+    ``out_dir/cdae_weights.pt`` (settings, validation losses and PSNR gains in its metadata) and
+    ``out_dir/pretrain.json``. Resumable: each finished block is saved as ``block{j}.pt``.
+    ``init``: a ``Cascade`` to start from (its shape is kept; ``dropout`` applies to the training).
     """
     import json
-    import shutil
     from pathlib import Path
 
-    from cdae_em.cascade import DEFAULT_CHANNELS, Cascade
-    from cdae_em.simulate import level_name, simulate
-    from cdae_em.weights import save_weights
+    from cdae_em.atomic import write_text
+    from cdae_em.cascade import DEFAULT_CHANNELS, DEFAULT_DECODER, Cascade
+    from cdae_em.weights import load_weights, save_weights
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    levels = list(sim_settings.snrs)
-    if len(levels) < 2:
-        raise ValueError("an SNR ladder needs at least two levels")
-    ladder_dir = out / "ladder"
-    manifest = simulate(source, sim_settings, ladder_dir, overwrite=True, single_name=None)
-    stacks = [ladder_dir / (manifest["clean"] if s is None else manifest["levels"][level_name(s)]["stack"]) for s in levels]
-    arrays = [np.load(p, mmap_mode="r") if p.suffix == ".npy" else _mrc_array(p) for p in stacks]
-    model = Cascade(n_blocks=len(levels) - 1, channels=tuple(channels or DEFAULT_CHANNELS), dropout=dropout)
+    if init is not None:
+        c = init.config
+        model = Cascade(n_blocks=c["n_blocks"], channels=tuple(c["channels"]), dropout=dropout, decoder=c["decoder"])
+        model.load_state_dict(init.state_dict())
+        if len(settings.steps) != len(model.blocks):
+            raise ValueError(f"--steps gives {len(settings.steps)} blocks, the initial weights have {len(model.blocks)}")
+    else:
+        model = Cascade(n_blocks=len(settings.steps), channels=tuple(channels or DEFAULT_CHANNELS), dropout=dropout,
+                        decoder=decoder or DEFAULT_DECODER)
+    model = model.to(device)
+    val_noisy, val_clean = sampler.sample(settings.val_pairs, np.random.default_rng([settings.seed, 999]),
+                                          validation=True)
     history = []
     for j, block in enumerate(model.blocks):
-        name = f"block {j + 1} ({level_name(levels[j])} -> {level_name(levels[j + 1])})"
-        log.info("pre-training %s on %d pairs", name, len(arrays[j]))
-        settings = TrainSettings(**{**asdict(train_settings), "seed": train_settings.seed + j})
-        history.append({"block": j + 1, "input": level_name(levels[j]), "target": level_name(levels[j + 1]),
-                        "epochs": train_block(block, arrays[j], arrays[j + 1], settings, device, desc=f"block {j + 1}")})
-    meta = {
-        **(metadata or {}),
-        "simulation": manifest["settings"],
-        "source": manifest["source"],
-        "train": asdict(train_settings),
-        "history": history,
-    }
-    save_weights(model.cpu(), out / "cdae_weights.pt", meta)
-    (out / "pretrain.json").write_text(json.dumps(meta, indent=2))
-    del arrays
-    if not keep_ladder:
-        shutil.rmtree(ladder_dir, ignore_errors=True)
+        done = out / f"block{j + 1}.pt"
+        if done.exists():
+            finished, meta = load_weights(done, map_location=device)
+            block.load_state_dict(finished.blocks[j].state_dict())
+            history.append(meta["history"][j])
+            log.info("block %d: already pre-trained (resuming)", j + 1)
+            continue
+        frozen = list(model.blocks[:j])
+        val_in = _through(frozen, val_noisy, device)
+        val_scale = val_noisy.std(dim=(-2, -1), keepdim=True)
+        rng = np.random.default_rng([settings.seed, j + 1])
+        torch.manual_seed(settings.seed + j + 1)
+        opt = _optimiser(block.parameters(), settings.optimizer, settings.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps[j], eta_min=settings.lr * 0.05)
+        record = {"block": j + 1, "input": "noisy" if j == 0 else f"block {j} output", "target": "clean",
+                  "steps": settings.steps[j], "evaluations": []}
+
+        def evaluate(step: int, train_loss: float | None) -> None:
+            block.eval()
+            with torch.no_grad():
+                val_out = _through([block], val_in, device)
+                loss = float(block_loss(block, val_in.to(device), val_clean.to(device), val_scale.to(device)))
+            entry = {"step": step, "val_loss": round(loss, 5), "val_psnr_gain_db": round(_psnr_gain(val_out, val_noisy, val_clean), 3)}
+            if train_loss is not None:
+                entry["train_loss"] = round(train_loss, 5)
+            record["evaluations"].append(entry)
+            log.info("block %d step %d: validation loss %.4f, PSNR gain over the noisy input %+.2f dB",
+                     j + 1, step, entry["val_loss"], entry["val_psnr_gain_db"])
+            block.train()
+
+        t0 = time.perf_counter()
+        evaluate(0, None)
+        running, count = 0.0, 0
+        for step in tqdm(range(1, settings.steps[j] + 1), desc=f"pre-train block {j + 1}", unit="step",
+                         leave=False, disable=None):
+            if should_stop is not None:
+                should_stop()
+            noisy, clean = sampler.sample(settings.batch_size, rng)
+            x = _through(frozen, noisy, device).to(device)
+            block.train()
+            with autocast(device):
+                loss = block_loss(block, x, clean.to(device), noisy.std(dim=(-2, -1), keepdim=True).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running, count = running + float(loss.detach()), count + 1
+            if step % settings.eval_every == 0 or step == settings.steps[j]:
+                evaluate(step, running / count)
+                running, count = 0.0, 0
+        block.eval()
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        history.append(record)
+        save_weights(model, done, {**(metadata or {}), "history": history})
+    meta = {**(metadata or {}), "pairs": sampler.describe(), "pretrain": asdict(settings), "history": history}
+    save_weights(model.cpu(), out / "cdae_weights.pt", meta, half=True)
+    write_text(out / "pretrain.json", json.dumps(meta, indent=2, default=str))
     return model, history
-
-
-def _mrc_array(path):
-    """A memory-mapped MRC stack as a read-only (N, box, box) array."""
-    import mrcfile
-
-    return mrcfile.mmap(path, mode="r").data

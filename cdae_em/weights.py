@@ -23,14 +23,16 @@ log = logging.getLogger(__name__)
 FORMAT = "cdae-em-weights"
 
 
-def save_weights(model: Cascade, path: str | Path, metadata: dict | None = None) -> None:
-    """Write the cascade's weights (on CPU) and metadata atomically."""
+def save_weights(model: Cascade, path: str | Path, metadata: dict | None = None, half: bool = False) -> None:
+    """Write the cascade's weights (on CPU) and metadata atomically; ``half`` stores them as float16
+    (half the size; they load back into float32 parameters)."""
     path = Path(path)
     payload = {
         "format": FORMAT,
         "version": 1,
         "config": model.config,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().to(torch.float16 if half and v.is_floating_point() else v.dtype).clone()
+                       for k, v in model.state_dict().items()},
         "metadata": json.dumps(metadata or {}),
     }
     with atomic_path(path) as tmp:
@@ -52,7 +54,9 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
     config = payload.get("config") or {}
     try:
         model = Cascade(n_blocks=int(config["n_blocks"]), channels=tuple(config["channels"]),
-                        dropout=float(config["dropout"]))
+                        dropout=float(config["dropout"]),
+                        # weights written before the decoder became a choice used transposed convolutions
+                        decoder=str(config.get("decoder", "transpose")))
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0]

@@ -86,7 +86,7 @@ def data(tmp_path_factory):
 
     weights = None
     if not Path(default_weights_path()).exists():
-        cdae_em("pretrain", "--o", root / "weights", "--n", 64, "--box", BOX, "--epochs", 1,
+        cdae_em("pretrain", "--o", root / "weights", "--steps", "2,1,1", "--views", 8, "--box", BOX,
                 "--channels", "8,16,32")
         weights = root / "weights" / "cdae_weights.pt"
     return root, weights
