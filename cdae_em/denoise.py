@@ -27,11 +27,11 @@ from tqdm import tqdm
 from cdae_em.cascade import Cascade
 from cdae_em.ctf import CtfParams, ctf_2d, phase_flip
 from cdae_em.errors import InputError
-from cdae_em.preprocess import equalise_histogram, fourier_resize, soft_circular_mask
-from cdae_em.selfcheck import check_rows
+from cdae_em.preprocess import equalise_histogram, fourier_resize, particle_mask
+from cdae_em.selfcheck import check_rows, choose_polarity, finetuning_helped
 from cdae_em.stacks import ImageSource, StackWriter
 from cdae_em.star import ParticleTable, read_particles, write_star
-from cdae_em.train import TrainSettings, autocast, train_block
+from cdae_em.train import TrainSettings, autocast
 
 log = logging.getLogger(__name__)
 
@@ -178,91 +178,6 @@ def run_block(block: torch.nn.Module, src: np.ndarray, dst: np.ndarray, device: 
         dst.flush()
 
 
-def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSettings, device: torch.device,
-                      valid: np.ndarray | None = None) -> torch.Tensor:
-    """Fine-tuning targets for ``rows``: the mean of each one's k nearest neighbours among all
-    block outputs (among the ``valid`` rows only, if given: blank images are never neighbours),
-    found with rotation/shift-invariant features and aligned to it before averaging.
-    """
-    from cdae_em.neighbours import aligned_neighbour_means, invariant_features, nearest_neighbours, reduce_features
-
-    feats = invariant_features(outputs, device=device).cpu()  # one mask radius for all particles
-    if valid is not None and len(valid) < len(feats):
-        features = reduce_features(feats[torch.as_tensor(valid)], n_components=settings.n_components,
-                                   seed=settings.seed)
-        local, _ = nearest_neighbours(features, settings.k, max_distance=settings.max_distance)
-        idx = torch.full((len(feats), local.shape[1]), -1, dtype=local.dtype)
-        idx[torch.as_tensor(valid)] = torch.as_tensor(valid)[local]  # back to rows of ``outputs``
-    else:
-        features = reduce_features(feats, n_components=settings.n_components, seed=settings.seed)
-        idx, _ = nearest_neighbours(features, settings.k, max_distance=settings.max_distance)
-    return aligned_neighbour_means(outputs, idx[torch.as_tensor(rows)], rows=torch.as_tensor(rows),
-                                   psi_step=settings.psi_step, batch_size=settings.batch_size, progress=True,
-                                   device=device)
-
-
-def finetune(model: Cascade, inputs: np.ndarray, work: Path, settings: DenoiseSettings, device: torch.device,
-             should_stop: Callable[[], None] | None = None, blank: np.ndarray | None = None,
-             holdout: np.ndarray | None = None) -> list[dict]:
-    """Algorithm 1, lines 2-7: fine-tune blocks 1, 2, 3 in order on the user's particles.
-
-    For block j: y = f_j(x_j) for every particle; target_i = mean of y over x_i's aligned k nearest
-    neighbours; train f_j on (x_j[i], target_i) for a random subset of particles; then the fine-tuned
-    f_j's output is x_{j+1}. Returns one record per block (losses, timings).
-
-    Resumable: after block j, its weights (``block{j}.pt``), its output (``block{j}.npy``) and a
-    marker (``block{j}.done``) are in ``work``; a rerun loads finished blocks instead of redoing
-    them. Each block draws from its own seeded generator, so a resumed run gives the same result.
-    ``holdout`` rows are never trained on (they check the result, see ``cdae_em.selfcheck``).
-    """
-    from cdae_em.weights import load_weights, save_weights
-
-    n = len(inputs)
-    valid = np.setdiff1d(np.arange(n), blank if blank is not None else [])  # blank images never train
-    if len(valid) <= settings.k:
-        raise InputError(None, f"{len(valid)} particles are too few for {settings.k} neighbours: give more particles "
-                         "or a smaller --neighbours")
-    history = []
-    box = inputs.shape[-1]
-    resumed = resume_point(work, len(model.blocks), n, box)
-    if resumed:  # the last finished block's file holds every block fine-tuned so far
-        finished, _ = load_weights(work / f"block{resumed}.pt", map_location=device)
-        for i in range(resumed):
-            model.blocks[i].load_state_dict(finished.blocks[i].state_dict())
-            history.append({"block": i + 1, "resumed": True})
-            log.info("block %d: already fine-tuned (resuming)", i + 1)
-    x = np.load(work / f"block{resumed}.npy", mmap_mode="r") if resumed else inputs  # only what is needed
-    for j, block in enumerate(model.blocks, start=1):
-        done = work / f"block{j}.done"
-        if j <= resumed:
-            continue
-        t0 = time.perf_counter()
-        rng = np.random.default_rng([settings.seed, j])
-        y = open_work_array(work / f"block{j}_before.npy", n, box)
-        run_block(block, x, y, device, settings.batch_size, f"block {j}: denoise", should_stop)
-        trainable = np.setdiff1d(valid, holdout) if holdout is not None and len(valid) - len(holdout) > settings.k else valid
-        rows = np.sort(rng.choice(trainable, size=min(len(trainable), settings.finetune_subset), replace=False))
-        log.info("block %d: kNN targets (k=%d) for %d particles", j, settings.k, len(rows))
-        targets = neighbour_targets(y, rows, settings, device, valid=valid).cpu().numpy()
-        del y
-        (work / f"block{j}_before.npy").unlink()
-        train = TrainSettings(**{**asdict(settings.train), "seed": settings.seed + j})
-        record = {"block": j, "particles": len(rows),
-                  "epochs": train_block(block, _Rows(x, rows), targets, train, device, desc=f"block {j}: fine-tune",
-                                        should_stop=should_stop)}
-        nxt = open_work_array(work / f"block{j}.npy", n, box)
-        run_block(block, x, nxt, device, settings.batch_size, f"block {j}: denoise", should_stop)
-        save_weights(model, work / f"block{j}.pt", {"fine-tuned blocks": j})
-        done.touch()
-        if j > 1:
-            (work / f"block{j - 1}.npy").unlink(missing_ok=True)
-        x = nxt
-        record["seconds"] = round(time.perf_counter() - t0, 2)
-        history.append(record)
-        log.info("block %d fine-tuned in %.1f s", j, record["seconds"])
-    return history
-
-
 def run_cascade(model: Cascade, inputs: np.ndarray, path: Path, device: torch.device, batch_size: int,
                 should_stop: Callable[[], None] | None = None) -> np.ndarray:
     """All blocks of ``model`` over ``inputs``, into the work array ``path`` (one pass per block)."""
@@ -275,96 +190,6 @@ def run_cascade(model: Cascade, inputs: np.ndarray, path: Path, device: torch.de
             path.with_name(f"{path.stem}_{j - 1}.npy").unlink(missing_ok=True)
         x = nxt
     return x
-
-
-def _cascade_fn(model: Cascade, device: torch.device):
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        with autocast(device):
-            return model.eval()(x).float()
-    return apply
-
-
-def choose_polarity(model: Cascade, images: torch.Tensor, settings: DenoiseSettings,
-                    device: torch.device) -> tuple[int, dict]:
-    """+1 (protein bright) or -1 (dark), as ``settings.contrast`` says or, for "auto", whichever
-    polarity gives the pre-trained cascade the lower blind-spot loss on ``images``; with the
-    losses for the summary."""
-    from cdae_em.selfcheck import blind_spot_loss
-
-    record = {"check_particles": len(images), "blind_spot_loss": {}}
-    record["blind_spot_loss"]["4-neighbour mean"] = round(blind_spot_loss(None, images, seed=settings.seed), 5)
-    if settings.contrast in ("bright", "dark"):
-        sign = 1 if settings.contrast == "bright" else -1
-        record["contrast"] = settings.contrast + " (given)"
-    else:
-        losses = {}
-        for s in (1, -1):
-            model.set_polarity(s)
-            losses[s] = blind_spot_loss(_cascade_fn(model, device), images, seed=settings.seed)
-        sign = 1 if losses[1] <= losses[-1] else -1
-        record["blind_spot_loss"]["pre-trained, protein bright"] = round(losses[1], 5)
-        record["blind_spot_loss"]["pre-trained, protein dark"] = round(losses[-1], 5)
-        record["contrast"] = "bright" if sign > 0 else "dark"
-        log.info("protein contrast: %s (blind-spot loss %.4f bright vs %.4f dark; the denoised stacks keep "
-                 "the input's contrast)", record["contrast"], losses[1], losses[-1])
-    return sign, record
-
-
-def _finetuning_helped(model: Cascade, pretrained: Cascade, images: torch.Tensor, record: dict,
-                       device: torch.device) -> bool:
-    """Blind-spot losses of the fine-tuned and pre-trained cascades on the held-out particles;
-    False (and a warning) when fine-tuning made the result worse."""
-    from cdae_em.selfcheck import blind_spot_loss
-
-    seed = 0
-    tuned = blind_spot_loss(_cascade_fn(model, device), images, seed=seed)
-    base = blind_spot_loss(_cascade_fn(pretrained, device), images, seed=seed)
-    record["blind_spot_loss"]["fine-tuned"] = round(tuned, 5)
-    record["blind_spot_loss"]["pre-trained"] = round(base, 5)
-    helped = tuned <= base
-    record["used"] = "fine-tuned" if helped else "pre-trained (fine-tuning made the held-out loss worse)"
-    if helped:
-        log.info("fine-tuning check: blind-spot loss on %d held-out particles %.4f -> %.4f", len(images), base, tuned)
-    else:
-        log.warning("fine-tuning made the denoiser worse on %d held-out particles (blind-spot loss %.4f -> %.4f): "
-                    "writing the pre-trained cascade's output instead", len(images), base, tuned)
-    bar = record["blind_spot_loss"]["4-neighbour mean"]
-    if min(tuned, base) >= bar:
-        record["warning"] = "the denoiser does no better than a 4-pixel mean filter on these particles"
-        log.warning("the denoiser does no better than a 4-pixel mean filter on these particles "
-                    "(blind-spot loss %.4f vs %.4f): check the contrast (--contrast) and the weights", min(tuned, base), bar)
-    return helped
-
-
-def resume_point(work: Path, n_blocks: int, n: int, box: int) -> int:
-    """The last fine-tuned block a rerun can start after (0: none): its marker, weights and output
-    array (of the right shape) are all there. Markers of later or incomplete blocks are removed."""
-    point = 0
-    for j in range(1, n_blocks + 1):
-        if not (work / f"block{j}.done").exists():
-            break
-        if (work / f"block{j}.pt").exists() and (work / f"block{j}.npy").exists():
-            try:
-                if np.load(work / f"block{j}.npy", mmap_mode="r").shape == (n, box, box):
-                    point = j
-            except (OSError, ValueError):
-                pass
-    for j in range(point + 1, n_blocks + 1):
-        (work / f"block{j}.done").unlink(missing_ok=True)
-    return point
-
-
-class _Rows:
-    """A view of ``array[rows]`` that indexes like an array (for training on a subset)."""
-
-    def __init__(self, array, rows: np.ndarray):
-        self.array, self.rows = array, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, idx):
-        return self.array[self.rows[idx]]
 
 
 def stack_names(out_dir: Path, n: int) -> list[Path]:
@@ -392,8 +217,7 @@ def write_denoised(table: ParticleTable, images: np.ndarray, out_dir: Path, pixe
     complete; the STAR file comes last, so a pipeline never sees a half-written result.
     """
     n, box = len(images), images.shape[-1]
-    diameter = settings.mask_diameter / pixel_size if settings.mask_diameter else 0.9 * box
-    mask = soft_circular_mask(box, radius=diameter / 2 - 2, width=4, device=device)
+    mask = particle_mask(box, settings.mask_diameter / pixel_size if settings.mask_diameter else None, device)
     staging = out_dir / WORK_DIR / "denoised"
     staging.mkdir(parents=True, exist_ok=True)
     final_paths = stack_names(out_dir, n)
@@ -487,14 +311,17 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
                      "weights": str(settings.weights or "default"), "weights_metadata": meta.get("command")}
     check = np.setdiff1d(check_rows(len(inputs), settings.seed), blank)
     check_images = torch.from_numpy(np.array(inputs[check])).to(device)
-    sign, summary["selfcheck"] = choose_polarity(model, check_images, settings, device)
+    sign, summary["selfcheck"] = choose_polarity(model, check_images, settings, device, should_stop)
     model.set_polarity(sign)
     if settings.finetune:
+        from cdae_em.finetune import finetune
+
         pretrained = copy.deepcopy(model)
         summary["finetune"] = finetune(model, inputs, work, settings, device, should_stop, blank=blank,
                                        holdout=check if settings.check else None)
         final = np.load(work / f"block{len(model.blocks)}.npy", mmap_mode="r")
-        if settings.check and not _finetuning_helped(model, pretrained, check_images, summary["selfcheck"], device):
+        if settings.check and not finetuning_helped(model, pretrained, check_images, summary["selfcheck"], device,
+                                                     should_stop):
             final = run_cascade(pretrained, inputs, work / "pretrained.npy", device, settings.batch_size, should_stop)
     else:
         final = run_cascade(model, inputs, work / "pretrained.npy", device, settings.batch_size, should_stop)

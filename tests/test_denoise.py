@@ -22,7 +22,7 @@ def test_denoise_writes_stacks_and_star_keeping_every_column(particles, small_we
     before = particles.read_bytes()
     out = tmp_path / "den"
     r = run_cli("denoise", "--i", particles, "--o", out, "--weights", small_weights, "--k", 5, "--epochs", 1,
-                "--finetune-subset", 30, "--phase-flip", "--j", 2)
+                "--finetune-subset", 30, "--phase-flip", "--equalise", "--j", 2)
     assert r.returncode == 0, r.stderr
     assert particles.read_bytes() == before  # input untouched
     star_in = starfile.read(particles)
@@ -39,7 +39,7 @@ def test_denoise_writes_stacks_and_star_keeping_every_column(particles, small_we
     with mrcfile.open(stacks[0]) as m:
         assert m.data.shape == (60, 32, 32) and np.isfinite(m.data).all()
         assert np.isclose(float(m.voxel_size.x), float(star_out["optics"]["rlnImagePixelSize"].iloc[0]), atol=1e-3)
-        # histogram equalisation: flat histogram on [-0.5, 0.5] inside the mask, 0 outside
+        # --equalise: flat histogram on [-0.5, 0.5] inside the mask, 0 outside
         assert m.data.min() >= -0.5 and m.data.max() <= 0.5 and m.data.max() > 0.45
         assert m.data[:, 0, 0].max() == 0
     assert not (out / ".cdae_work").exists()
@@ -108,7 +108,8 @@ def test_blank_images_are_never_neighbours():
     """The kNN targets are found among the valid rows only."""
     import torch
 
-    from cdae_em.denoise import DenoiseSettings, neighbour_targets
+    from cdae_em.denoise import DenoiseSettings
+    from cdae_em.finetune import neighbour_targets
 
     rng = np.random.default_rng(0)
     images = rng.normal(size=(30, 32, 32)).astype(np.float32)
