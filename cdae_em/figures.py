@@ -29,8 +29,9 @@ def raw_denoised_pairs(denoised_star: Path, original_star: str | Path, project_d
 
 
 def gallery(path: Path, averages: np.ndarray | None, counts: np.ndarray | None,
-            pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Write a PNG: class averages titled with their particle counts (if given), then the pairs."""
+            pairs: list[tuple[np.ndarray, np.ndarray]], agreement: np.ndarray | None = None) -> None:
+    """Write a PNG: class averages titled with their particle counts (if given) and the agreement
+    of their denoised particles (``cdae_em.quality``; red when low), then the pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +47,13 @@ def gallery(path: Path, averages: np.ndarray | None, counts: np.ndarray | None,
     for i in range(k):
         ax = axes[i // cols, i % cols]
         ax.imshow(averages[i], cmap="gray")
-        ax.set_title(f"class {i + 1}: {counts[i]}", fontsize=8)
+        if agreement is None:
+            ax.set_title(f"class {i + 1}: {counts[i]}", fontsize=8)
+        else:
+            from cdae_em.quality import LOW_AGREEMENT
+
+            ax.set_title(f"class {i + 1}: {counts[i]}\ndenoised r={agreement[i]:.2f}", fontsize=7,
+                         color="red" if agreement[i] < LOW_AGREEMENT else "black")
     for j, (raw, den) in enumerate(pairs):
         axes[rows, j].imshow(raw, cmap="gray")
         axes[rows, j].set_title("raw" if j == 0 else "", fontsize=8)

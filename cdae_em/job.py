@@ -25,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import socket
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -40,6 +38,7 @@ from cdae_em.atomic import atomic_path
 from cdae_em.atomic import write_text as atomic_text
 from cdae_em.denoise import DenoiseSettings
 from cdae_em.errors import CdaeError, InputError, OutputError, ResourceError, resource_errors
+from cdae_em.lock import LOCK_FILE, job_lock, make_out_dir, refuse_if_locked  # noqa: F401 (re-exported)
 from cdae_em.progress import JobProgress, ProgressCallback, tracking
 
 log = logging.getLogger(__name__)
@@ -92,12 +91,7 @@ def prepare_output(settings: JobSettings) -> Path:
     """Create/validate the output directory: refuse another job's outputs unless overwrite;
     returns the job's private directory (stage markers)."""
     out = Path(settings.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot create the output directory ({exc.strerror})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise OutputError(f"{out}: output directory is not writable")
+    make_out_dir(out)
     job_dir = out / JOB_DIR
     sig_file = job_dir / "signature"
     previous = sig_file.read_text().strip() if sig_file.exists() else None
@@ -119,88 +113,6 @@ def prepare_output(settings: JobSettings) -> Path:
     job_dir.mkdir(exist_ok=True)
     atomic_text(sig_file, signature + "\n")
     return job_dir
-
-
-LOCK_FILE = ".cdae_lock"
-
-
-def _make_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot create the output directory ({exc.strerror})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise OutputError(f"{out}: output directory is not writable")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-@contextmanager
-def job_lock(out_dir: str | Path) -> Iterator[Path]:
-    """Hold ``OUT/.cdae_lock`` (holding ``pid@host``) while a job runs there: a second job started
-    into the same directory is refused; a lock left by a dead process of this host is taken over."""
-    out = Path(out_dir)
-    _make_out_dir(out)
-    lock = out / LOCK_FILE
-    me = f"{os.getpid()}@{socket.gethostname()}"
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                owner = lock.read_text().strip()
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            if _stale(owner):
-                log.warning("%s: taking over the lock of process %s, which no longer runs", out, owner)
-                lock.unlink(missing_ok=True)
-                continue
-            raise _locked(out, owner) from None
-        except OSError as exc:
-            raise OutputError(f"{out}: cannot create the lock file {LOCK_FILE} ({exc.strerror})") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me + "\n")
-        break
-    else:
-        raise OutputError(f"{out}: could not take the job lock {lock}")
-    try:
-        yield lock
-    finally:
-        try:
-            if lock.read_text().strip() == me:
-                lock.unlink()
-        except OSError:
-            pass
-
-
-def _stale(owner: str) -> bool:
-    """A lock's ``pid@host`` names a process of this host that no longer runs."""
-    pid_text, _, host = owner.partition("@")
-    return pid_text.isdigit() and host == socket.gethostname() and not _pid_alive(int(pid_text))
-
-
-def _locked(out: Path, owner: str) -> OutputError:
-    return OutputError(f"{out}: another cdae-em job ({owner or 'unknown process'}) is running in this directory; "
-                       f"wait for it to end, or remove {out / LOCK_FILE} if no job runs there")
-
-
-def refuse_if_locked(out_dir: str | Path) -> None:
-    """Refuse at once (touching nothing) when a live job holds ``out_dir``'s lock."""
-    lock = Path(out_dir) / LOCK_FILE
-    try:
-        owner = lock.read_text().strip()
-    except OSError:
-        return
-    if not _stale(owner):
-        raise _locked(Path(out_dir), owner)
 
 
 def check_settings(settings: JobSettings) -> None:
@@ -267,7 +179,7 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
              lock: ExitStack) -> dict:
     import torch
 
-    from cdae_em.denoise import denoise, resolve_device
+    from cdae_em.denoise import resolve_device
     from cdae_em.star import read_particles
 
     t0 = time.perf_counter()
@@ -412,19 +324,31 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
 
 
 def _pretrain_on_reference(settings: JobSettings, out: Path, device) -> None:
-    from cdae_em.simulate import SimulationSettings, load_source
+    """Pre-train a cascade on simulated particles of the reference map (``--ref``): the map projected
+    at ``pretrain_particles`` views, ``pretrain_epochs`` passes' worth of optimiser steps for block 1
+    and a third of that for blocks 2 and 3 (see ``cdae_em.train.pretrain``)."""
+    import dataclasses
+
+    from cdae_em.pretrain_data import PairSampler, PairSettings, ProjectionBank
+    from cdae_em.simulate import load_source
     from cdae_em.stacks import ImageSource
     from cdae_em.star import read_particles
-    from cdae_em.train import TrainSettings, pretrain
+    from cdae_em.train import PretrainSettings, pretrain
 
     with ImageSource(read_particles(settings.particles), project_dir=settings.project_dir) as images:
         box = images.box
     log.info("pre-training on the reference map %s", settings.reference_map)
-    source = load_source(settings.reference_map, box=settings.denoise.box or box)
-    sim = SimulationSettings(n_particles=settings.pretrain_particles, in_plane=True, max_shift=3.0, ctf=True,
-                             snrs=[0.1, 0.4, 0.6, None], seed=settings.seed)
-    pretrain(source, out, sim, TrainSettings(epochs=settings.pretrain_epochs, seed=settings.seed), device,
-             metadata={"command": f"reference map {settings.reference_map}"})
+    source = load_source(settings.reference_map)
+    pairs = dataclasses.replace(PairSettings(), box=settings.denoise.box or box,
+                                views_per_structure=settings.pretrain_particles, seed=settings.seed)
+    if source.kind == "atoms":
+        bank = ProjectionBank({settings.reference_map: source.atoms}, pairs)
+    else:
+        bank = ProjectionBank({}, pairs, maps={settings.reference_map: (source.volume, source.pixel_size)})
+    train = PretrainSettings(seed=settings.seed)
+    first = max(1, settings.pretrain_particles * settings.pretrain_epochs // train.batch_size)
+    train = dataclasses.replace(train, steps=(first, max(1, first // 3), max(1, first // 3)))
+    pretrain(PairSampler(bank, pairs), out, train, device, metadata={"command": f"reference map {settings.reference_map}"})
 
 
 class StarImages:
