@@ -30,7 +30,7 @@ setup(
         "cdae_em.templates": "templates",
     },
     package_data={
-        "cdae_em.data": ["*.mrc.gz", "*.md", "*.json", "*.pt"],
+        "cdae_em.data": ["*.mrc.gz", "*.md", "*.json", "*.pt", "*.npz"],
         "cdae_em.templates": ["*.star", "*.json.template"],
     },
     install_requires=[

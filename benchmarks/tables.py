@@ -51,22 +51,25 @@ def calibrate_peers(cfg: Config, work: Path) -> dict:
 
 
 def denoise_finetuned(ds: Dataset, cfg: Config, j: int) -> tuple[np.ndarray, float]:
-    """`cdae-em denoise` (default settings, fine-tuning on) on the data set; the un-equalised
-    final block output and the seconds it took."""
+    """`cdae-em denoise` (default settings, fine-tuning on) on the data set; the denoised stack it
+    wrote (faithful, not equalised: its default) and the seconds it took."""
     from cdae_em.commands import denoise as cmd
+    from cdae_em.stacks import ImageSource
+    from cdae_em.star import read_particles
 
     parser = argparse.ArgumentParser()
     cmd.add_args(parser)
     out = ds.dir / "cdae_denoise"
-    args = parser.parse_args(["--i", str(ds.star), "--o", str(out), "--keep-work", "--j", str(j),
-                              "--k", str(cfg.k), "--epochs", str(cfg.epochs),
+    args = parser.parse_args(["--i", str(ds.star), "--o", str(out), "--j", str(j),
+                              "--neighbours", str(cfg.k), "--epochs", str(cfg.epochs),
                               "--finetune-subset", str(cfg.finetune_subset)])
     t0 = time.perf_counter()
-    final = out / ".cdae_work" / "block3.npy"
-    if not final.exists():
+    star = out / "denoised_particles.star"
+    if not star.exists():
         cmd.main(args)
     seconds = time.perf_counter() - t0
-    return np.array(np.load(final, mmap_mode="r")), seconds
+    with ImageSource(read_particles(star)) as src:
+        return np.asarray(src.read(np.arange(src.n)), dtype=np.float32), seconds
 
 
 def table1_for(ds: Dataset, cfg: Config, calib: dict, model, j: int) -> tuple[list, dict]:
