@@ -112,18 +112,20 @@ def finetuning_helped(model: Cascade, pretrained: Cascade, images: torch.Tensor,
     False (and a warning) when fine-tuning made the result worse."""
     tuned = blind_spot_loss(cascade_fn(model, device), images, should_stop=should_stop)
     base = blind_spot_loss(cascade_fn(pretrained, device), images, should_stop=should_stop)
-    record["blind_spot_loss"]["fine-tuned"] = round(tuned, 5)
+    finite = bool(np.isfinite(tuned))  # a diverged fine-tuning gives NaN: not finite, not helped
+    record["blind_spot_loss"]["fine-tuned"] = round(tuned, 5) if finite else None
     record["blind_spot_loss"]["pre-trained"] = round(base, 5)
-    helped = tuned <= base
+    helped = finite and tuned <= base
     record["used"] = "fine-tuned" if helped else "pre-trained (fine-tuning made the held-out loss worse)"
     if helped:
         log.info("fine-tuning check: blind-spot loss on %d held-out particles %.4f -> %.4f", len(images), base, tuned)
     else:
-        log.warning("fine-tuning made the denoiser worse on %d held-out particles (blind-spot loss %.4f -> %.4f): "
+        log.warning("fine-tuning made the denoiser worse on %d held-out particles (blind-spot loss %.4f -> %.4g): "
                     "writing the pre-trained cascade's output instead", len(images), base, tuned)
     bar = record["blind_spot_loss"]["4-neighbour mean"]
-    if min(tuned, base) >= bar:
+    best = min(tuned, base) if finite else base
+    if best >= bar:
         record["warning"] = "the denoiser does no better than a 4-pixel mean filter on these particles"
         log.warning("the denoiser does no better than a 4-pixel mean filter on these particles "
-                    "(blind-spot loss %.4f vs %.4f): check the contrast (--contrast) and the weights", min(tuned, base), bar)
+                    "(blind-spot loss %.4f vs %.4f): check the contrast (--contrast) and the weights", best, bar)
     return helped
