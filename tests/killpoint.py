@@ -59,17 +59,18 @@ def _block_desc(block: int):
 def install(point: str) -> None:
     import cdae_em.classify as classify
     import cdae_em.denoise as denoise
+    import cdae_em.finetune as finetune
     import cdae_em.job as job
     import cdae_em.outputs as outputs
 
     points = {
         "prepare-mid": lambda: _kill_when(denoise.BatchPreparer, "__call__", _nth_call(2)),
-        "prepared": lambda: _kill_when(denoise, "finetune", lambda a, k: True),
-        "block1-mid": lambda: _kill_when(denoise, "train_block", _block_desc(1)),
-        "block1-done": lambda: _kill_when(denoise, "open_work_array", _arg_name(0, "path", "block2_before.npy")),
-        "block2-mid": lambda: _kill_when(denoise, "train_block", _block_desc(2)),
-        "block2-done": lambda: _kill_when(denoise, "open_work_array", _arg_name(0, "path", "block3_before.npy")),
-        "block3-mid": lambda: _kill_when(denoise, "train_block", _block_desc(3)),
+        "prepared": lambda: _kill_when(finetune, "finetune", lambda a, k: True),
+        "block1-mid": lambda: _kill_when(finetune, "train_block", _block_desc(1)),
+        "block1-done": lambda: _kill_when(finetune, "open_work_array", _arg_name(0, "path", "block2_before.npy")),
+        "block2-mid": lambda: _kill_when(finetune, "train_block", _block_desc(2)),
+        "block2-done": lambda: _kill_when(finetune, "open_work_array", _arg_name(0, "path", "block3_before.npy")),
+        "block3-mid": lambda: _kill_when(finetune, "train_block", _block_desc(3)),
         "block3-done": lambda: _kill_when(denoise, "write_denoised", lambda a, k: True),
         "write-mid": lambda: _kill_when(denoise.StackWriter, "write", _nth_call(2)),
         "denoised": lambda: _kill_when(classify, "classify", _nth_call(1)),
