@@ -59,6 +59,9 @@ class DAEBlock(nn.Module):
             c_in = c
         layers.append(nn.Conv2d(c_in, 1, 3, padding=1))
         self.decoder = nn.Sequential(*layers)
+        # channels-last convolution weights: the same results, 1.6x faster inference and 1.4x faster
+        # training on this project's 2-core CPU (docs/denoiser.md times it)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x, mean, std = standardise(images)
