@@ -88,12 +88,11 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
     _write_table(classes, out / "class_averages.star")
     agreement = None
     if (out / "denoised_particles.star").exists():
+        from cdae_em.job import StarImages
         from cdae_em.quality import agreement_summary, denoised_agreement
-        from cdae_em.star import read_particles
 
-        with ImageSource(read_particles(out / "denoised_particles.star"), project_dir=settings.project_dir) as den:
-            per_class = denoised_agreement(_Reader(den), labels, psi, origin, averages, device,
-                                           settings.denoise.batch_size)
+        with StarImages(out / "denoised_particles.star", settings.project_dir) as den:
+            per_class = denoised_agreement(den, labels, psi, origin, averages, device, settings.denoise.batch_size)
         agreement = agreement_summary(per_class, counts)
     pairs = raw_denoised_pairs(out / "denoised_particles.star", settings.particles, settings.project_dir)
     gallery(out / "gallery.png", averages, counts, pairs,
@@ -102,21 +101,6 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
     return {"class_sizes": counts.tolist(), "box": int(box), "pixel_size": pixel,
             "mean_alignment_score": float(score.mean()), "half_sets": stats.to_json(),
             **({"denoised_agreement": agreement} if agreement is not None else {})}
-
-
-class _Reader:
-    """An ``ImageSource`` as an array-like of its images (``shape``, ``len``, ``[rows]``)."""
-
-    def __init__(self, source: ImageSource):
-        self.source, self.shape = source, (source.n, source.box, source.box)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, rows) -> np.ndarray:
-        if isinstance(rows, slice):
-            rows = np.arange(*rows.indices(self.shape[0]))
-        return self.source.read(np.atleast_1d(rows))
 
 
 def _write_table(df, path: Path) -> None:
