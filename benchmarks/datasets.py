@@ -24,6 +24,7 @@ PROTEINS = [
     ("1BHL", "1BHL.pdb.gz", "HIV-1 integrase catalytic domain (dimer, 1,048 atoms)"),
     ("2XHE", "2XHE.pdb.gz", "Unc18-syntaxin 1 complex, M. brevicollis (6,267 atoms)"),
     ("4ZHL", "4ZHL.cif.gz", "murinised human uPA with the peptide mupain-1-IG (2,030 atoms)"),
+    ("1FAT", "1FAT.pdb.gz", "phytohemagglutinin-L tetramer, ~110 kDa (7,232 atoms)"),
 ]
 
 PROTOCOLS = {

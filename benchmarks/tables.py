@@ -62,7 +62,7 @@ def denoise_finetuned(ds: Dataset, cfg: Config, j: int) -> tuple[np.ndarray, flo
     out = ds.dir / "cdae_denoise"
     args = parser.parse_args(["--i", str(ds.star), "--o", str(out), "--j", str(j),
                               "--neighbours", str(cfg.k), "--epochs", str(cfg.epochs),
-                              "--finetune-subset", str(cfg.finetune_subset)])
+                              "--finetune-subset", str(cfg.finetune_subset), "--finetune", "--no-phase-flip"])
     t0 = time.perf_counter()
     star = out / "denoised_particles.star"
     if not star.exists():

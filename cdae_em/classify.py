@@ -7,7 +7,8 @@
    class centre in feature space) and averaged.
 3. ``n_iter`` rounds of multi-reference alignment: every particle aligned to every reference
    (rotation on a psi grid, shift by FFT cross-correlation), assigned to the best one, references
-   re-averaged from the aligned particles. Empty classes are re-seeded with the worst-fitting
+   re-averaged from the aligned particles. Coarse to fine: all rounds but the last ``fine_rounds``
+   search at twice the psi step and a lower frequency band. Empty classes are re-seeded with the worst-fitting
    particles of the largest class.
 Classes are returned ordered by size (class 1 the largest), with each particle's psi and origin in
 RELION's convention (applying them to the particle brings it onto its class average).
@@ -48,6 +49,11 @@ class ClassifySettings:
     hc_max: int = 5000
     batch_size: int = 256
     seed: int = 0
+    # coarse to fine: every round but the last ``fine_rounds`` searches psi at twice psi_step and
+    # frequencies below ``coarse_band`` cycles/pixel (about 3x cheaper at the defaults)
+    fine_rounds: int = 2
+    coarse_band: float = 0.1875
+    fine_band: float = 0.25
 
 
 @dataclass
@@ -136,6 +142,45 @@ def classify(images, settings: ClassifySettings, device: torch.device,
         raise InputError(None, f"number of classes K={k} must be between 2 and the number of particles ({n})")
     max_shift = settings.max_shift if settings.max_shift is not None else box / 8
     t0 = time.perf_counter()
+    labels, psi, origin, score = _initial_classes(images, settings, device, max_shift, initial_labels)
+    references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
+
+    history = []
+    report(0, settings.n_iter, "round")
+    for it in range(1, settings.n_iter + 1):
+        if should_stop is not None:
+            should_stop()
+        fine = it > settings.n_iter - settings.fine_rounds
+        ref_idx, p, o, s = align_to_references(images, torch.as_tensor(references, device=device),
+                                               psi_step=settings.psi_step * (1 if fine else 2), max_shift=max_shift,
+                                               batch_size=settings.batch_size, device=device, progress=True,
+                                               band=settings.fine_band if fine else settings.coarse_band)
+        new = ref_idx.cpu().numpy()
+        psi, origin, score = p.cpu().numpy(), o.cpu().numpy(), s.cpu().numpy()
+        changed = float(np.mean(new != labels))
+        labels = _reseed_empty(new, score, k)
+        references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
+        history.append({"iteration": it, "changed": changed, "mean_score": float(score.mean()),
+                        "sizes": counts.tolist(), "search": "fine" if fine else "coarse"})
+        log.info("classification round %d/%d (%s search): %.1f%% of particles changed class, mean score %.3f",
+                 it, settings.n_iter, "fine" if fine else "coarse", 100 * changed, float(score.mean()))
+        report(it, settings.n_iter, "round")
+        if changed == 0.0 and fine:
+            break
+
+    order = np.argsort(-counts, kind="stable")
+    rank = np.empty(k, dtype=int)
+    rank[order] = np.arange(k)
+    log.info("classified %d particles into %d classes in %.1f s", n, k, time.perf_counter() - t0)
+    return Classification(labels=rank[labels], psi=psi, origin=origin, score=score,
+                          references=references[order], history=history)
+
+
+def _initial_classes(images, settings: ClassifySettings, device: torch.device, max_shift: float,
+                     initial_labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 1-2: labels from the invariant features (unless given), and each particle aligned onto
+    its class medoid (the member nearest the class centre in feature space): labels, psi, origin, score."""
+    n, k = len(images), settings.n_classes
     masked = _Masked(images, device)
     radius = estimate_particle_radius(masked[np.arange(min(n, 1000))])
     features = reduce_features(invariant_features(masked, mask_radius=radius, device=device).cpu(),
@@ -145,8 +190,6 @@ def classify(images, settings: ClassifySettings, device: torch.device,
     else:
         labels = cluster(features, k, settings.method, settings.seed, settings.hc_max)
     log.info("initial %s classes from invariant features: sizes %s", settings.method, np.bincount(labels, minlength=k).tolist())
-
-    # initial references: members aligned onto their class medoid, averaged
     centres = np.stack([features[labels == c].mean(axis=0) if np.any(labels == c) else features[0] for c in range(k)])
     dist = ((features - centres[labels]) ** 2).sum(axis=1)
     medoid = np.array([np.flatnonzero(labels == c)[np.argmin(dist[labels == c])] if np.any(labels == c) else 0
@@ -160,35 +203,7 @@ def classify(images, settings: ClassifySettings, device: torch.device,
         p, o, s = align_pairs(_rows(images, rows, device), refs, psi_step=settings.psi_step, max_shift=max_shift,
                               mask_radius=radius)
         psi[rows], origin[rows], score[rows] = p.cpu().numpy(), o.cpu().numpy(), s.cpu().numpy()
-    references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
-
-    history = []
-    report(0, settings.n_iter, "round")
-    for it in range(1, settings.n_iter + 1):
-        if should_stop is not None:
-            should_stop()
-        ref_idx, p, o, s = align_to_references(images, torch.as_tensor(references, device=device),
-                                               psi_step=settings.psi_step, max_shift=max_shift,
-                                               batch_size=settings.batch_size, device=device, progress=True)
-        new = ref_idx.cpu().numpy()
-        psi, origin, score = p.cpu().numpy(), o.cpu().numpy(), s.cpu().numpy()
-        changed = float(np.mean(new != labels))
-        labels = _reseed_empty(new, score, k)
-        references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
-        history.append({"iteration": it, "changed": changed, "mean_score": float(score.mean()),
-                        "sizes": counts.tolist()})
-        log.info("classification round %d/%d: %.1f%% of particles changed class, mean score %.3f",
-                 it, settings.n_iter, 100 * changed, float(score.mean()))
-        report(it, settings.n_iter, "round")
-        if changed == 0.0:
-            break
-
-    order = np.argsort(-counts, kind="stable")
-    rank = np.empty(k, dtype=int)
-    rank[order] = np.arange(k)
-    log.info("classified %d particles into %d classes in %.1f s", n, k, time.perf_counter() - t0)
-    return Classification(labels=rank[labels], psi=psi, origin=origin, score=score,
-                          references=references[order], history=history)
+    return labels, psi, origin, score
 
 
 def _reseed_empty(labels: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:

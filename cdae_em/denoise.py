@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +44,9 @@ class DenoiseSettings:
     """Options of ``cdae-em denoise`` (and the denoising stage of ``cdae-em run``)."""
 
     weights: str | None = None  # None: the weights shipped with cdae-em
-    finetune: bool = True
+    # fine-tuning on the user's particles (the paper's step 2). Off by default: with the shipped
+    # weights the held-out check rejected it on every benchmark stack (docs/denoiser.md)
+    finetune: bool = False
     k: int = 30  # neighbours per particle for the fine-tuning targets (paper: 30)
     max_distance: float | None = None  # neighbours farther than this (feature units) are dropped
     finetune_subset: int = 4000  # particles whose kNN targets train each block (all if fewer)
@@ -57,7 +59,9 @@ class DenoiseSettings:
     contrast: str = "auto"  # protein "bright", "dark", or "auto": chosen by the blind-spot check
     check: bool = True  # blind-spot check of fine-tuning on held-out particles, with fallback
     mask_diameter: float | None = None  # Angstrom; default: 90% of the box
-    phase_flip: bool = False  # CTF phase flipping before denoising (needs CTF columns)
+    # CTF phase flipping of the particles before denoising and alignment. None (auto): when every
+    # particle has CTF values and the images are not phase-flipped already (see resolve_phase_flip)
+    phase_flip: bool | None = None
     box: int | None = None  # working box (Fourier crop/pad); default: the input box
     batch_size: int = 128
     seed: int = 0
@@ -136,6 +140,28 @@ def _warn_blank(table: ParticleTable, blank: np.ndarray) -> None:
                     "fine-tuning: row(s) %s%s", table.path, len(blank), first, ", ..." if len(blank) > 10 else "")
 
 
+CTF_LABELS = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
+              "rlnAmplitudeContrast"]
+
+
+def resolve_phase_flip(table: ParticleTable, wanted: bool | None) -> bool:
+    """Whether to phase-flip the particles of ``table``: ``wanted`` when given; auto (None) when
+    every particle has CTF values and the images are not phase-flipped already
+    (rlnCtfDataArePhaseFlipped). Flipping makes particles of different defocus add up coherently,
+    which is what alignment to class averages needs at low SNR (docs/class2d.md)."""
+    if wanted is not None:
+        return bool(wanted)
+    per = table.per_particle()
+    if any(per[c].isna().any() for c in CTF_LABELS):
+        log.info("%s: no CTF values for every particle: not phase flipping", table.path)
+        return False
+    for block in (table.optics, table.particles):
+        if block is not None and "rlnCtfDataArePhaseFlipped" in block and (block["rlnCtfDataArePhaseFlipped"] == 1).any():
+            log.info("%s: the images are phase-flipped already (rlnCtfDataArePhaseFlipped)", table.path)
+            return False
+    return True
+
+
 class BatchPreparer:
     """What happens to original particles before the model sees them: optional CTF phase flip,
     then Fourier crop/pad to the working box. ``prepare(batch, rows)`` -> tensor on ``device``."""
@@ -146,9 +172,7 @@ class BatchPreparer:
         self.box_in, self.box, self.device = box_in, settings.box or box_in, device
         self.ctf = None
         if settings.phase_flip:
-            needed = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
-                      "rlnAmplitudeContrast"]
-            missing = [c for c in needed if per[c].isna().any()]
+            missing = [c for c in CTF_LABELS if per[c].isna().any()]
             if missing:
                 raise InputError(table.path, f"--phase-flip needs CTF values; missing {', '.join(missing)}")
             self.ctf = CtfParams.from_table(per)
@@ -298,6 +322,7 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
     t0 = time.perf_counter()
     out = Path(out_dir)
     table = read_particles(star)
+    settings = replace(settings, phase_flip=resolve_phase_flip(table, settings.phase_flip))
     model, meta = load_model(settings, device)
     torch.manual_seed(settings.seed)
     with ImageSource(table, project_dir=project_dir) as images:
@@ -308,6 +333,7 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
         log.info("denoising %d particles of %d px from %s", len(table), images.box, star)
         inputs, pixel, blank = prepare_inputs(table, images, settings, work, device)
     summary: dict = {"particles": len(table), "box": inputs.shape[-1], "pixel_size": pixel,
+                     "phase_flipped": settings.phase_flip,
                      "weights": str(settings.weights or "default"), "weights_metadata": meta.get("command")}
     check = np.setdiff1d(check_rows(len(inputs), settings.seed), blank)
     check_images = torch.from_numpy(np.array(inputs[check])).to(device)

@@ -65,7 +65,7 @@ class JobSettings:
     n_iter: int = 5  # rounds of alignment to class averages and re-assignment
     psi_step: float = 5.0  # degrees
     max_shift: float | None = None  # pixels (working box); default box / 8
-    average_phase_flipped: bool = False  # class averages from CTF phase-flipped originals
+    average_phase_flipped: bool | None = None  # class averages from CTF phase-flipped originals; None: as the particles
     project_dir: str | None = None  # what relative image paths resolve against (default: cwd)
     reference_map: str | None = None  # pre-train on this map (an initial model) before fine-tuning
     pretrain_particles: int = 3000
@@ -188,6 +188,7 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     if classify_stage and settings.n_classes > len(table):
         raise InputError(settings.particles, f"K={settings.n_classes} classes but only {len(table)} particles")
     table.pixel_size()  # missing, zero, negative or mixed: refused here
+    settings = _resolve_phase_flip(settings, table)
     _check_files(settings, table)
     device = resolve_device(settings.gpu)
     torch.set_num_threads(max(1, settings.threads))
@@ -234,9 +235,18 @@ def _check_files(settings: JobSettings, table) -> None:
     for option, path in (("--weights", settings.denoise.weights), ("--ref", settings.reference_map)):
         if path and not Path(path).is_file():
             raise InputError(path, f"{option}: file not found")
-    flip = settings.denoise.phase_flip if settings.stages != "classify" else False
-    if flip or settings.average_phase_flipped:
+    if settings.denoise.phase_flip or settings.average_phase_flipped:
         BatchPreparer(table, replace(settings.denoise, phase_flip=True), box, torch.device("cpu"))
+
+
+def _resolve_phase_flip(settings: JobSettings, table) -> JobSettings:
+    """Settings with phase flipping decided (auto: where the particles have CTF values); the class
+    averages follow the particles unless asked otherwise."""
+    from cdae_em.denoise import resolve_phase_flip
+
+    flip = resolve_phase_flip(table, settings.denoise.phase_flip)
+    average = flip if settings.average_phase_flipped is None else settings.average_phase_flipped
+    return replace(settings, denoise=replace(settings.denoise, phase_flip=flip), average_phase_flipped=average)
 
 
 def _denoise_stage(settings: JobSettings, table, job_dir: Path, device, should_stop, progress: JobProgress,
@@ -291,7 +301,8 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
                           psi_step=settings.psi_step, max_shift=settings.max_shift, seed=settings.seed,
                           batch_size=settings.denoise.batch_size)
     if settings.stages == "classify":
-        with StarImages(Path(settings.particles), settings.project_dir) as images:
+        prepare = settings.denoise if settings.denoise.phase_flip else None
+        with StarImages(Path(settings.particles), settings.project_dir, prepare=prepare, device=device) as images:
             result = classify(images, cs, device, should_stop)
             box = images.shape[-1]
         refs = result.references

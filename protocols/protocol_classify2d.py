@@ -84,7 +84,7 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
                       condition="not referenceVolume", label="Pre-trained weights (optional)",
                       help="A cdae_weights.pt from `cdae-em pretrain`. Empty: the weights that "
                            "ship with cdae-em.")
-        form.addParam("doFinetune", params.BooleanParam, default=True,
+        form.addParam("doFinetune", params.BooleanParam, default=False,
                       label="Fine-tune on these particles?",
                       help="Algorithm 1 of the paper: each block is fine-tuned with targets = the "
                            "aligned mean of each particle's nearest neighbours.")
@@ -99,10 +99,11 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(1)],
                       label="Fine-tuning particles",
                       help="Particles whose targets train each block (all if fewer).")
-        form.addParam("doPhaseFlip", params.BooleanParam, default=False,
+        form.addParam("doPhaseFlip", params.BooleanParam, default=True,
                       label="CTF phase flip first?",
-                      help="Phase-flip the particles with their CTF before denoising (needs CTF "
-                           "information on the input particles).")
+                      help="Phase-flip the particles with their CTF before denoising and alignment, "
+                           "and average them phase-flipped (used when the input particles have CTF "
+                           "information and are not phase-flipped already).")
         form.addParam("workingBox", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
                       validators=[params.GE(0)], label="Working box (px)",
                       help="Fourier-crop (or pad) the particles to this box before denoising; "
@@ -240,8 +241,6 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
                           f"particles ({n}).")
         if self.doFinetune and self.neighbours.get() is not None and self.neighbours.get() < 1:
             errors.append("Neighbours (k) must be at least 1.")
-        if self.doPhaseFlip and not particles.hasCTF():
-            errors.append("CTF phase flipping needs input particles with CTF information.")
         if particles.getXDim() is not None and particles.getXDim() < 8:
             errors.append("Particles must be at least 8 pixels wide.")
         ref = self._getReferenceVolumeFile()
@@ -345,8 +344,8 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
                      "--finetune-subset", self.finetuneSubset.get()]
         else:
             args.append("--no-finetune")
-        if self.doPhaseFlip:
-            args.append("--phase-flip")
+        if not self.doPhaseFlip:
+            args.append("--no-phase-flip")  # else cdae-em flips where the particles have CTF values
         if self.workingBox.get():
             args += ["--box", self.workingBox.get()]
         if self.usesGpu():

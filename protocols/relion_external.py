@@ -13,15 +13,16 @@ logged and ignored):
   K                number of classes (required)
   epochs           fine-tuning epochs per cascade block (default 3)
   neighbours       neighbours per particle for the fine-tuning targets (default 30; also "k")
-  finetune         Yes / No: fine-tune the shipped weights on these particles (default Yes)
+  finetune         Yes / No: fine-tune the shipped weights on these particles (default No)
   weights          cascade weights file (default: the weights shipped with cdae-em)
   gpu              CUDA device, e.g. 0 (or "0:1": the first is used); empty value = first GPU if
                    there is one; not given or "cpu" = CPU
   method           kmeans or hierarchical (default kmeans)
   iterations       rounds of alignment and re-assignment (default 5)
   box              working box: Fourier-crop (bin) the particles to this size
-  phase_flip       Yes / No: CTF phase-flip the particles, for denoising and for the class
-                   averages (default No; Yes lets relion_class_ranker auto-select classes)
+  phase_flip       Yes / No: CTF phase-flip the particles, for denoising, alignment and the class
+                   averages (default: Yes where the particles have CTF values; phase-flipped class
+                   averages let relion_class_ranker auto-select classes)
   nodes_flavour    3.1, 4 or 5: output-node types of that RELION (default: detected)
   also: psi_step, max_shift, batch_size, finetune_subset, mask_diameter, lr, seed,
         pretrain_particles, pretrain_epochs, average_phase_flipped
@@ -89,9 +90,9 @@ def job_settings(args: argparse.Namespace):
         finetune = bool(args.finetune)
     if args.no_finetune is not None:
         finetune = not _yes_no(args.no_finetune)
-    phase_flip = bool(args.phase_flip)
+    phase_flip = None if args.phase_flip is None else bool(args.phase_flip)  # None: auto (CTF values present)
     denoise = replace(defaults, train=train, finetune=finetune, phase_flip=phase_flip, seed=seed, **given)
-    average_flipped = phase_flip if args.average_phase_flipped is None else bool(args.average_phase_flipped)
+    average_flipped = None if args.average_phase_flipped is None else bool(args.average_phase_flipped)
     kwargs = {}
     for name in ("method", "n_iter", "psi_step", "max_shift", "pretrain_particles", "pretrain_epochs"):
         value = getattr(args, name)
@@ -308,7 +309,8 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
         log.info("writing RELION files (Subset selection, output nodes)")
         box, pixel = int(summary["box"]), float(summary["pixel_size"])
         diameter = settings.denoise.mask_diameter or default_mask_diameter(box) * pixel
-        write_classification_files(out, job, settings.n_classes, pixel, box, diameter, settings.average_phase_flipped,
+        flipped = bool(summary["settings"]["average_phase_flipped"])  # as the job resolved it
+        write_classification_files(out, job, settings.n_classes, pixel, box, diameter, flipped,
                                    rf.star_version(flavour), HalfSetStats.from_json(summary["half_sets"]),
                                    psi_step=settings.psi_step)
         nodes = rf.write_output_nodes(out, job, flavour)

@@ -22,7 +22,7 @@ def test_denoise_writes_stacks_and_star_keeping_every_column(particles, small_we
     before = particles.read_bytes()
     out = tmp_path / "den"
     r = run_cli("denoise", "--i", particles, "--o", out, "--weights", small_weights, "--k", 5, "--epochs", 1,
-                "--finetune-subset", 30, "--phase-flip", "--equalise", "--j", 2)
+                "--finetune", "--finetune-subset", 30, "--phase-flip", "--equalise", "--j", 2)
     assert r.returncode == 0, r.stderr
     assert particles.read_bytes() == before  # input untouched
     star_in = starfile.read(particles)
@@ -67,7 +67,8 @@ def test_denoised_names_resolve_from_the_project_directory(particles, small_weig
 
 
 def test_too_few_particles_for_k(particles, small_weights, tmp_path):
-    r = run_cli("denoise", "--i", particles, "--o", tmp_path / "o", "--weights", small_weights, "--k", 60)
+    r = run_cli("denoise", "--i", particles, "--o", tmp_path / "o", "--weights", small_weights, "--k", 60,
+                "--finetune")
     assert r.returncode != 0 and "too few" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o" / "denoised_particles.star").exists()
 
@@ -92,7 +93,7 @@ def test_blank_images_pass_through_and_never_train(particles, small_weights, tmp
         m.data[40] = 0.0
         raw = np.array(m.data)
     r = run_cli("denoise", "--i", work / "particles.star", "--o", tmp_path / "o", "--weights", small_weights,
-                "--neighbours", 5, "--epochs", 1, "--finetune-subset", 30)
+                "--neighbours", 5, "--epochs", 1, "--finetune", "--finetune-subset", 30)
     assert r.returncode == 0, r.stderr
     warning = [line for line in r.stderr.splitlines() if "WARNING" in line and "blank" in line]
     assert len(warning) == 1 and "2 blank image(s)" in warning[0] and "row(s) 8, 41" in warning[0], warning

@@ -92,7 +92,7 @@ def test_fine_tuning_that_hurts_falls_back_to_the_pre_trained_cascade(realistic,
     base = run_cli("denoise", *common, "--o", tmp_path / "base", "--no-finetune")
     assert base.returncode == 0, base.stderr
     # a learning rate this large wrecks the fine-tuned blocks
-    bad = run_cli("denoise", *common, "--o", tmp_path / "bad", "--lr", 5.0, "--epochs", 1,
+    bad = run_cli("denoise", *common, "--o", tmp_path / "bad", "--lr", 5.0, "--epochs", 1, "--finetune",
                   "--neighbours", 5, "--finetune-subset", 40)
     assert bad.returncode == 0, bad.stderr
     check = json.loads((tmp_path / "bad" / "summary.json").read_text())["denoise"]["selfcheck"]

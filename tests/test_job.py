@@ -141,7 +141,7 @@ def test_unusable_output_directory(sim, small_weights, tmp_path):
 
 def test_killed_job_resumes_to_the_same_classes(sim, small_weights, tmp_path):
     args = ["--i", sim / "particles.star", "--K", 3, "--weights", small_weights, "--k", 5, "--epochs", 1,
-            "--finetune-subset", 40, "--iter", 2, "--j", 1]
+            "--finetune", "--finetune-subset", 40, "--iter", 2, "--j", 1]
     assert run_cli("run", "--o", tmp_path / "whole", *args).returncode == 0
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "cdae_em", "run", "--o", str(out), *map(str, args)],

@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
 
 
 def denoise_args(star, weights) -> list:
-    return ["--i", star, "--weights", weights, "--neighbours", 3, "--epochs", 1, "--finetune-subset", 16,
+    return ["--i", star, "--weights", weights, "--finetune", "--neighbours", 3, "--epochs", 1, "--finetune-subset", 16,
             "--batch-size", 16, "--j", 1]
 
 
@@ -151,7 +151,7 @@ def test_denoise_work_of_other_settings_is_not_reused(tiny, small_weights, tmp_p
     from cdae_em.denoise import DenoiseSettings, denoise
     from cdae_em.train import TrainSettings
 
-    s1 = DenoiseSettings(weights=str(small_weights), k=3, finetune_subset=16, batch_size=16,
+    s1 = DenoiseSettings(weights=str(small_weights), finetune=True, k=3, finetune_subset=16, batch_size=16,
                          train=TrainSettings(epochs=1))
     denoise(tiny, tmp_path, s1, torch.device("cpu"), keep_work=True)
     assert (tmp_path / ".cdae_work" / "block3.done").exists()

@@ -118,7 +118,7 @@ def project(scipion, data):
 def new_cdae_protocol(project, imported, weights, **kwargs):
     from cdae_em.protocols.protocol_classify2d import ProtCdaeDenoiseClassify2D
 
-    settings = dict(numberOfClasses=3, numberOfIterations=1, finetuneEpochs=1, neighbours=5,
+    settings = dict(numberOfClasses=3, numberOfIterations=1, doFinetune=True, finetuneEpochs=1, neighbours=5,
                     finetuneSubset=N_PARTICLES, useGpu=False, numberOfThreads=1)
     if weights is not None:
         settings["weightsFile"] = str(weights)

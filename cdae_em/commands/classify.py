@@ -17,6 +17,7 @@ import argparse
 import logging
 
 from cdae_em.commands.common import add_seed_arg, add_threads_arg, apply_threads, positive_int
+from cdae_em.commands.denoise import add_phase_flip_args
 from cdae_em.commands.run import add_classify_args
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--i", required=True, metavar="STAR", help="particles STAR file")
     parser.add_argument("--o", required=True, metavar="DIR", help="output directory")
     add_classify_args(parser)
+    add_phase_flip_args(parser)
     parser.add_argument("--gpu", metavar="ID", help="CUDA device, e.g. 0 (default: CPU)")
     parser.add_argument("--batch-size", type=positive_int, default=ClassifySettings.batch_size,
                         help="images per batch; smaller needs less (GPU) memory (default: %(default)s)")
@@ -43,7 +45,7 @@ def main(args: argparse.Namespace) -> None:
 
     apply_threads(args.j)
     settings = JobSettings(particles=args.i, out_dir=args.o, n_classes=args.K,
-                           denoise=DenoiseSettings(batch_size=args.batch_size), method=args.method,
+                           denoise=DenoiseSettings(batch_size=args.batch_size, phase_flip=args.phase_flip), method=args.method,
                            n_iter=args.iter, psi_step=args.psi_step, max_shift=args.max_shift,
                            project_dir=args.project_dir, gpu=args.gpu, threads=args.j, overwrite=args.overwrite,
                            seed=args.seed, stages="classify")

@@ -1,12 +1,13 @@
-"""Denoise the particles of a STAR file with the cascade (CDAE), fine-tuned on them.
+"""Denoise the particles of a STAR file with the cascade (CDAE).
 
 Loads pre-trained weights (default: those shipped with cdae-em, pre-trained on simulated particles
-of many structures), picks the protein contrast (bright or dark) the model explains better, fine-tunes
-block 1, 2, 3 in turn on your particles with targets = the mean of each particle's k nearest
-neighbours, found with rotation/shift-invariant features and aligned (in-plane rotation + shift)
-before averaging, checks on held-out particles that fine-tuning helped (blind-spot loss; otherwise
-the pre-trained cascade's output is written), then denoises every particle. The denoised images
-keep the input's contrast and scale; --equalise writes them histogram-equalised instead.
+of many structures), CTF phase-flips the particles where they have CTF values, picks the protein
+contrast (bright or dark) the model explains better, and denoises every particle. With --finetune
+it first fine-tunes block 1, 2, 3 in turn on your particles (the paper's step) with targets = the
+mean of each particle's k nearest neighbours, found with rotation/shift-invariant features and
+aligned (in-plane rotation + shift) before averaging, and checks on held-out particles that
+fine-tuning helped (blind-spot loss; otherwise the pre-trained cascade's output is written). The
+denoised images keep the input's contrast and scale; --equalise writes them histogram-equalised.
 
 Writes --o/denoised/*.mrcs and --o/denoised_particles.star: every input row and column kept,
 rlnImageName pointing at the denoised images, rlnImageOriginalName at the input ones, optics pixel
@@ -39,7 +40,11 @@ def add_denoise_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("denoising")
     g.add_argument("--weights", metavar="FILE", default=d.weights,
                    help="cascade weights (default: the shipped pre-trained weights)")
-    g.add_argument("--no-finetune", action="store_true", help="use the weights as they are, without fine-tuning")
+    g.add_argument("--finetune", dest="finetune", action="store_true", default=d.finetune,
+                   help="fine-tune the weights on these particles first (the paper's step; off by default: with the "
+                        "shipped weights it did not help on held-out data, see docs/denoiser.md)")
+    g.add_argument("--no-finetune", dest="finetune", action="store_false",
+                   help="use the weights as they are (the default)")
     g.add_argument("--neighbours", "--k", dest="k", type=positive_int, default=d.k, metavar="N",
                    help="neighbours per particle for the fine-tuning targets (default: %(default)s; --k is an alias)")
     g.add_argument("--max-distance", type=positive_float, metavar="D", default=d.max_distance,
@@ -63,7 +68,7 @@ def add_denoise_args(parser: argparse.ArgumentParser) -> None:
                         "pre-trained cascade)")
     g.add_argument("--mask-diameter", type=positive_float, metavar="A", default=d.mask_diameter,
                    help="particle mask diameter, Angstrom (default: 90%% of the box)")
-    g.add_argument("--phase-flip", action="store_true", help="CTF phase-flip the particles first (needs CTF columns)")
+    add_phase_flip_args(g)
     g.add_argument("--box", type=at_least(8), default=d.box,
                    help="working box: Fourier-crop (bin) or pad the particles to this size (default: the particles' box)")
     g.add_argument("--batch-size", type=positive_int, default=d.batch_size,
@@ -72,12 +77,20 @@ def add_denoise_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--project-dir", metavar="DIR", help="directory that image paths are relative to (default: the working directory)")
 
 
+def add_phase_flip_args(group) -> None:
+    """--phase-flip / --no-phase-flip (default: auto), shared by denoise, run and classify."""
+    group.add_argument("--phase-flip", dest="phase_flip", action="store_true", default=None,
+                       help="CTF phase-flip the particles before denoising and alignment (default: when every particle "
+                            "has CTF values and rlnCtfDataArePhaseFlipped is not 1)")
+    group.add_argument("--no-phase-flip", dest="phase_flip", action="store_false", help="never phase-flip")
+
+
 def denoise_settings(args: argparse.Namespace):
     from cdae_em.denoise import DenoiseSettings
     from cdae_em.train import TrainSettings
 
     return DenoiseSettings(
-        weights=args.weights, finetune=not args.no_finetune, k=args.k, max_distance=args.max_distance,
+        weights=args.weights, finetune=args.finetune, k=args.k, max_distance=args.max_distance,
         finetune_subset=args.finetune_subset,
         train=TrainSettings(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, seed=args.seed),
         equalise=args.equalise, contrast=args.contrast, check=not args.no_check, mask_diameter=args.mask_diameter, phase_flip=args.phase_flip,

@@ -52,8 +52,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="images the alignment rounds use: the original particles (classes still start from "
                              "the denoised ones, whose detail is smoothed away) or the denoised ones "
                              "(default: %(default)s)")
-    parser.add_argument("--average-phase-flipped", action="store_true",
-                        help="class averages from CTF phase-flipped originals")
+    parser.add_argument("--average-phase-flipped", dest="average_phase_flipped", action="store_true", default=None,
+                        help="class averages from CTF phase-flipped originals (default: when the particles are "
+                             "phase-flipped, see --phase-flip)")
+    parser.add_argument("--no-average-phase-flipped", dest="average_phase_flipped", action="store_false",
+                        help="class averages from the originals as they are")
     parser.add_argument("--ref", metavar="MAP", help="pre-train on this map (an initial model) before fine-tuning")
     parser.add_argument("--overwrite", action="store_true", help="replace a different job's outputs in --o")
     add_denoise_args(parser)

@@ -1,0 +1,244 @@
+"""2D classification side by side with RELION: `cdae-em run`, `cdae-em classify` on the raw particles,
+RELION Class2D (classic EM) and RELION Class2D with VDAM (``--grad``), on the same simulated particles
+and the same threads, one after the other. Prints a table and writes docs/class2d.md.
+
+    python -m benchmarks.class2d --j 2                          # 4 proteins, SNR 0.05
+    python -m benchmarks.class2d --j 2 --snrs 0.02,0.1 --proteins 2XHE,1BHL
+    python -m benchmarks.class2d --report                       # the table from the cached results only
+
+Data: the held-out structures of ``benchmarks/data`` (none was used to train or tune cdae-em), K fixed
+views with ``--per-view`` particles each on average, random in-plane rotation, shifts up to 2 px, CTF
+(defocus 1-3 um), one SNR per data set, 64 px, the particle's largest diameter 60% of the box.
+
+Scores: Hungarian-matched F1 and ARI against the true views (``cdae_em.metrics.clustering_scores``);
+wall time and peak RSS of each program (``os.wait4``); the FRC-0.5 resolution of each matched class
+average against the clean, CTF-free projection of its view (after aligning one onto the other),
+averaged over the matched classes.
+
+RELION is found on PATH or with ``--relion-bin`` (``../shared/tools/build-relion.sh`` builds it); without
+it the RELION rows are skipped with a message. Results are cached per (protein, SNR, method) in
+``--work``/results.json, so a run only computes what is missing (``--redo`` recomputes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from benchmarks.config import ROOT, log
+from benchmarks.datasets import DATA, PROTEINS, pixel_size_for
+from benchmarks.report import machine, md_table
+
+METHODS = ("run", "classify", "relion", "vdam")
+LABELS = {"run": "`cdae-em run` (defaults)", "classify": "`cdae-em classify` (raw particles)",
+          "relion": "RELION Class2D (EM, 25 iter)", "vdam": "RELION Class2D VDAM (200 mini-batches)"}
+
+
+def simulate_case(protein: str, snr: float, views: int, per_view: int, box: int, work: Path, seed: int = 0) -> Path:
+    """Simulate (or reuse) one data set; returns its directory (particles.star, clean.mrcs, truth.star)."""
+    from cdae_em.simulate import SimulationSettings, load_source, simulate
+
+    path = DATA / dict((p, f) for p, f, _ in PROTEINS)[protein]
+    out = work / f"{protein}_snr{snr}_{views}x{per_view}_{box}"
+    if not (out / "simulation.json").exists():
+        settings = SimulationSettings(n_particles=views * per_view, n_views=views, in_plane=True, max_shift=2.0,
+                                      ctf=True, defocus_range=(10000.0, 30000.0), snrs=[snr], seed=seed)
+        simulate(load_source(path, box=box, pixel_size=pixel_size_for(path, box)), settings, out)
+    return out
+
+
+def clean_views(protein: str, views: int, box: int) -> np.ndarray:
+    """The clean, CTF-free, centred projection of each view (views, box, box), psi = 0."""
+    from cdae_em.simulate import even_views, euler_to_matrix, load_source
+
+    path = DATA / dict((p, f) for p, f, _ in PROTEINS)[protein]
+    rot, tilt = even_views(views)
+    source = load_source(path, box=box, pixel_size=pixel_size_for(path, box))
+    return source.project(euler_to_matrix(rot, tilt, np.zeros(views))).cpu().numpy()
+
+
+def measured(cmd: list[str], cwd: Path, log_file: Path) -> tuple[float, float]:
+    """Run ``cmd``; wall time (s) and peak RSS (MiB) of the child (os.wait4's rusage)."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    t0 = time.perf_counter()
+    with open(log_file, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed; see {log_file}:\n{log_file.read_text()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def relion_command(kind: str, relion: Path, k: int, j: int, diameter: float, out: str) -> list[str]:
+    """relion_refine for Class2D as RELION 5's GUI runs it with its defaults (CPU, ``--j`` threads)."""
+    cmd = [str(relion / "relion_refine"), "--i", "particles.star", "--o", out, "--K", str(k),
+           "--particle_diameter", f"{diameter:.0f}", "--tau2_fudge", "2", "--ctf", "--zero_mask",
+           "--flatten_solvent", "--norm", "--scale", "--center_classes", "--oversampling", "1",
+           "--psi_step", "12", "--offset_range", "5", "--offset_step", "2", "--dont_combine_weights_via_disc",
+           "--pool", "30", "--pad", "2", "--j", str(j), "--random_seed", "0"]
+    if kind == "vdam":
+        return cmd + ["--grad", "--class_inactivity_threshold", "0.1", "--grad_write_iter", "10", "--iter", "200"]
+    return cmd + ["--iter", "25"]
+
+
+def read_labels(star: Path, classes_col: str = "rlnClassNumber") -> dict:
+    """Image name -> class number from a particles STAR file (RELION 3.1+ layout)."""
+    import starfile
+
+    data = starfile.read(star, always_dict=True)
+    table = data["particles"] if "particles" in data else next(iter(data.values()))
+    return dict(zip(table["rlnImageName"].astype(str), table[classes_col].astype(int)))
+
+
+def last_iteration(directory: Path, pattern: str) -> Path:
+    files = sorted(directory.glob(pattern))
+    if not files:
+        raise RuntimeError(f"no {pattern} in {directory}")
+    return files[-1]
+
+
+def run_method(method: str, case: Path, k: int, j: int, relion: Path | None, box: int, px: float) -> dict:
+    """Run one method on one data set; its labels (ordered as truth.star), class averages, time, RSS."""
+    out = case / method
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if method in ("run", "classify"):
+        cmd = [sys.executable, "-m", "cdae_em", method, "--i", "particles.star", "--o", f"{method}/job", "--K", str(k),
+               "--j", str(j)]
+        wall, rss = measured(cmd, case, out / "log.txt")
+        labels = read_labels(case / method / "job" / "particles.star")
+        with mrcfile.open(case / method / "job" / "class_averages.mrcs", permissive=True) as m:
+            averages = np.array(m.data, dtype=np.float32)
+    else:
+        cmd = relion_command(method, relion, k, j, diameter=0.8 * box * px, out=f"{method}/run")
+        wall, rss = measured(cmd, case, out / "log.txt")
+        labels = read_labels(last_iteration(out, "run_it*_data.star"))
+        with mrcfile.open(last_iteration(out, "run_it*_classes.mrcs"), permissive=True) as m:
+            averages = np.array(m.data, dtype=np.float32)
+    return {"labels": labels, "averages": averages, "wall_s": wall, "rss_mib": rss, "command": " ".join(cmd)}
+
+
+def score(result: dict, case: Path, clean: np.ndarray, px: float) -> dict:
+    """F1/ARI against the true views and the class averages' FRC-0.5 resolution to the clean views."""
+    import torch
+
+    from cdae_em.align import align_pairs, apply_alignment
+    from cdae_em.metrics import clustering_scores, frc, frc_resolution
+    from cdae_em.star import read_particles
+
+    truth = read_particles(case / "truth.star").particles
+    names = [n.replace("@clean.mrcs", "@particles.mrcs") for n in truth["rlnImageName"].astype(str)]
+    views = truth["rlnClassNumber"].to_numpy().astype(int) - 1
+    labels = np.array([result["labels"].get(n, 0) for n in names])
+    s = clustering_scores(views, labels)
+    # one class average per true view: the class holding most of that view's particles (Hungarian)
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics.cluster import contingency_matrix
+
+    classes = np.unique(labels)
+    rows, cols = linear_sum_assignment(-contingency_matrix(views, labels))
+    res = []
+    for v, c in zip(rows, cols):
+        avg = torch.from_numpy(result["averages"][classes[c] - 1][None].copy())
+        ref = torch.from_numpy(clean[v][None].copy())
+        psi, origin, _ = align_pairs(avg, ref, psi_step=1.0, max_shift=clean.shape[-1] / 4)
+        aligned = apply_alignment(avg, psi, origin).numpy()
+        res.append(frc_resolution(frc(aligned, clean[v][None]), px))
+    return {"f1": s["hungarian_f1"], "ari": s["ari"], "frc_res_a": float(np.mean(res)),
+            "wall_s": result["wall_s"], "rss_mib": result["rss_mib"], "command": result["command"]}
+
+
+def find_relion(arg: str | None) -> Path | None:
+    if arg:
+        return Path(arg)
+    found = shutil.which("relion_refine")
+    return Path(found).parent if found else None
+
+
+def write_report(results: dict, path: Path, args) -> None:
+    header = ["protein", "SNR", "particles (K)", "method", "F1", "ARI", "wall s", "peak RSS MiB",
+              "class avg FRC0.5 A"]
+    rows = []
+    for key in sorted(results, key=lambda k: (k.split("|")[0], float(k.split("|")[1]), METHODS.index(k.split("|")[2]))):
+        protein, snr, method = key.split("|")
+        r = results[key]
+        rows.append([protein, snr, f"{r['n']} ({r['k']})", LABELS[method], f"{r['f1']:.3f}", f"{r['ari']:.3f}",
+                     f"{r['wall_s']:.0f}", f"{r['rss_mib']:.0f}", f"{r['frc_res_a']:.1f}"])
+    commands = sorted({r["invocation"] for r in results.values()})
+    text = ["# 2D classification next to RELION", "",
+            "Generated by `python -m benchmarks.class2d` (see its docstring); the results merged here came from:", ""]
+    text += [f"    {c}" for c in commands]
+    text += ["", f"{machine()}.", "",
+             "Each data set: a held-out structure (`benchmarks/data/PROVENANCE.md`), K fixed views, random in-plane "
+             "rotation, shifts up to 2 px, CTF (defocus 1-3 um), 64 px, the particle 60% of the box. All programs "
+             "ran with the same threads, one after the other. F1: Hungarian-matched, macro-averaged over views. "
+             "Class avg FRC0.5: resolution at which each matched class average's FRC with the clean, CTF-free "
+             "projection of its view falls below 0.5, mean over views (lower is better; Nyquist is 2 px).", "",
+             "Commands (per data set, run in its directory):", ""]
+    for method in METHODS:
+        example = next((r["command"] for k, r in results.items() if k.endswith("|" + method)), None)
+        if example:
+            text.append(f"- {LABELS[method]}: `{example.replace(sys.executable, 'python')}`")
+    text += ["", md_table(header, rows), ""]
+    path.write_text("\n".join(text))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--proteins", default="1BHL,4ZHL,2XHE,1FAT")
+    p.add_argument("--snrs", default="0.05")
+    p.add_argument("--views", type=int, default=8)
+    p.add_argument("--per-view", type=int, default=150)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--j", type=int, default=2)
+    p.add_argument("--box", type=int, default=64)
+    p.add_argument("--relion-bin", default=None, help="directory of relion_refine (default: on PATH)")
+    p.add_argument("--work", type=Path, default=ROOT / "out" / "bench_class2d")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "class2d.md")
+    p.add_argument("--redo", action="store_true", help="recompute cached results")
+    p.add_argument("--report", action="store_true", help="only write the report from cached results")
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    cache = args.work / "results.json"
+    results = json.loads(cache.read_text()) if cache.exists() else {}
+    relion = find_relion(args.relion_bin)
+    invocation = "python -m benchmarks.class2d " + " ".join(argv if argv is not None else sys.argv[1:])
+    if not args.report:
+        for protein in args.proteins.split(","):
+            for snr in [float(s) for s in args.snrs.split(",")]:
+                case = simulate_case(protein, snr, args.views, args.per_view, args.box, args.work)
+                px = pixel_size_for(DATA / dict((q, f) for q, f, _ in PROTEINS)[protein], args.box)
+                clean = clean_views(protein, args.views, args.box)
+                for method in args.methods.split(","):
+                    key = f"{protein}|{snr}|{method}"
+                    if key in results and not args.redo:
+                        continue
+                    if method in ("relion", "vdam") and relion is None:
+                        log(f"{key}: skipped, no relion_refine on PATH (give --relion-bin; "
+                            "../shared/tools/build-relion.sh builds one)")
+                        continue
+                    log(f"{key}: running ...")
+                    r = run_method(method, case, args.views, args.j, relion, args.box, px)
+                    results[key] = {**score(r, case, clean, px), "n": args.views * args.per_view, "k": args.views,
+                                    "invocation": invocation}
+                    log(f"{key}: F1 {results[key]['f1']:.3f} ARI {results[key]['ari']:.3f} "
+                        f"{results[key]['wall_s']:.0f} s {results[key]['rss_mib']:.0f} MiB "
+                        f"FRC {results[key]['frc_res_a']:.1f} A")
+                    cache.write_text(json.dumps(results, indent=1))
+    write_report(results, args.out, args)
+    print(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
