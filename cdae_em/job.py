@@ -285,6 +285,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
     with ``stages="classify"`` of the input particles as they are. Returns labels, psi, origin,
     score, references and the box the origins are in."""
     from cdae_em.classify import ClassifySettings, class_means, classify
+    from cdae_em.star_images import StarImages
 
     out = Path(settings.out_dir)
     progress.stage(2, "classify")
@@ -360,53 +361,6 @@ def _pretrain_on_reference(settings: JobSettings, out: Path, device) -> None:
     first = max(1, settings.pretrain_particles * settings.pretrain_epochs // train.batch_size)
     train = dataclasses.replace(train, steps=(first, max(1, first // 3), max(1, first // 3)))
     pretrain(PairSampler(bank, pairs), out, train, device, metadata={"command": f"reference map {settings.reference_map}"})
-
-
-class StarImages:
-    """Images of a STAR file as an array-like (``len``, ``shape``, ``[rows]``) for classification."""
-
-    def __init__(self, star: Path, project_dir: str | None, prepare: DenoiseSettings | None = None,
-                 device=None, equalise_diameter: float | None = None):
-        from cdae_em.denoise import BatchPreparer
-        from cdae_em.stacks import ImageSource
-        from cdae_em.star import read_particles
-
-        table = read_particles(star)
-        self.source = ImageSource(table, project_dir=project_dir)
-        # the originals as the model saw them: phase flip and resizing as in ``prepare``
-        self.prepare = None if prepare is None else BatchPreparer(table, prepare, self.source.box, device)
-        box = self.prepare.box if self.prepare is not None else self.source.box
-        self.shape = (self.source.n, box, box)
-        # histogram equalisation inside the particle mask (the paper's step before clustering)
-        self.equalise_mask = None
-        if equalise_diameter is not None:
-            from cdae_em.preprocess import particle_mask
-
-            self.equalise_mask = particle_mask(box, equalise_diameter or None)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, rows) -> np.ndarray:
-        if isinstance(rows, slice):
-            rows = np.arange(*rows.indices(self.shape[0]))
-        rows = np.atleast_1d(np.asarray(rows))
-        images = self.source.read(rows)
-        if self.prepare is not None:
-            images = self.prepare(images, rows).cpu().numpy()
-        if self.equalise_mask is not None:
-            import torch
-
-            from cdae_em.preprocess import equalise_histogram
-
-            images = equalise_histogram(torch.from_numpy(np.asarray(images, dtype=np.float32)), self.equalise_mask).numpy()
-        return images
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.source.close()
 
 
 def _pixel_size(out: Path) -> float:

@@ -88,7 +88,7 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
     _write_table(classes, out / "class_averages.star")
     agreement = None
     if (out / "denoised_particles.star").exists():
-        from cdae_em.job import StarImages
+        from cdae_em.star_images import StarImages
         from cdae_em.quality import agreement_summary, denoised_agreement
 
         with StarImages(out / "denoised_particles.star", settings.project_dir) as den:
