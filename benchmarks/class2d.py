@@ -115,17 +115,22 @@ def run_method(method: str, case: Path, k: int, j: int, relion: Path | None, box
     if method in ("run", "classify"):
         cmd = [sys.executable, "-m", "cdae_em", method, "--i", "particles.star", "--o", f"{method}/job", "--K", str(k),
                "--j", str(j)]
-        wall, rss = measured(cmd, case, out / "log.txt")
-        labels = read_labels(case / method / "job" / "particles.star")
-        with mrcfile.open(case / method / "job" / "class_averages.mrcs", permissive=True) as m:
-            averages = np.array(m.data, dtype=np.float32)
     else:
         cmd = relion_command(method, relion, k, j, diameter=0.8 * box * px, out=f"{method}/run")
-        wall, rss = measured(cmd, case, out / "log.txt")
-        labels = read_labels(last_iteration(out, "run_it*_data.star"))
-        with mrcfile.open(last_iteration(out, "run_it*_classes.mrcs"), permissive=True) as m:
-            averages = np.array(m.data, dtype=np.float32)
-    return {"labels": labels, "averages": averages, "wall_s": wall, "rss_mib": rss, "command": " ".join(cmd)}
+    wall, rss = measured(cmd, case, out / "log.txt")
+    return {**collect(method, case), "wall_s": wall, "rss_mib": rss, "command": " ".join(cmd)}
+
+
+def collect(method: str, case: Path) -> dict:
+    """The labels and class averages a finished method left in its directory."""
+    out = case / method
+    if method in ("run", "classify"):
+        star, stack = out / "job" / "particles.star", out / "job" / "class_averages.mrcs"
+    else:
+        star, stack = last_iteration(out, "run_it*_data.star"), last_iteration(out, "run_it*_classes.mrcs")
+    with mrcfile.open(stack, permissive=True) as m:
+        averages = np.array(m.data, dtype=np.float32)
+    return {"labels": read_labels(star), "averages": averages}
 
 
 def score(result: dict, case: Path, clean: np.ndarray, px: float) -> dict:
@@ -134,6 +139,7 @@ def score(result: dict, case: Path, clean: np.ndarray, px: float) -> dict:
 
     from cdae_em.align import align_pairs, apply_alignment
     from cdae_em.metrics import clustering_scores, frc, frc_resolution
+    from cdae_em.preprocess import particle_mask
     from cdae_em.star import read_particles
 
     truth = read_particles(case / "truth.star").particles
@@ -146,6 +152,7 @@ def score(result: dict, case: Path, clean: np.ndarray, px: float) -> dict:
     from sklearn.metrics.cluster import contingency_matrix
 
     classes = np.unique(labels)
+    mask = particle_mask(clean.shape[-1], 0.8 * clean.shape[-1]).numpy()  # as RELION's --zero_mask, for every method
     rows, cols = linear_sum_assignment(-contingency_matrix(views, labels))
     res = []
     for v, c in zip(rows, cols):
@@ -153,7 +160,7 @@ def score(result: dict, case: Path, clean: np.ndarray, px: float) -> dict:
         ref = torch.from_numpy(clean[v][None].copy())
         psi, origin, _ = align_pairs(avg, ref, psi_step=1.0, max_shift=clean.shape[-1] / 4)
         aligned = apply_alignment(avg, psi, origin).numpy()
-        res.append(frc_resolution(frc(aligned, clean[v][None]), px))
+        res.append(frc_resolution(frc(aligned * mask, clean[v][None] * mask), px))
     return {"f1": s["hungarian_f1"], "ari": s["ari"], "frc_res_a": float(np.mean(res)),
             "wall_s": result["wall_s"], "rss_mib": result["rss_mib"], "command": result["command"]}
 
@@ -183,7 +190,7 @@ def write_report(results: dict, path: Path, args) -> None:
              "rotation, shifts up to 2 px, CTF (defocus 1-3 um), 64 px, the particle 60% of the box. All programs "
              "ran with the same threads, one after the other. F1: Hungarian-matched, macro-averaged over views. "
              "Class avg FRC0.5: resolution at which each matched class average's FRC with the clean, CTF-free "
-             "projection of its view falls below 0.5, mean over views (lower is better; Nyquist is 2 px).", "",
+             "projection of its view falls below 0.5 (both aligned, under the same soft circular mask of 80% of the box), mean over views (lower is better; Nyquist is 2 px).", "",
              "Commands (per data set, run in its directory):", ""]
     for method in METHODS:
         example = next((r["command"] for k, r in results.items() if k.endswith("|" + method)), None)
@@ -207,13 +214,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "class2d.md")
     p.add_argument("--redo", action="store_true", help="recompute cached results")
     p.add_argument("--report", action="store_true", help="only write the report from cached results")
+    p.add_argument("--rescore", action="store_true", help="score the cached results again from their output files")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     cache = args.work / "results.json"
     results = json.loads(cache.read_text()) if cache.exists() else {}
     relion = find_relion(args.relion_bin)
     invocation = "python -m benchmarks.class2d " + " ".join(argv if argv is not None else sys.argv[1:])
-    if not args.report:
+    if args.rescore:
+        for key, r in results.items():
+            protein, snr, method = key.split("|")
+            case = simulate_case(protein, float(snr), args.views, args.per_view, args.box, args.work)
+            px = pixel_size_for(DATA / dict((q, f) for q, f, _ in PROTEINS)[protein], args.box)
+            results[key] = {**r, **score({**collect(method, case), **{k: r[k] for k in ("wall_s", "rss_mib", "command")}},
+                                         case, clean_views(protein, args.views, args.box), px)}
+        cache.write_text(json.dumps(results, indent=1))
+    if not args.report and not args.rescore:
         for protein in args.proteins.split(","):
             for snr in [float(s) for s in args.snrs.split(",")]:
                 case = simulate_case(protein, snr, args.views, args.per_view, args.box, args.work)

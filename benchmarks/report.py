@@ -163,9 +163,9 @@ def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, f
                      "noise sigma, picked by PSNR on a separate calibration set (the default map, 4JSV, paper "
                      f"protocol, {cfg.calib_n} images): TV weight {c['tv']:g} sigma "
                      f"(PSNR by factor: {grid(c['tv_grid'])}), NLM h {c['nlm']:g} sigma (PSNR by factor: "
-                     f"{grid(c['nlm_grid'])}). The cascade gets nothing tuned: shipped weights and `cdae-em denoise` "
-                     "defaults (k 30, 3 fine-tuning epochs per block, fine-tuning subset 4000), except in rows marked "
-                     "'(quick FT)'.\n")
+                     f"{grid(c['nlm_grid'])}). The cascade gets nothing tuned: shipped weights; its fine-tuned rows run "
+                     "`cdae-em denoise --finetune --no-phase-flip` with k 30, 3 epochs per block, subset 4000, except "
+                     "in rows marked '(quick FT)'.\n")
     if r["table1"]:
         parts.append("## Table 1: denoising\n\n'(quick FT)' after a data set: the CDAE rows used the quick "
                      "fine-tuning settings (`--k 20 --epochs 1 --finetune-subset 80`, 5 classification rounds) instead "
@@ -178,9 +178,11 @@ def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, f
     if r["table2"]:
         parts.append("## Table 2: clustering\n\nK = number of true views. Hungarian = classes matched one-to-one "
                      "with views, macro-averaged; pairs = pair-counting precision/recall/F1. Rows with "
-                     "`cdae-em classify`/`cdae-em run` include the rotation/shift-aware initial features and 5 "
+                     "the classification (`cdae_em.classify`) include the rotation/shift-aware initial features and "
                      "rounds of alignment to class averages; 'alignment only' is that classification on the raw "
-                     "particles (what denoising adds is the difference to the `cdae-em run` row).\n\n"
+                     "particles. These rows call the classification directly: `cdae-em run` as users run it "
+                     "(classes from the denoised particles, alignment of the phase-flipped originals) is measured "
+                     "next to RELION in docs/class2d.md.\n\n"
                      + md_table(t2_header, r["table2"]) + "\n")
     if r["speed"]:
         parts.append("## Speed\n\nInference of the three-block cascade (batches of 64, fp32, no grad) against the "
@@ -194,8 +196,8 @@ def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, f
                      "`python -m benchmarks.simulate_speed`:\n\n" + r["simulate_speed"] + "\n")
     if r["scale"]:
         parts.append("## Scale: `cdae-em run`\n\nRealistic protocol, first protein (1BHL), K = 12; settings: "
-                     "'defaults' = `cdae-em run` defaults (k 30, 3 fine-tuning epochs per block, fine-tuning subset "
-                     "4000, 5 classification rounds), otherwise as listed (`--k --epochs --finetune-subset --iter`); "
+                     "`cdae-em run` defaults (no fine-tuning since 0.3; `--k --epochs --finetune-subset` are passed "
+                     "but unused without `--finetune`; 5 classification rounds); "
                      f"{r['threads']} threads; wall time and peak RSS of the child process (os.wait4).\n\n"
                      + md_table(["particles", "wall s", "denoise s", "classify s", "peak RSS MiB", "ms / particle",
                                  "simulation s", "settings"], r["scale"]) + "\n")

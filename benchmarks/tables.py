@@ -141,9 +141,9 @@ def table2_for(ds: Dataset, cfg: Config, model, denoised: dict, j: int) -> list:
     add("DAE + k-means (pixels)", lambda: M.kmeans(dae.reshape(len(dae), -1), k))
     cdae = denoised["CDAE fine-tuned (`cdae-em denoise`)"]
     add("CDAE + k-means (pixels, no alignment)", lambda: M.kmeans(cdae.reshape(len(cdae), -1), k))
-    add("alignment only: `cdae-em classify` on raw", lambda: cls(ds.noisy, "kmeans"))
-    add("CDAE + k-means (`cdae-em run`)", lambda: cls(cdae, "kmeans"))
-    add("CDAE + HC (`cdae-em run --method hierarchical`)", lambda: cls(cdae, "hierarchical"))
+    add("alignment only: classification of the raw pixels (no phase flip)", lambda: cls(ds.noisy, "kmeans"))
+    add("CDAE + k-means, aligned on the denoised (`--align-on denoised`)", lambda: cls(cdae, "kmeans"))
+    add("CDAE + HC, aligned on the denoised", lambda: cls(cdae, "hierarchical"))
     return out
 
 

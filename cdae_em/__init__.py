@@ -4,7 +4,7 @@ The core package never imports a workflow framework (RELION, Scipion); the thin 
 live in ``cdae_em.protocols`` (installed from the repository's top-level ``protocols/``).
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str):

@@ -54,6 +54,7 @@ class ClassifySettings:
     fine_rounds: int = 2
     coarse_band: float = 0.1875
     fine_band: float = 0.25
+    center_classes: bool = True  # shift each class average's centre of mass to the box centre (RELION's --center_classes)
 
 
 @dataclass
@@ -168,12 +169,38 @@ def classify(images, settings: ClassifySettings, device: torch.device,
         if changed == 0.0 and fine:
             break
 
+    if settings.center_classes:
+        origin = _centre_classes(references, labels, psi, origin, device)
+        references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
     order = np.argsort(-counts, kind="stable")
     rank = np.empty(k, dtype=int)
     rank[order] = np.arange(k)
     log.info("classified %d particles into %d classes in %.1f s", n, k, time.perf_counter() - t0)
     return Classification(labels=rank[labels], psi=psi, origin=origin, score=score,
                           references=references[order], history=history)
+
+
+def _centre_classes(references: np.ndarray, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray,
+                    device: torch.device) -> np.ndarray:
+    """Origins that put each class average's centre of mass at the box centre, as 3D work expects.
+
+    The mass is the squared intensity inside the particle mask (either contrast). Shifting the
+    aligned images by -s changes each member's origin o to o - R(psi)^T s (the convention of
+    ``align.apply_alignment``)."""
+    box = references.shape[-1]
+    refs = torch.as_tensor(references, dtype=torch.float64)
+    refs = refs - refs.mean(dim=(-2, -1), keepdim=True)
+    weight = refs.square() * particle_mask(box).double()
+    coords = torch.arange(box, dtype=torch.float64) - box // 2
+    total = weight.sum(dim=(-2, -1)).clamp_min(1e-30)
+    com = torch.stack([(weight.sum(dim=-2) * coords).sum(-1) / total,
+                       (weight.sum(dim=-1) * coords).sum(-1) / total], dim=1)  # (K, 2): x, y
+    s = com[torch.as_tensor(labels)].float()
+    a = torch.deg2rad(torch.as_tensor(psi, dtype=torch.float32))
+    c, sn = torch.cos(a), torch.sin(a)
+    raw = torch.stack([c * s[:, 0] + sn * s[:, 1], -sn * s[:, 0] + c * s[:, 1]], dim=1)  # R(psi)^T s
+    log.info("class averages centred: shifts up to %.2f px", float(com.norm(dim=1).max()))
+    return (torch.as_tensor(origin, dtype=torch.float32) - raw).numpy()
 
 
 def _initial_classes(images, settings: ClassifySettings, device: torch.device, max_shift: float,
