@@ -63,9 +63,9 @@ def active() -> bool:
 def local_device(gpu: str | None) -> str | None:
     """The CUDA device id of this process among ``gpu`` ("0,1,2,3"): the LOCAL_RANK-th of the list
     (None: CPU). One process: the first."""
-    if gpu is None or str(gpu).strip() in ("", "cpu", "-1"):
+    ids = gpu_ids(gpu)
+    if not ids:
         return None
-    ids = [g.strip() for g in str(gpu).split(",") if g.strip()]
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if local >= len(ids):
         from cdae_em.errors import InputError
@@ -86,6 +86,8 @@ def init_from_env(device: torch.device) -> World:
                                          **({"device_id": device} if device.type == "cuda" else {}))
     w = world()
     log.info("distributed run: rank %d of %d (%s, local rank %d)", w.rank, w.size, backend, w.local_rank)
+    if not w.main:  # rank 0 tells the story; the others only warn
+        logging.getLogger("cdae_em").setLevel(max(logging.WARNING, logging.getLogger("cdae_em").getEffectiveLevel()))
     return w
 
 
@@ -214,3 +216,42 @@ def on_main(fn: Callable, *args, **kwargs) -> Any:
 
         raise CdaeError(f"rank 0 failed: {message}")
     return result
+
+
+def gpu_ids(gpu: str | None) -> list[str]:
+    """CUDA device ids of a ``--gpu`` value: "0,1,2,3" (also "0:1", RELION's way) -> ["0", "1", ...];
+    None, "" or "cpu" -> []."""
+    if gpu is None or str(gpu).strip().lower() in ("", "cpu", "-1", "none"):
+        return []
+    return [g for g in str(gpu).replace(":", ",").replace(" ", ",").split(",") if g]
+
+
+def launch_command(n_processes: int, module: str, argv: list[str]) -> list[str]:
+    """The torchrun command that runs ``python -m module argv`` in ``n_processes`` processes on this
+    node (a standalone rendezvous on a free port)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n_processes),
+            "-m", module, *argv]
+
+
+def relaunch_on_gpus(gpu: str | None, module: str, argv: list[str]) -> int | None:
+    """With several devices in ``gpu`` and not yet under torchrun: run the same command as one
+    process per device (torchrun, this node) and return its exit code; else None (run here).
+    Fails with a one-line InputError when the devices are not there."""
+    ids = gpu_ids(gpu)
+    if len(ids) < 2 or launched():
+        return None
+    from cdae_em.errors import InputError
+
+    if not all(i.isdigit() for i in ids):
+        raise InputError(None, f"--gpu {gpu}: expected device numbers such as 0,1,2,3")
+    if not torch.cuda.is_available():
+        raise InputError(None, f"--gpu {gpu}: CUDA is not available on this machine (torch {torch.__version__})")
+    if max(int(i) for i in ids) >= torch.cuda.device_count():
+        raise InputError(None, f"--gpu {gpu}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    import subprocess
+
+    cmd = launch_command(len(ids), module, argv)
+    log.info("running on GPUs %s: %s", ",".join(ids), " ".join(cmd))
+    return subprocess.call(cmd)

@@ -78,3 +78,21 @@ def test_helpers_in_one_process():
     assert [distributed.shard(10, distributed.World(r, 3)) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
     view = distributed.RowShard(np.arange(20).reshape(10, 2), 3, 6)
     assert len(view) == 3 and view[1:3].tolist() == [[8, 9], [10, 11]] and view[np.array([0, 2])].tolist() == [[6, 7], [10, 11]]
+
+
+def test_gpu_list_front_end(sim, tmp_path):
+    """--gpu 0,1 starts one process per device through torchrun; where CUDA is missing that is one
+    clear line and a non-zero exit, before anything is written."""
+    assert distributed.gpu_ids("0,1,2,3") == ["0", "1", "2", "3"] and distributed.gpu_ids("0:1") == ["0", "1"]
+    assert distributed.gpu_ids(None) == [] and distributed.gpu_ids("cpu") == []
+    cmd = distributed.launch_command(4, "cdae_em", ["run", "--gpu", "0,1,2,3"])
+    assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
+    assert cmd[-4:] == ["cdae_em", "run", "--gpu", "0,1,2,3"]
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+        pytest.skip("a machine with GPUs would run the job")
+    out = tmp_path / "job"
+    r = run([sys.executable, "-m", "cdae_em", "run", "--i", sim / "particles.star", "--o", out, "--K", "3",
+             "--gpu", "0,1"])
+    assert r.returncode == 1 and not out.exists()
+    errors = [line for line in r.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "--gpu 0,1" in errors[0], r.stderr
