@@ -28,6 +28,7 @@ from cdae_em import distributed
 from cdae_em.cascade import Cascade
 from cdae_em.ctf import CtfParams, ctf_2d, phase_flip
 from cdae_em.errors import InputError
+from cdae_em.memory import Releaser
 from cdae_em.preprocess import equalise_histogram, fourier_resize, particle_mask
 from cdae_em.selfcheck import check_rows, choose_polarity, finetuning_helped
 from cdae_em.stacks import ImageSource, StackWriter
@@ -129,6 +130,7 @@ def prepare_inputs(table: ParticleTable, images: ImageSource, settings: DenoiseS
         (work / "input.done").unlink(missing_ok=True)
     out = shared_work_array(work / "input.npy", len(table), box)
     blank = []
+    pages = Releaser(out)
     lo, hi = distributed.shard(len(table))  # this rank's rows (all of them in one process)
     for start in tqdm(range(lo, hi, settings.batch_size), desc="reading images", unit="batch", disable=None):
         rows = slice(start, min(start + settings.batch_size, hi))
@@ -136,7 +138,9 @@ def prepare_inputs(table: ParticleTable, images: ImageSource, settings: DenoiseS
         flat = np.asarray(batch).reshape(len(batch), -1)
         blank += (start + np.flatnonzero(flat.max(axis=1) == flat.min(axis=1))).tolist()
         out[rows] = prepare(batch, rows).cpu().numpy()
+        pages.step(batch.nbytes)
     out.flush()
+    pages.now()
     blank = distributed.gather_rows(torch.as_tensor(blank, dtype=torch.int64)).numpy()
     _warn_blank(table, blank)
     if len(blank) > len(table) - 2:
@@ -189,6 +193,7 @@ def run_block(block: torch.nn.Module, src: np.ndarray, dst: np.ndarray, device: 
     own rows of the shared ``dst``, and then waits for the others)."""
     block.eval().to(device)
     lo, hi = distributed.shard(len(src))
+    pages = Releaser(src, dst)  # resident memory flat in N (cdae_em.memory)
     for start in tqdm(range(lo, hi, batch_size), desc=desc, unit="batch", leave=False, disable=None):
         if should_stop is not None:
             should_stop()
@@ -196,8 +201,10 @@ def run_block(block: torch.nn.Module, src: np.ndarray, dst: np.ndarray, device: 
         with autocast(device):
             y = block(x)
         dst[start:start + len(x)] = y.float().cpu().numpy()
+        pages.step(2 * x.numel() * 4)
     if isinstance(dst, np.memmap):
         dst.flush()
+    pages.now()
     distributed.barrier()
 
 
@@ -246,11 +253,13 @@ def write_denoised(table: ParticleTable, images: np.ndarray, out_dir: Path, pixe
     staging.mkdir(parents=True, exist_ok=True)
     final_paths = stack_names(out_dir, n)
     names = []
+    pages = Releaser(images)
     for i, path in enumerate(final_paths):
         lo, hi = i * STACK_CHUNK, min(n, (i + 1) * STACK_CHUNK)
         with StackWriter(staging / path.name, hi - lo, box, pixel_size) as writer:
             for start in range(lo, hi, settings.batch_size):
                 x = torch.from_numpy(np.array(images[start:min(hi, start + settings.batch_size)])).to(device)
+                pages.step(x.numel() * 4)
                 if settings.equalise:
                     x = equalise_histogram(x, mask)
                 here = blank[(blank >= start) & (blank < start + len(x))] if blank is not None else []

@@ -19,6 +19,7 @@ from cdae_em.cascade import Cascade
 from cdae_em import distributed
 from cdae_em.denoise import DenoiseSettings, run_block, shared_work_array, work_size
 from cdae_em.errors import InputError
+from cdae_em.memory import Streamed
 from cdae_em.train import TrainSettings, train_block
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSe
     from cdae_em.knn import find_neighbours
     from cdae_em.neighbours import aligned_neighbour_means, invariant_features, reduce_features
 
+    outputs = Streamed(outputs)  # read through the map, resident memory kept flat (cdae_em.memory)
     radius = estimate_particle_radius(outputs, device=device)  # one mask radius for all particles (and ranks)
     # features of this rank's rows, gathered on every rank (distributed.per_row)
     feats = distributed.per_row(invariant_features, outputs, mask_radius=radius, device=device).cpu()

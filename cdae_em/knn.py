@@ -7,8 +7,8 @@ plus Q log N to search. Measured on the 2-core development CPU (32-d PCA feature
 ``python -m benchmarks.scale knn``, docs/scale.md): exact all-pairs kNN takes ~48-140 s at 10^5
 vectors and grows as N^2 (hours at 10^6), HNSW about a minute at 10^5 and minutes at 10^6 at
 recall >= 0.95. Fine-tuning only needs the neighbours of its subset (Q = 4,000 by default), for
-which exact search stays cheap even at 10^6 particles: ``method="auto"`` switches to HNSW only
-when Q x N is above ``EXACT_MAX_PAIRS`` and faiss is installed.
+which exact search stays cheap even at 10^6 particles (~20 s): ``method="auto"`` switches to the
+index only when its cost model says it is faster (from ~30,000 queries on) and faiss is installed.
 """
 
 from __future__ import annotations
@@ -24,9 +24,14 @@ from cdae_em.neighbours import drop_far, nearest_neighbours
 
 log = logging.getLogger(__name__)
 
-# Q x N above which "auto" uses HNSW: there, exact search takes about as long as building and
-# searching the index (measured: docs/scale.md).
-EXACT_MAX_PAIRS = 2e9
+# Cost model of "auto" (seconds on the 2-core development CPU, 32-d features, k = 30, measured by
+# ``python -m benchmarks.scale knn``, docs/scale.md): exact search costs EXACT_S_PER_PAIR per
+# query x vector; the approximate index APPROX_S_PER_VECTOR per indexed vector (building) plus
+# APPROX_S_PER_QUERY per query. Only the ratios matter: the index pays from about
+# APPROX_S_PER_VECTOR / EXACT_S_PER_PAIR = 30,000 queries on, whatever N.
+EXACT_S_PER_PAIR = 5e-9
+APPROX_S_PER_VECTOR = 1.5e-4
+APPROX_S_PER_QUERY = 2e-4
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 64  # >= k + 1; more is slower and more accurate
@@ -61,7 +66,8 @@ def choose_method(n: int, n_queries: int, method: str = "auto") -> str:
         raise ImportError("kNN method hnsw needs the faiss-cpu package: pip install faiss-cpu")
     if method != "auto":
         return method
-    if float(n) * n_queries <= EXACT_MAX_PAIRS:
+    exact = EXACT_S_PER_PAIR * float(n) * n_queries
+    if exact <= APPROX_S_PER_VECTOR * n + APPROX_S_PER_QUERY * n_queries:
         return "exact"
     if not faiss_available():
         log.warning("kNN: %d x %d distances, exact search (install faiss-cpu for the faster approximate index)",
@@ -123,6 +129,28 @@ def hnsw_search(x: np.ndarray, rows: np.ndarray, k: int, m: int = HNSW_M, ef_con
         _, found = index.search(x[part], k + 1)
         out[start:start + len(part)] = _drop_self(found, part, k)
     return out
+
+
+def refine(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, neighbours_of: torch.Tensor, k: int,
+           hops: int = 10, batch: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of "a neighbour's neighbour is likely a neighbour" (NN-descent): for each query,
+    the candidates are its approximate neighbours ``idx`` plus the approximate neighbours
+    (``neighbours_of[j]``, a row per vector of ``x``) of its first ``hops``; the k nearest by exact
+    distance are kept: (indices, distances), sorted, self excluded."""
+    out_i = torch.empty((len(rows), k), dtype=torch.long)
+    out_d = torch.empty((len(rows), k), dtype=torch.float32)
+    for s in range(0, len(rows), batch):
+        r = rows[s:s + batch]
+        mine = idx[s:s + batch]
+        cand = torch.cat([mine, neighbours_of[mine[:, :hops]].flatten(1)], dim=1)
+        cand, _ = torch.sort(cand, dim=1)
+        dup = torch.zeros_like(cand, dtype=torch.bool)
+        dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+        d = (x[r][:, None, :] - x[cand]).pow(2).sum(-1)
+        d = d.masked_fill(dup | (cand == r[:, None]), torch.inf)
+        best, pos = torch.topk(d, k, dim=1, largest=False)
+        out_i[s:s + batch], out_d[s:s + batch] = cand.gather(1, pos), best.sqrt()
+    return out_i, out_d
 
 
 def _drop_self(found: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:

@@ -31,6 +31,7 @@ def test_queries_match_all_rows():
 def test_choose_method(monkeypatch):
     assert choose_method(1000, 1000) == "exact"
     assert choose_method(10**6, 4000) == "exact"  # fine-tuning's subset: exact even at 10^6
+    assert choose_method(10**5, 10**5) != "exact" and choose_method(10**6, 10**5) != "exact"
     monkeypatch.setattr(knn, "faiss_available", lambda: False)
     assert choose_method(10**6, 10**6) == "exact"  # no faiss: exact, with a warning
     with pytest.raises(ImportError, match="faiss-cpu"):
@@ -67,7 +68,7 @@ def test_hnsw_recall_and_exact_distances():
 
 def test_auto_uses_hnsw_above_threshold(monkeypatch):
     pytest.importorskip("faiss")
-    monkeypatch.setattr(knn, "EXACT_MAX_PAIRS", 1e5)
+    monkeypatch.setattr(knn, "EXACT_S_PER_PAIR", 1e-6)  # as if exact search were 200x slower
     f = clustered(1000, seed=2)
     assert find_neighbours(f, 5, method="auto", recall_sample=100).method == "hnsw"
     assert find_neighbours(f, 5, queries=np.arange(50), method="auto").method == "exact"
