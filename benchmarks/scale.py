@@ -134,7 +134,7 @@ def cmd_knn(args) -> list[dict]:
         if n <= len(real):
             rows += knn_rows(real[:n], "features", args.j, exact_full=n <= 200000)
             if n == len(real) and max(sizes) > len(real):
-                rows += knn_rows(proxy_features(real, n), "proxy", args.j, exact_full=n <= 200000)
+                rows += knn_rows(proxy_features(real, n), "proxy", args.j, exact_full=False)
         else:
             rows += knn_rows(proxy_features(real, n), "proxy", args.j, exact_full=False)
     return rows

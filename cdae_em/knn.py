@@ -34,7 +34,8 @@ APPROX_S_PER_VECTOR = 1.5e-4
 APPROX_S_PER_QUERY = 2e-4
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 40
-HNSW_EF_SEARCH = 64  # >= k + 1; more is slower and more accurate
+HNSW_EF_SEARCH = 96  # >= k + 1; more is slower and more accurate (0.936 -> 0.965 recall from 64 to 96 at 10^6)
+HNSW_FROM_SELF = True  # searches start at the query's own node (see hnsw_search)
 
 
 @dataclass
@@ -112,9 +113,12 @@ def find_neighbours(features: torch.Tensor, k: int, queries: np.ndarray | torch.
 
 
 def hnsw_search(x: np.ndarray, rows: np.ndarray, k: int, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
-                ef_search: int = HNSW_EF_SEARCH, threads: int | None = None, batch: int = 65536) -> np.ndarray:
+                ef_search: int = HNSW_EF_SEARCH, threads: int | None = None, batch: int = 65536,
+                from_self: bool = HNSW_FROM_SELF) -> np.ndarray:
     """Approximate neighbours (len(rows), k) of ``x[rows]`` among ``x`` (float32, C order), self
-    excluded, with a faiss HNSW graph. Deterministic for a given thread count."""
+    excluded, with a faiss HNSW graph. The queries are vectors of the graph, so with ``from_self``
+    each search starts at the query's own node on the bottom level (``search_level_0``) instead of
+    descending from the top: no hops are spent getting there. Deterministic for a given thread count."""
     import faiss
 
     if threads is not None:
@@ -126,7 +130,16 @@ def hnsw_search(x: np.ndarray, rows: np.ndarray, k: int, m: int = HNSW_M, ef_con
     out = np.empty((len(rows), k), dtype=np.int64)
     for start in range(0, len(rows), batch):
         part = rows[start:start + batch]
-        _, found = index.search(x[part], k + 1)
+        q = np.ascontiguousarray(x[part])
+        if from_self:
+            entry = np.ascontiguousarray(part, dtype=np.int32).reshape(-1, 1)  # storage_idx_t
+            entry_d = np.zeros((len(part), 1), dtype=np.float32)
+            dist = np.empty((len(part), k + 1), dtype=np.float32)
+            found = np.empty((len(part), k + 1), dtype=np.int64)
+            index.search_level_0(len(part), faiss.swig_ptr(q), k + 1, faiss.swig_ptr(entry), faiss.swig_ptr(entry_d),
+                                 faiss.swig_ptr(dist), faiss.swig_ptr(found))
+        else:
+            _, found = index.search(q, k + 1)
         out[start:start + len(part)] = _drop_self(found, part, k)
     return out
 
