@@ -82,8 +82,7 @@ def init_from_env(device: torch.device) -> World:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=TIMEOUT_MINUTES),
-                                         **({"device_id": device} if device.type == "cuda" else {}))
+    torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=TIMEOUT_MINUTES))
     w = world()
     log.info("distributed run: rank %d of %d (%s, local rank %d)", w.rank, w.size, backend, w.local_rank)
     if not w.main:  # rank 0 tells the story; the others only warn
