@@ -49,6 +49,8 @@ setup(
         # the benchmark smoke test compares against scikit-image's TV/NLM and BM3D
         "test": ["pytest>=7", "scikit-image>=0.22", "bm3d>=4"],
         "bench": ["scikit-image>=0.22", "bm3d>=4"],
+        # approximate kNN for many queries (cdae_em.knn; exact search is used without it)
+        "scale": ["faiss-cpu>=1.7"],
         # Scipion plugin (plugin name ``cdae_em``). pyworkflow pins numpy==1.26.1, so install this
         # extra in the same pip command as cdae-em: pip install 'cdae-em[scipion]'
         "scipion": ["scipion-pyworkflow>=3.11", "scipion-em>=3.11"],

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 
+from cdae_em import distributed
 from cdae_em.align import align_pairs, align_to_references, apply_alignment, estimate_particle_radius
 from cdae_em.neighbours import invariant_features, reduce_features
 from cdae_em.errors import InputError
@@ -120,11 +121,13 @@ def class_means(images, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray,
     box = images.shape[-1]
     sums = torch.zeros((n_classes, box, box), device=device)
     counts = np.bincount(labels, minlength=n_classes)
-    for start in range(0, len(images), batch_size):
-        rows = slice(start, min(start + batch_size, len(images)))
+    lo, hi = distributed.shard(len(images))  # each rank its rows; the sums are added over ranks
+    for start in range(lo, hi, batch_size):
+        rows = slice(start, min(start + batch_size, hi))
         x = apply_alignment(_rows(images, rows, device), torch.as_tensor(psi[rows], device=device, dtype=torch.float32),
                             torch.as_tensor(origin[rows], device=device, dtype=torch.float32))
         sums.index_add_(0, torch.as_tensor(labels[rows], device=device), x)
+    sums = distributed.all_reduce_sum(sums)
     means = sums / torch.as_tensor(np.maximum(counts, 1), device=device, dtype=torch.float32)[:, None, None]
     return means.cpu().numpy(), counts
 
@@ -152,7 +155,7 @@ def classify(images, settings: ClassifySettings, device: torch.device,
         if should_stop is not None:
             should_stop()
         fine = it > settings.n_iter - settings.fine_rounds
-        ref_idx, p, o, s = align_to_references(images, torch.as_tensor(references, device=device),
+        ref_idx, p, o, s = distributed.per_row(align_to_references, images, torch.as_tensor(references, device=device),
                                                psi_step=settings.psi_step * (1 if fine else 2), max_shift=max_shift,
                                                batch_size=settings.batch_size, device=device, progress=True,
                                                band=settings.fine_band if fine else settings.coarse_band)
@@ -210,12 +213,12 @@ def _initial_classes(images, settings: ClassifySettings, device: torch.device, m
     n, k = len(images), settings.n_classes
     masked = _Masked(images, device)
     radius = estimate_particle_radius(masked[np.arange(min(n, 1000))])
-    features = reduce_features(invariant_features(masked, mask_radius=radius, device=device).cpu(),
+    features = reduce_features(distributed.per_row(invariant_features, masked, mask_radius=radius, device=device).cpu(),
                                n_components=min(settings.n_components, n - 1), seed=settings.seed).numpy()
     if initial_labels is not None:
         labels = np.asarray(initial_labels, dtype=int)
     else:
-        labels = cluster(features, k, settings.method, settings.seed, settings.hc_max)
+        labels = distributed.on_main(cluster, features, k, settings.method, settings.seed, settings.hc_max)
     log.info("initial %s classes from invariant features: sizes %s", settings.method, np.bincount(labels, minlength=k).tolist())
     centres = np.stack([features[labels == c].mean(axis=0) if np.any(labels == c) else features[0] for c in range(k)])
     dist = ((features - centres[labels]) ** 2).sum(axis=1)
@@ -224,12 +227,14 @@ def _initial_classes(images, settings: ClassifySettings, device: torch.device, m
     psi = np.zeros(n, np.float32)
     origin = np.zeros((n, 2), np.float32)
     score = np.zeros(n, np.float32)
-    for start in range(0, n, settings.batch_size):
-        rows = slice(start, min(start + settings.batch_size, n))
+    lo, hi = distributed.shard(n)
+    for start in range(lo, hi, settings.batch_size):
+        rows = slice(start, min(start + settings.batch_size, hi))
         refs = _rows(images, medoid[labels[rows]], device)
         p, o, s = align_pairs(_rows(images, rows, device), refs, psi_step=settings.psi_step, max_shift=max_shift,
                               mask_radius=radius)
         psi[rows], origin[rows], score[rows] = p.cpu().numpy(), o.cpu().numpy(), s.cpu().numpy()
+    psi, origin, score = (distributed.gather_rows(torch.from_numpy(a[lo:hi])).numpy() for a in (psi, origin, score))
     return labels, psi, origin, score
 
 

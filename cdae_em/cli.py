@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser(only=command if command in COMMANDS else "").parse_args(argv)
     setup_logging(args.log_level)
     try:
+        if command in ("run", "denoise", "classify"):  # --gpu 0,1,2,3: one process per device (torchrun)
+            from cdae_em.distributed import relaunch_on_gpus
+
+            code = relaunch_on_gpus(args.gpu, "cdae_em", argv)
+            if code is not None:
+                sys.exit(code)
         args.func(args)
     except CdaeError as exc:
         log.error("%s", exc)

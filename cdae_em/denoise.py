@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cdae_em import distributed
 from cdae_em.cascade import Cascade
 from cdae_em.ctf import CtfParams, ctf_2d, phase_flip
 from cdae_em.errors import InputError
+from cdae_em.memory import Releaser
 from cdae_em.preprocess import equalise_histogram, fourier_resize, particle_mask
 from cdae_em.selfcheck import check_rows, choose_polarity, finetuning_helped
 from cdae_em.stacks import ImageSource, StackWriter
@@ -96,6 +98,19 @@ def open_work_array(path: Path, n: int, box: int, mode: str = "w+") -> np.memmap
     return array
 
 
+def shared_work_array(path: Path, n: int, box: int) -> np.memmap:
+    """A new work array that every rank of a distributed run writes its rows into: rank 0 creates
+    it (``open_work_array``), the others open it once it exists. One process: ``open_work_array``."""
+    if not distributed.active():
+        return open_work_array(path, n, box)
+    if distributed.world().main:
+        array = open_work_array(path, n, box)
+        distributed.barrier()
+        return array
+    distributed.barrier()
+    return open_work_array(path, n, box, mode="r+")
+
+
 def prepare_inputs(table: ParticleTable, images: ImageSource, settings: DenoiseSettings, work: Path,
                    device: torch.device) -> tuple[np.memmap, float, np.ndarray]:
     """Read particles in STAR order, phase-flip / resize as asked, and store them in the work
@@ -114,22 +129,31 @@ def prepare_inputs(table: ParticleTable, images: ImageSource, settings: DenoiseS
         blank = np.load(work / "blank.npy")
         _warn_blank(table, blank)
         return np.load(work / "input.npy", mmap_mode="r"), pixel_out, blank
-    (work / "input.done").unlink(missing_ok=True)
-    out = open_work_array(work / "input.npy", len(table), box)
+    distributed.barrier()  # every rank has seen that input.done is missing
+    if distributed.world().main:
+        (work / "input.done").unlink(missing_ok=True)
+    out = shared_work_array(work / "input.npy", len(table), box)
     blank = []
-    for start, batch in images.batches(settings.batch_size, progress=True):
-        rows = slice(start, start + len(batch))
+    pages = Releaser(out)
+    lo, hi = distributed.shard(len(table))  # this rank's rows (all of them in one process)
+    for start in tqdm(range(lo, hi, settings.batch_size), desc="reading images", unit="batch", disable=None):
+        rows = slice(start, min(start + settings.batch_size, hi))
+        batch = images.read(np.arange(rows.start, rows.stop))
         flat = np.asarray(batch).reshape(len(batch), -1)
         blank += (start + np.flatnonzero(flat.max(axis=1) == flat.min(axis=1))).tolist()
         out[rows] = prepare(batch, rows).cpu().numpy()
+        pages.step(batch.nbytes)
     out.flush()
-    blank = np.asarray(blank, dtype=np.int64)
-    np.save(work / "blank.npy", blank)
+    pages.now()
+    blank = distributed.gather_rows(torch.as_tensor(blank, dtype=torch.int64)).numpy()
     _warn_blank(table, blank)
     if len(blank) > len(table) - 2:
         raise InputError(table.path, f"{len(blank)} of {len(table)} images are blank (all pixels equal): "
                          "nothing to denoise")
-    (work / "input.done").touch()
+    if distributed.world().main:
+        np.save(work / "blank.npy", blank)
+        (work / "input.done").touch()
+    distributed.barrier()
     return out, pixel_out, blank
 
 
@@ -189,17 +213,23 @@ class BatchPreparer:
 @torch.no_grad()
 def run_block(block: torch.nn.Module, src: np.ndarray, dst: np.ndarray, device: torch.device, batch_size: int,
               desc: str, should_stop: Callable[[], None] | None = None) -> None:
-    """dst[i] = block(src[i]) for all i, streamed in batches."""
+    """dst[i] = block(src[i]) for all i, streamed in batches (in a distributed run, each rank its
+    own rows of the shared ``dst``, and then waits for the others)."""
     block.eval().to(device)
-    for start in tqdm(range(0, len(src), batch_size), desc=desc, unit="batch", leave=False, disable=None):
+    lo, hi = distributed.shard(len(src))
+    pages = Releaser(src, dst)  # resident memory flat in N (cdae_em.memory)
+    for start in tqdm(range(lo, hi, batch_size), desc=desc, unit="batch", leave=False, disable=None):
         if should_stop is not None:
             should_stop()
-        x = torch.from_numpy(np.array(src[start:start + batch_size])).to(device)
+        x = torch.from_numpy(np.array(src[start:min(start + batch_size, hi)])).to(device)
         with autocast(device):
             y = block(x)
         dst[start:start + len(x)] = y.float().cpu().numpy()
+        pages.step(2 * x.numel() * 4)
     if isinstance(dst, np.memmap):
         dst.flush()
+    pages.now()
+    distributed.barrier()
 
 
 def run_cascade(model: Cascade, inputs: np.ndarray, path: Path, device: torch.device, batch_size: int,
@@ -207,11 +237,12 @@ def run_cascade(model: Cascade, inputs: np.ndarray, path: Path, device: torch.de
     """All blocks of ``model`` over ``inputs``, into the work array ``path`` (one pass per block)."""
     x = inputs
     for j, block in enumerate(model.blocks, start=1):
-        nxt = open_work_array(path.with_name(f"{path.stem}_{j}.npy"), len(inputs), inputs.shape[-1])
+        nxt = shared_work_array(path.with_name(f"{path.stem}_{j}.npy"), len(inputs), inputs.shape[-1])
         run_block(block, x, nxt, device, batch_size, f"block {j}: denoise", should_stop)
         if j > 1:
             del x
-            path.with_name(f"{path.stem}_{j - 1}.npy").unlink(missing_ok=True)
+            if distributed.world().main:
+                path.with_name(f"{path.stem}_{j - 1}.npy").unlink(missing_ok=True)
         x = nxt
     return x
 
@@ -246,11 +277,13 @@ def write_denoised(table: ParticleTable, images: np.ndarray, out_dir: Path, pixe
     staging.mkdir(parents=True, exist_ok=True)
     final_paths = stack_names(out_dir, n)
     names = []
+    pages = Releaser(images)
     for i, path in enumerate(final_paths):
         lo, hi = i * STACK_CHUNK, min(n, (i + 1) * STACK_CHUNK)
         with StackWriter(staging / path.name, hi - lo, box, pixel_size) as writer:
             for start in range(lo, hi, settings.batch_size):
                 x = torch.from_numpy(np.array(images[start:min(hi, start + settings.batch_size)])).to(device)
+                pages.step(x.numel() * 4)
                 if settings.equalise:
                     x = equalise_histogram(x, mask)
                 here = blank[(blank >= start) & (blank < start + len(x))] if blank is not None else []
@@ -294,20 +327,40 @@ def _work_dir(out: Path, star: str | Path, settings: DenoiseSettings, project_di
     key = json.dumps({"particles": str(Path(star).resolve()), "project_dir": str(project_dir),
                       "settings": asdict(settings)}, sort_keys=True, default=str)
     stamp = work / "settings.json"
-    if work.exists() and (not stamp.exists() or stamp.read_text() != key):
-        log.info("%s holds the work of other settings: starting afresh", work)
-        remove_work(out)
-    work.mkdir(exist_ok=True)
-    if not stamp.exists():
-        stamp.write_text(key)
+    if distributed.world().main:
+        if work.exists() and (not stamp.exists() or stamp.read_text() != key):
+            log.info("%s holds the work of other settings: starting afresh", work)
+            remove_work(out)
+        work.mkdir(exist_ok=True)
+        if not stamp.exists():
+            stamp.write_text(key)
+    distributed.barrier()
     return work
 
 
+def work_size(out: Path) -> int:
+    """Bytes on disk under ``OUT/.cdae_work`` (allocated blocks, so sparse or reserved arrays count
+    as what they occupy); 0 if there is none."""
+    work = out / WORK_DIR
+    if not work.exists():
+        return 0
+    total = 0
+    for path in work.rglob("*"):
+        try:
+            st = path.stat()
+        except OSError:  # removed meanwhile
+            continue
+        if path.is_file():
+            total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+    return total
+
+
 def remove_work(out: Path) -> None:
-    """Remove ``OUT/.cdae_work``: renamed first, so that a kill halfway never leaves a work
-    directory with some of its files gone."""
+    """Remove ``OUT/.cdae_work`` (its size logged): renamed first, so that a kill halfway never
+    leaves a work directory with some of its files gone."""
     work = out / WORK_DIR
     if work.exists():
+        log.info("removing %s (%.2f GB)", work, work_size(out) / 1e9)
         trash = out / f"{WORK_DIR}.removing"
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(work, trash)
@@ -332,12 +385,14 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
         work = _work_dir(out, star, settings, project_dir)
         log.info("denoising %d particles of %d px from %s", len(table), images.box, star)
         inputs, pixel, blank = prepare_inputs(table, images, settings, work, device)
+    peak_work = work_size(out)
     summary: dict = {"particles": len(table), "box": inputs.shape[-1], "pixel_size": pixel,
                      "phase_flipped": settings.phase_flip,
                      "weights": str(settings.weights or "default"), "weights_metadata": meta.get("command")}
     check = np.setdiff1d(check_rows(len(inputs), settings.seed), blank)
     check_images = torch.from_numpy(np.array(inputs[check])).to(device)
     sign, summary["selfcheck"] = choose_polarity(model, check_images, settings, device, should_stop)
+    sign, summary["selfcheck"] = distributed.broadcast((sign, summary["selfcheck"]))  # every rank as rank 0
     model.set_polarity(sign)
     if settings.finetune:
         from cdae_em.finetune import finetune
@@ -345,22 +400,32 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
         pretrained = copy.deepcopy(model)
         summary["finetune"] = finetune(model, inputs, work, settings, device, should_stop, blank=blank,
                                        holdout=check if settings.check else None)
+        peak_work = max([peak_work] + [r.get("work_bytes", 0) for r in summary["finetune"]])
         final = np.load(work / f"block{len(model.blocks)}.npy", mmap_mode="r")
-        if settings.check and not finetuning_helped(model, pretrained, check_images, summary["selfcheck"], device,
-                                                     should_stop):
+        helped = not settings.check or finetuning_helped(model, pretrained, check_images, summary["selfcheck"],
+                                                         device, should_stop)
+        helped, summary["selfcheck"] = distributed.broadcast((helped, summary["selfcheck"]))
+        if not helped:
             final = run_cascade(pretrained, inputs, work / "pretrained.npy", device, settings.batch_size, should_stop)
     else:
         final = run_cascade(model, inputs, work / "pretrained.npy", device, settings.batch_size, should_stop)
         summary["finetune"] = []
-    summary["denoised_star"] = str(write_denoised(table, final, out, pixel, settings, device, blank, inputs))
+    peak_work = max(peak_work, work_size(out))
+    summary["denoised_star"] = str(out / "denoised_particles.star")
+    summary["work_bytes"] = peak_work  # the largest .cdae_work measured (after each stage)
     summary["blank_rows"] = (blank + 1).tolist()
-    from cdae_em.figures import gallery, raw_denoised_pairs
+    if distributed.world().main:  # one rank writes the outputs
+        write_denoised(table, final, out, pixel, settings, device, blank, inputs)
+        log.info("%s: %.2f GB at most during denoising%s", out / WORK_DIR, peak_work / 1e9,
+                 " (kept: --keep-work)" if keep_work else "")
+        from cdae_em.figures import gallery, raw_denoised_pairs
 
-    gallery(out / "denoised_pairs.png", None, None,
-            raw_denoised_pairs(out / "denoised_particles.star", star, project_dir, n_pairs=8))
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
+        gallery(out / "denoised_pairs.png", None, None,
+                raw_denoised_pairs(out / "denoised_particles.star", star, project_dir, n_pairs=8))
     del final, inputs
-    if not keep_work:
+    distributed.barrier()
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    if not keep_work and distributed.world().main:
         remove_work(out)
     log.info("denoised %d particles in %.1f s", len(table), summary["seconds"])
     return summary

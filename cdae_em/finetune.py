@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from cdae_em.cascade import Cascade
-from cdae_em.denoise import DenoiseSettings, open_work_array, run_block
+from cdae_em import distributed
+from cdae_em.denoise import DenoiseSettings, run_block, shared_work_array, work_size
 from cdae_em.errors import InputError
+from cdae_em.memory import Streamed
 from cdae_em.train import TrainSettings, train_block
 
 log = logging.getLogger(__name__)
@@ -27,23 +29,29 @@ def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSe
                       valid: np.ndarray | None = None) -> torch.Tensor:
     """Fine-tuning targets for ``rows``: the mean of each one's k nearest neighbours among all
     block outputs (among the ``valid`` rows only, if given: blank images are never neighbours),
-    found with rotation/shift-invariant features and aligned to it before averaging.
+    found with rotation/shift-invariant features and aligned to it before averaging. Only the
+    neighbours of ``rows`` are searched for (exact, or approximate at scale: ``cdae_em.knn``).
     """
-    from cdae_em.neighbours import aligned_neighbour_means, invariant_features, nearest_neighbours, reduce_features
+    from cdae_em.align import estimate_particle_radius
+    from cdae_em.knn import find_neighbours
+    from cdae_em.neighbours import aligned_neighbour_means, invariant_features, reduce_features
 
-    feats = invariant_features(outputs, device=device).cpu()  # one mask radius for all particles
-    if valid is not None and len(valid) < len(feats):
-        features = reduce_features(feats[torch.as_tensor(valid)], n_components=settings.n_components,
-                                   seed=settings.seed)
-        local, _ = nearest_neighbours(features, settings.k, max_distance=settings.max_distance)
-        idx = torch.full((len(feats), local.shape[1]), -1, dtype=local.dtype)
-        idx[torch.as_tensor(valid)] = torch.as_tensor(valid)[local]  # back to rows of ``outputs``
-    else:
-        features = reduce_features(feats, n_components=settings.n_components, seed=settings.seed)
-        idx, _ = nearest_neighbours(features, settings.k, max_distance=settings.max_distance)
-    return aligned_neighbour_means(outputs, idx[torch.as_tensor(rows)], rows=torch.as_tensor(rows),
-                                   psi_step=settings.psi_step, batch_size=settings.batch_size, progress=True,
-                                   device=device)
+    outputs = Streamed(outputs)  # read through the map, resident memory kept flat (cdae_em.memory)
+    radius = estimate_particle_radius(outputs, device=device)  # one mask radius for all particles (and ranks)
+    # features of this rank's rows, gathered on every rank (distributed.per_row)
+    feats = distributed.per_row(invariant_features, outputs, mask_radius=radius, device=device).cpu()
+    rows = np.asarray(rows)
+    if valid is None:
+        valid = np.arange(len(feats))
+    features = reduce_features(feats[torch.as_tensor(valid)], n_components=settings.n_components, seed=settings.seed)
+    lo, hi = distributed.shard(len(rows))  # each rank: the neighbours and targets of its share of ``rows``
+    found = find_neighbours(features, settings.k, queries=np.searchsorted(valid, rows[lo:hi]),
+                            max_distance=settings.max_distance, seed=settings.seed)
+    idx = torch.as_tensor(valid)[found.indices]  # back to rows of ``outputs``
+    means = aligned_neighbour_means(outputs, idx, rows=torch.as_tensor(rows[lo:hi]), psi_step=settings.psi_step,
+                                    batch_size=settings.batch_size, progress=True, device=device,
+                                    mask_radius=radius)
+    return distributed.gather_rows(means.cpu())
 
 
 def finetune(model: Cascade, inputs: np.ndarray, work: Path, settings: DenoiseSettings, device: torch.device,
@@ -69,7 +77,7 @@ def finetune(model: Cascade, inputs: np.ndarray, work: Path, settings: DenoiseSe
                          "or a smaller --neighbours")
     history = []
     box = inputs.shape[-1]
-    resumed = resume_point(work, len(model.blocks), n, box)
+    resumed = distributed.broadcast(resume_point(work, len(model.blocks), n, box) if distributed.world().main else None)
     if resumed:  # the last finished block's file holds every block fine-tuned so far
         finished, _ = load_weights(work / f"block{resumed}.pt", map_location=device)
         for i in range(resumed):
@@ -83,24 +91,28 @@ def finetune(model: Cascade, inputs: np.ndarray, work: Path, settings: DenoiseSe
             continue
         t0 = time.perf_counter()
         rng = np.random.default_rng([settings.seed, j])
-        y = open_work_array(work / f"block{j}_before.npy", n, box)
+        y = shared_work_array(work / f"block{j}_before.npy", n, box)
         run_block(block, x, y, device, settings.batch_size, f"block {j}: denoise", should_stop)
         trainable = np.setdiff1d(valid, holdout) if holdout is not None and len(valid) - len(holdout) > settings.k else valid
         rows = np.sort(rng.choice(trainable, size=min(len(trainable), settings.finetune_subset), replace=False))
         log.info("block %d: kNN targets (k=%d) for %d particles", j, settings.k, len(rows))
         targets = neighbour_targets(y, rows, settings, device, valid=valid).cpu().numpy()
         del y
-        (work / f"block{j}_before.npy").unlink()
+        if distributed.world().main:
+            (work / f"block{j}_before.npy").unlink()
         train = TrainSettings(**{**asdict(settings.train), "seed": settings.seed + j})
         record = {"block": j, "particles": len(rows),
                   "epochs": train_block(block, _Rows(x, rows), targets, train, device, desc=f"block {j}: fine-tune",
                                         should_stop=should_stop)}
-        nxt = open_work_array(work / f"block{j}.npy", n, box)
+        nxt = shared_work_array(work / f"block{j}.npy", n, box)
         run_block(block, x, nxt, device, settings.batch_size, f"block {j}: denoise", should_stop)
-        save_weights(model, work / f"block{j}.pt", {"fine-tuned blocks": j})
-        done.touch()
-        if j > 1:
-            (work / f"block{j - 1}.npy").unlink(missing_ok=True)
+        record["work_bytes"] = work_size(work.parent)  # input, x and this block's output: the largest point
+        if distributed.world().main:
+            save_weights(model, work / f"block{j}.pt", {"fine-tuned blocks": j})
+            done.touch()
+            if j > 1:
+                (work / f"block{j - 1}.npy").unlink(missing_ok=True)
+        distributed.barrier()
         x = nxt
         record["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(record)

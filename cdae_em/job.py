@@ -34,12 +34,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from cdae_em import distributed
 from cdae_em.atomic import atomic_path
 from cdae_em.atomic import write_text as atomic_text
 from cdae_em.denoise import DenoiseSettings
 from cdae_em.errors import CdaeError, InputError, OutputError, ResourceError, resource_errors
 from cdae_em.lock import LOCK_FILE, job_lock, make_out_dir, refuse_if_locked  # noqa: F401 (re-exported)
 from cdae_em.progress import JobProgress, ProgressCallback, tracking
+from cdae_em.star_images import StarImages  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -148,22 +150,29 @@ def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None
     check_settings(settings)
     if settings.stages != "denoise" and settings.n_classes < 2:
         raise InputError(None, f"number of classes K={settings.n_classes} must be at least 2")
-    refuse_if_locked(settings.out_dir)  # before status.json is touched: it is the running job's
-    with ExitStack() as lock, tracking(JobProgress(settings.out_dir, on_progress)) as progress, \
-            _discard_unfinished_on(ResourceError, Path(settings.out_dir)), \
+    main = distributed.env_rank() == 0  # under torchrun: rank 0 alone locks and writes
+    if main:
+        refuse_if_locked(settings.out_dir)  # before status.json is touched: it is the running job's
+    with ExitStack() as lock, tracking(JobProgress(settings.out_dir if main else None, on_progress if main else None)) \
+            as progress, _discard_unfinished_on(ResourceError, Path(settings.out_dir), main), \
             resource_errors(settings.denoise.batch_size, settings.out_dir):
-        summary = _run_job(settings, should_stop, progress, lock)
+        try:
+            summary = _run_job(settings, should_stop, progress, lock)
+        finally:
+            distributed.shutdown()
         progress.finish()
         return summary
 
 
 @contextmanager
-def _discard_unfinished_on(error: type[Exception], out: Path) -> Iterator[None]:
+def _discard_unfinished_on(error: type[Exception], out: Path, main: bool = True) -> Iterator[None]:
     """On ``error`` (e.g. a full disk), remove what the run half-wrote (temporary files, work
-    arrays of unfinished stages), keeping finished stages for a rerun to resume from."""
+    arrays of unfinished stages), keeping finished stages for a rerun to resume from (rank 0)."""
     try:
         yield
     except error:
+        if not main:
+            raise
         for partial in out.rglob(".*.partial"):
             partial.unlink(missing_ok=True)
         work = out / ".cdae_work"
@@ -190,11 +199,16 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     table.pixel_size()  # missing, zero, negative or mixed: refused here
     settings = _resolve_phase_flip(settings, table)
     _check_files(settings, table)
-    device = resolve_device(settings.gpu)
+    device = resolve_device(distributed.local_device(settings.gpu))  # under torchrun: LOCAL_RANK's GPU
+    part = distributed.init_from_env(device)
     torch.set_num_threads(max(1, settings.threads))
     out = Path(settings.out_dir)
-    lock.enter_context(job_lock(out))  # inputs checked: only now is the output directory made
-    job_dir = prepare_output(settings)
+
+    def guard() -> Path:
+        lock.enter_context(job_lock(out))  # inputs checked: only now is the output directory made
+        return prepare_output(settings)
+
+    job_dir = distributed.on_main(guard)
     timings: dict[str, float] = {}
     summary: dict = {"cdae_em_job": settings.signature(), "settings": _jsonable(asdict(settings)),
                      "particles": len(table)}
@@ -211,10 +225,15 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
         t = time.perf_counter()
         from cdae_em.outputs import write_outputs
 
-        summary.update(write_outputs(settings, table, labels, psi, origin, score, refs, box, device, should_stop))
+        # one rank writes the outputs (not sharded: one pass over the originals)
+        summary.update(distributed.on_main(write_outputs, settings, table, labels, psi, origin, score, refs, box,
+                                           device, should_stop))
         timings["outputs"] = round(time.perf_counter() - t, 2)
     summary["timings"] = {**timings, "total": round(time.perf_counter() - t0, 2)}
-    atomic_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    if part.size > 1:
+        summary["processes"] = part.size
+    if part.main:
+        atomic_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     log.info("job done in %.1f s: %s", time.perf_counter() - t0, out)
     return summary
 
@@ -261,7 +280,7 @@ def _denoise_stage(settings: JobSettings, table, job_dir: Path, device, should_s
         weights = job_dir / "pretrained" / "cdae_weights.pt"
         if not weights.exists():
             t = time.perf_counter()
-            _pretrain_on_reference(settings, job_dir / "pretrained", device)
+            distributed.on_main(_pretrain_on_reference, settings, job_dir / "pretrained", device)  # rank 0 alone
             timings["pretrain"] = round(time.perf_counter() - t, 2)
         denoise_settings = replace(settings.denoise, weights=str(weights))
 
@@ -275,7 +294,8 @@ def _denoise_stage(settings: JobSettings, table, job_dir: Path, device, should_s
     result = denoise(settings.particles, out, denoise_settings, device, project_dir=settings.project_dir,
                      should_stop=should_stop, keep_work=settings.keep_work)
     timings["denoise"] = round(time.perf_counter() - t, 2)
-    atomic_text(marker, json.dumps(result, default=str))
+    if distributed.world().main:
+        atomic_text(marker, json.dumps(result, default=str))
     return result
 
 
@@ -285,7 +305,6 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
     with ``stages="classify"`` of the input particles as they are. Returns labels, psi, origin,
     score, references and the box the origins are in."""
     from cdae_em.classify import ClassifySettings, class_means, classify
-    from cdae_em.star_images import StarImages
 
     out = Path(settings.out_dir)
     progress.stage(2, "classify")
@@ -328,9 +347,10 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
                                   cs.batch_size)
     labels, psi, origin, score = result.labels, result.psi, result.origin, result.score
     summary["classify"] = result.history
-    with atomic_path(result_file) as tmp, open(tmp, "wb") as f:
-        np.savez(f, labels=labels, psi=psi, origin=origin, score=score, references=refs, box=box,
-                 history=json.dumps(result.history))
+    if distributed.world().main:
+        with atomic_path(result_file) as tmp, open(tmp, "wb") as f:
+            np.savez(f, labels=labels, psi=psi, origin=origin, score=score, references=refs, box=box,
+                     history=json.dumps(result.history))
     timings["classify"] = round(time.perf_counter() - t, 2)
     return labels, psi, origin, score, refs, box
 

@@ -135,17 +135,21 @@ def reduce_features(features: torch.Tensor, n_components: int = 32, seed: int = 
 
 
 def nearest_neighbours(
-    features: torch.Tensor, k: int, block_size: int = 4096, max_distance: float | None = None
+    features: torch.Tensor, k: int, block_size: int = 4096, max_distance: float | None = None,
+    queries: torch.Tensor | np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours (Euclidean) of every row among the others: (indices, distances).
+    """Exact k nearest neighbours (Euclidean) of every row (or of the rows ``queries``) among all
+    the others: (indices, distances).
 
-    indices (N, k) int64 and distances (N, k), nearest first, self excluded. Computed in
-    (block_size x block_size) tiles of |x|^2 - 2 q.x (memory O(block_size^2), never N x N),
-    keeping a running top (k + margin) per row; the final candidates' distances are recomputed
-    directly from differences (no cancellation) and re-sorted, so results match ``torch.cdist``.
-    With ``max_distance``, neighbours farther than it are replaced by the point itself (index i,
-    distance 0): a neighbour mean then counts x_i again instead of an unrelated particle, so
-    averaging stays correct; callers can count real neighbours as (indices != arange(N)[:, None]).
+    indices (Q, k) int64 and distances (Q, k), nearest first, self excluded, Q = N or len(queries)
+    (row r belongs to queries[r]). Computed in (block_size x block_size) tiles of |x|^2 - 2 q.x
+    (memory O(block_size^2), never N x N), keeping a running top (k + margin) per row; the final
+    candidates' distances are recomputed directly from differences (no cancellation) and
+    re-sorted, so results match ``torch.cdist``. Cost: Q x N distances, so asking only for the
+    rows that are needed (``queries``) saves the rest. With ``max_distance``, neighbours farther
+    than it are replaced by the point itself (index i, distance 0): a neighbour mean then counts
+    x_i again instead of an unrelated particle, so averaging stays correct; callers can count real
+    neighbours as (indices != query index).
     """
     n = features.shape[0]
     if not 0 < k < n:
@@ -155,20 +159,22 @@ def nearest_neighbours(
     x = x - x.mean(dim=0)  # distances unchanged; less cancellation in |a|^2 + |b|^2 - 2ab
     sq = (x * x).sum(dim=1)
     kk = min(n - 1, k + max(8, k // 2))
-    idx_out = torch.empty((n, k), dtype=torch.long, device=dev)
-    dist_out = torch.empty((n, k), dtype=torch.float32, device=dev)
-    for r0 in range(0, n, block_size):
-        r1 = min(r0 + block_size, n)
-        q = x[r0:r1]
-        rows = torch.arange(r0, r1, device=dev)
+    qrows = torch.arange(n, device=dev) if queries is None else torch.as_tensor(np.asarray(queries)).to(dev).long()
+    nq = len(qrows)
+    idx_out = torch.empty((nq, k), dtype=torch.long, device=dev)
+    dist_out = torch.empty((nq, k), dtype=torch.float32, device=dev)
+    for r0 in range(0, nq, block_size):
+        r1 = min(r0 + block_size, nq)
+        rows = qrows[r0:r1]
+        q = x[rows]
         best_d = torch.full((r1 - r0, 0), torch.inf, device=dev)
         best_i = torch.zeros((r1 - r0, 0), dtype=torch.long, device=dev)
         for c0 in range(0, n, block_size):
             c1 = min(c0 + block_size, n)
             # |q|^2 is the same along a row, so ranking needs only |x|^2 - 2 q.x (one fused addmm)
             d2 = torch.addmm(sq[None, c0:c1], q, x[c0:c1].T, alpha=-2.0)
-            if c0 < r1 and r0 < c1:  # exclude self
-                own = (rows >= c0) & (rows < c1)
+            own = (rows >= c0) & (rows < c1)  # exclude self
+            if own.any():
                 d2[own.nonzero().reshape(-1), rows[own] - c0] = torch.inf
             vals, ids = torch.topk(d2, min(kk, c1 - c0), dim=1, largest=False)
             best_d = torch.cat([best_d, vals], dim=1)
@@ -182,13 +188,18 @@ def nearest_neighbours(
         dist_out[r0:r1] = exact[:, :k]
         idx_out[r0:r1] = best_i.gather(1, order[:, :k])
     if max_distance is not None:
-        far = dist_out > max_distance
-        self_idx = torch.arange(n, device=dev)[:, None].expand(n, k)
-        idx_out = torch.where(far, self_idx, idx_out)
-        dist_out = torch.where(far, torch.zeros_like(dist_out), dist_out)
-        log.info("nearest neighbours: %.1f%% of neighbours beyond %.3g replaced by the point itself",
-                 100.0 * float(far.float().mean()), max_distance)
+        idx_out, dist_out = drop_far(idx_out, dist_out, qrows, max_distance)
     return idx_out, dist_out
+
+
+def drop_far(idx: torch.Tensor, dist: torch.Tensor, rows: torch.Tensor, max_distance: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbours farther than ``max_distance`` replaced by the query row itself (distance 0)."""
+    far = dist > max_distance
+    self_idx = rows.to(idx.device)[:, None].expand_as(idx)
+    log.info("nearest neighbours: %.1f%% of neighbours beyond %.3g replaced by the point itself",
+             100.0 * float(far.float().mean()), max_distance)
+    return torch.where(far, self_idx, idx), torch.where(far, torch.zeros_like(dist), dist)
 
 
 def aligned_neighbour_means(

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from cdae_em.atomic import atomic_path, partial_name
 from cdae_em.errors import InputError
+from cdae_em.memory import RELEASE_BYTES, release
 from cdae_em.star import ParticleTable
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,10 @@ class ImageSource:
                 out[a:b] = sections
             else:
                 out[order[a:b]] = sections
+        self._unreleased = getattr(self, "_unreleased", 0) + out.nbytes
+        if self._unreleased >= RELEASE_BYTES:  # keep the resident set flat (cdae_em.memory)
+            release(*self.mapped())
+            self._unreleased = 0
         finite = np.isfinite(out).all(axis=(1, 2))
         if not finite.all():
             k = int(np.flatnonzero(~finite)[0])
@@ -232,6 +237,10 @@ class ImageSource:
                 stop = min(start + batch_size, self.n)
                 yield start, self.read(np.arange(start, stop))
                 bar.update(stop - start)
+
+    def mapped(self) -> list:
+        """The memory maps of the open stacks (for ``cdae_em.memory.release``)."""
+        return [mrc.data for mrc in self._open.values()]
 
     def close(self) -> None:
         """Close every open stack."""
@@ -263,6 +272,7 @@ class StackWriter:
         self._min, self._max = np.inf, -np.inf
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._mrc = mrcfile.new_mmap(self.tmp, shape=(self.n, self.box, self.box), mrc_mode=2, overwrite=True)
+        self._unreleased = 0
 
     def write(self, start: int, images: np.ndarray) -> None:
         """Write ``images`` (k, box, box) as images start .. start+k-1 (0-based)."""
@@ -276,6 +286,10 @@ class StackWriter:
             )
         self._mrc.data[start : start + k] = images
         self._written[start : start + k] = True
+        self._unreleased += images.nbytes
+        if self._unreleased >= RELEASE_BYTES:  # keep the resident set flat (cdae_em.memory)
+            release(self._mrc.data)
+            self._unreleased = 0
         if k:
             as64 = images.astype(np.float64)
             self._sum += as64.sum()

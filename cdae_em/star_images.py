@@ -1,6 +1,6 @@
-"""The images of a particle STAR file as an array-like (``len``, ``shape``, ``[rows]``), read in
-batches from their stacks, optionally prepared as the model sees them (phase flip, working box) and
-histogram-equalised: what classification and the output stage read particles through."""
+"""The images of a STAR file as an array-like (``len``, ``shape``, ``[rows]``), for classification:
+as they are, as the denoiser saw them (phase flip, resize), or histogram-equalised.
+"""
 
 from __future__ import annotations
 

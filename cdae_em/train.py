@@ -86,6 +86,7 @@ def train_block(
     block.to(device)
     opt = _optimiser(block.parameters(), settings.optimizer, settings.lr)
     torch.manual_seed(settings.seed)
+    model, part = _data_parallel(block, device)
     history = []
     if len(val_rows):
         start_loss = evaluate_block(block, inputs, targets, val_rows, device, settings.batch_size * 4)
@@ -101,14 +102,21 @@ def train_block(
             if should_stop is not None:
                 should_stop()
             idx = order[start:start + settings.batch_size]
-            x, t = _batch(inputs, idx, device), _batch(targets, idx, device)
+            if len(idx) < part.size:
+                continue  # too few for one image per rank
+            mine = np.array_split(idx, part.size)[part.rank]  # the same global batch as one process, split
+            x, t = _batch(inputs, mine, device), _batch(targets, mine, device)
             with autocast(device):
-                loss = block_loss(block, x, t)
+                loss = block_loss(model, x, t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
+            total += float(loss.detach()) * len(mine)
+            count += len(mine)
+        if part.size > 1:
+            from cdae_em.distributed import all_reduce_sum
+
+            total, count = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
         record = {"epoch": epoch, "train_loss": total / max(count, 1), "seconds": 0.0}
         if len(val_rows):
             record["val_loss"] = evaluate_block(block, inputs, targets, val_rows, device, settings.batch_size * 4)
@@ -119,6 +127,34 @@ def train_block(
                  f", validation loss {record['val_loss']:.4f}" if "val_loss" in record else "", record["seconds"])
     block.eval()
     return history
+
+
+def _data_parallel(block: DAEBlock, device: torch.device):
+    """(what ``block_loss`` trains, this process's World): in a distributed run the block's network
+    wrapped in DistributedDataParallel (gradients averaged over ranks, each rank a slice of every
+    batch), else the block itself."""
+    from cdae_em import distributed
+
+    part = distributed.world()
+    if part.size == 1:
+        return block, part
+    from types import SimpleNamespace
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if device.type == "cuda" else None
+    return SimpleNamespace(net=DistributedDataParallel(_Net(block), device_ids=ids)), part
+
+
+class _Net(nn.Module):
+    """A block's ``net`` (the autoencoder on standardised images) as a module's forward, for DDP."""
+
+    def __init__(self, block: DAEBlock):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.net(x)
 
 
 @torch.no_grad()

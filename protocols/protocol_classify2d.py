@@ -114,7 +114,8 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
                        label="Use GPU?", help="Run on a GPU (CUDA build of PyTorch), else CPU.")
         form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU ID",
-                       help="cdae-em uses one GPU: the first ID listed.")
+                       help="GPU IDs, e.g. 0 or 0 1 2 3: with several, the job runs as one process per GPU "
+                            "(torchrun on this node) and shares the work between them.")
         form.addParallelSection(threads=4, mpi=0)
 
     # --------------------------- INSERT steps functions ----------------------
@@ -349,7 +350,7 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         if self.workingBox.get():
             args += ["--box", self.workingBox.get()]
         if self.usesGpu():
-            args += ["--gpu", self.getGpuList()[0]]
+            args += ["--gpu", ",".join(str(g) for g in self.getGpuList())]  # several: one process each (torchrun)
         return [str(a) for a in args]
 
 

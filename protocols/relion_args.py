@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def gpu_id(value: str | None) -> str | None:
-    """RELION-style GPU ids ("0", "0:1", "0,1", empty = any) -> one CUDA device id or None (CPU)."""
+    """RELION-style GPU ids ("0", "0:1", "0,1", empty = any) -> CUDA device ids ("0", "0,1") or None
+    (CPU). Several devices: the job runs as one process per device (torchrun)."""
     if value is None:
         return None
     v = str(value).strip().lower()
@@ -105,7 +106,7 @@ def gpu_id(value: str | None) -> str | None:
             return "0"
         log.info("gpu: no CUDA device on this machine; running on the CPU")
         return None
-    first = re.split(r"[:,\s]+", v)[0]
-    if not first.isdigit():
-        raise ArgumentError(f"--gpu {value!r}: expected a device number such as 0 (or cpu)")
-    return first
+    ids = [i for i in re.split(r"[:,\s]+", v) if i]
+    if not ids or not all(i.isdigit() for i in ids):
+        raise ArgumentError(f"--gpu {value!r}: expected device numbers such as 0 or 0,1 (or cpu)")
+    return ",".join(dict.fromkeys(ids))

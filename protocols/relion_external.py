@@ -15,8 +15,9 @@ logged and ignored):
   neighbours       neighbours per particle for the fine-tuning targets (default 30; also "k")
   finetune         Yes / No: fine-tune the shipped weights on these particles (default No)
   weights          cascade weights file (default: the weights shipped with cdae-em)
-  gpu              CUDA device, e.g. 0 (or "0:1": the first is used); empty value = first GPU if
-                   there is one; not given or "cpu" = CPU
+  gpu              CUDA devices, e.g. 0, or 0,1,2,3 (also "0:1:2:3"): several run the job as one
+                   process per device (torchrun, this node); empty value = first GPU if there is
+                   one; not given or "cpu" = CPU
   method           kmeans or hierarchical (default kmeans)
   iterations       rounds of alignment and re-assignment (default 5)
   box              working box: Fourier-crop (bin) the particles to this size
@@ -235,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print("cdae-em-relion: no --o job directory given (RELION passes --o External/jobNNN/)", file=sys.stderr)
         return 1
     out = Path(o)
+    from cdae_em import distributed
+
+    if distributed.env_rank() != 0:  # a further process of a multi-GPU job: rank 0 does the RELION files
+        return _worker(argv)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -263,6 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name):
             log.warning("--%s %s is not used by cdae-em (it classifies particles)", name, getattr(args, name))
 
+    from cdae_em.errors import CdaeError
+
+    try:  # gpu "0,1,2,3": the same command as one process per device (torchrun); rank 0 writes
+        code = distributed.relaunch_on_gpus(_gpu(args.gpu), "cdae_em.protocols.relion_external", argv)
+    except (ArgumentError, CdaeError) as exc:
+        return _fail(out, str(exc))
+    if code is not None:
+        if code != 0 and not any((out / n).exists() for n in (rf.EXIT_SUCCESS, rf.EXIT_FAILURE, rf.EXIT_ABORTED)):
+            return _fail(out, f"a process of the multi-GPU run failed (exit code {code}); see run.out")
+        return code
     stop = StopCheck(out, progress, t0)
 
     def on_term(signum, frame):
@@ -339,6 +354,26 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
         traceback.print_exc(file=sys.stdout)
         sys.stdout.flush()
         return _fail(out, f"internal error ({type(exc).__name__}: {exc}); the traceback is in run.out")
+
+
+def _worker(argv: list[str]) -> int:
+    """Rank > 0 of a multi-GPU job: the same job, no RELION files and no exit files (rank 0's);
+    stops when rank 0 does (torchrun ends the others) or on RELION_JOB_ABORT_NOW."""
+    from cdae_em.job import JobAborted, run_job
+
+    setup_logging("WARNING")
+    args, _ = build_parser().parse_known_args(argv)
+    abort = Path(args.o) / rf.ABORT_NOW
+
+    def stop() -> None:
+        if abort.exists():
+            raise JobAborted("aborted by the user (RELION_JOB_ABORT_NOW)")
+
+    try:
+        run_job(job_settings(args), should_stop=stop)
+    except JobAborted:
+        return 2
+    return 0
 
 
 def _fail(out: Path, reason: str) -> int:

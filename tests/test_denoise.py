@@ -1,5 +1,7 @@
 """`cdae-em denoise` end to end on simulated STAR files, as a user runs it."""
 
+import json
+
 import mrcfile
 import numpy as np
 import pytest
@@ -43,9 +45,22 @@ def test_denoise_writes_stacks_and_star_keeping_every_column(particles, small_we
         assert m.data.min() >= -0.5 and m.data.max() <= 0.5 and m.data.max() > 0.45
         assert m.data[:, 0, 0].max() == 0
     assert not (out / ".cdae_work").exists()
+    # its size was measured and logged before it went
+    summary = json.loads((out / "summary.json").read_text())["denoise"]
+    assert summary["work_bytes"] >= 3 * 60 * 32 * 32 * 4  # input, a block's input and output at once
+    assert "GB at most during denoising" in r.stderr and "removing" in r.stderr
     with open(out / "denoised_pairs.png", "rb") as f:  # raw / denoised pairs to look at
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "block 3" in r.stderr and "fine-tune" in r.stderr
+
+
+def test_run_keep_work_keeps_the_work_arrays(particles, small_weights, tmp_path):
+    out = tmp_path / "job"
+    r = run_cli("run", "--i", particles, "--o", out, "--K", 2, "--weights", small_weights, "--no-finetune",
+                "--iter", 1, "--keep-work")
+    assert r.returncode == 0, r.stderr
+    assert (out / ".cdae_work" / "input.npy").exists() and "(kept: --keep-work)" in r.stderr
+    assert (out / "particles.star").exists()
 
 
 def test_denoised_names_resolve_from_the_project_directory(particles, small_weights, tmp_path):

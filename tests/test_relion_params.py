@@ -35,7 +35,8 @@ def test_relion_parameters_map_onto_the_job():
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(torch.cuda, "is_available", lambda: available)
             assert rx.job_settings(args).gpu == expected
-    assert gpu_id("1:2") == "1" and gpu_id("cpu") is None and gpu_id(None) is None
+    assert gpu_id("1:2") == "1,2" and gpu_id("0,1,1") == "0,1" and gpu_id("3") == "3"
+    assert gpu_id("cpu") is None and gpu_id(None) is None
     args, _ = rx.build_parser().parse_known_args(["--o", "External/job003/", "--in_parts", "p.star", "--j", "1"])
     with pytest.raises(rx.ArgumentError, match="number of classes"):
         rx.job_settings(args)

@@ -30,7 +30,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--o", required=True, metavar="DIR", help="output directory")
     add_classify_args(parser)
     add_phase_flip_args(parser)
-    parser.add_argument("--gpu", metavar="ID", help="CUDA device, e.g. 0 (default: CPU)")
+    parser.add_argument("--gpu", metavar="IDS", help="CUDA device, e.g. 0 (default: CPU); several, e.g. 0,1: one "
+                                                      "process per device (torchrun)")
     parser.add_argument("--batch-size", type=positive_int, default=ClassifySettings.batch_size,
                         help="images per batch; smaller needs less (GPU) memory (default: %(default)s)")
     parser.add_argument("--project-dir", metavar="DIR", help="directory image paths are relative to (default: cwd)")

@@ -73,7 +73,11 @@ def add_denoise_args(parser: argparse.ArgumentParser) -> None:
                    help="working box: Fourier-crop (bin) or pad the particles to this size (default: the particles' box)")
     g.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help="images per batch; smaller needs less (GPU) memory (default: %(default)s)")
-    g.add_argument("--gpu", metavar="ID", help="CUDA device, e.g. 0 (default: CPU)")
+    g.add_argument("--gpu", metavar="IDS", help="CUDA device, e.g. 0 (default: CPU); several, e.g. 0,1,2,3: one "
+                                                 "process per device (torchrun), the work shared between them")
+    g.add_argument("--keep-work", action="store_true",
+                   help="keep the intermediate arrays in --o/.cdae_work (default: removed when denoising has "
+                        "finished; their size is logged)")
     g.add_argument("--project-dir", metavar="DIR", help="directory that image paths are relative to (default: the working directory)")
 
 
@@ -103,7 +107,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--o", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--ref", metavar="MAP", help="pre-train on this map (an initial model) before fine-tuning")
     parser.add_argument("--overwrite", action="store_true", help="replace a different job's outputs in --o")
-    parser.add_argument("--keep-work", action="store_true", help="keep the intermediate arrays in --o/.cdae_work")
     add_denoise_args(parser)
     add_threads_arg(parser)
     add_seed_arg(parser)

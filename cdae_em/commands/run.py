@@ -71,7 +71,7 @@ def job_settings(args: argparse.Namespace):
         particles=args.i, out_dir=args.o, n_classes=args.K, denoise=denoise_settings(args), method=args.method,
         n_iter=args.iter, psi_step=args.psi_step, align_on=args.align_on, max_shift=args.max_shift,
         average_phase_flipped=args.average_phase_flipped, project_dir=args.project_dir, reference_map=args.ref,
-        gpu=args.gpu, threads=args.j, overwrite=args.overwrite, seed=args.seed,
+        gpu=args.gpu, threads=args.j, overwrite=args.overwrite, seed=args.seed, keep_work=args.keep_work,
     )
 
 

@@ -1,0 +1,27 @@
+"""The scale benchmarks' scripts run (tiny sizes on CPU; their numbers mean nothing here)."""
+
+from __future__ import annotations
+
+from benchmarks import gpu, scale
+
+
+def test_gpu_script_runs_on_cpu(capsys):
+    assert gpu.main(["--device", "cpu", "--boxes", "32", "--n", "8", "--refs", "2", "--batch", "8", "--no-record"]) == 0
+    out = capsys.readouterr().out
+    assert "| CPU" in out and "| 32 |" in out
+
+
+def test_report_renders_every_section():
+    results = {
+        "machine": {"knn": "m", "run": "m", "inference": "m"},
+        "knn": [{"n": 100000, "data": "features", "method": "exact (torch, tiled)", "queries": 100000,
+                 "seconds": 48.0, "recall": 1.0, "note": "measured"}],
+        "run": [{"n": 2000, "processes": 2, "threads": 1, "wall": 100.0, "denoise": 60.0, "classify": 30.0,
+                 "outputs": 5.0, "peak_rss_mib": 900.0, "work_gb": 0.1, "same_classes_as_1": True}],
+        "inference": [{"n": 100000, "wall": 1000.0, "peak_rss_mib": 800.0, "images_per_s": 100.0, "work_gb": 3.3}],
+        "gpu": [{"device": "CPU (2 threads)", "box": 64, "inference_images_per_s": 1.0, "finetune_epoch_s": 1.0,
+                 "finetune_images_per_s": 1.0, "align_round_s": 1.0, "align_images_per_s": 1.0}],
+    }
+    text = scale.report(results)
+    assert "| 100,000 | features | exact (torch, tiled)" in text and "| 2,000 | 2 x 1 |" in text
+    assert "Pending: no GPU" in text  # CPU smoke rows are not a GPU table
