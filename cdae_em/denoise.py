@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from cdae_em import distributed
 from cdae_em.cascade import Cascade
-from cdae_em.ctf import CtfParams, ctf_2d, phase_flip
+from cdae_em.prepare import BatchPreparer, resolve_phase_flip
 from cdae_em.errors import InputError
 from cdae_em.memory import Releaser
-from cdae_em.preprocess import equalise_histogram, fourier_resize, particle_mask
+from cdae_em.preprocess import equalise_histogram, particle_mask
 from cdae_em.selfcheck import check_rows, choose_polarity, finetuning_helped
 from cdae_em.stacks import ImageSource, StackWriter
 from cdae_em.star import ParticleTable, read_particles, write_star
@@ -162,52 +162,6 @@ def _warn_blank(table: ParticleTable, blank: np.ndarray) -> None:
         first = ", ".join(str(r + 1) for r in blank[:10])
         log.warning("%s: %d blank image(s) (all pixels equal) passed through undenoised and left out of "
                     "fine-tuning: row(s) %s%s", table.path, len(blank), first, ", ..." if len(blank) > 10 else "")
-
-
-CTF_LABELS = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
-              "rlnAmplitudeContrast"]
-
-
-def resolve_phase_flip(table: ParticleTable, wanted: bool | None) -> bool:
-    """Whether to phase-flip the particles of ``table``: ``wanted`` when given; auto (None) when
-    every particle has CTF values and the images are not phase-flipped already
-    (rlnCtfDataArePhaseFlipped). Flipping makes particles of different defocus add up coherently,
-    which is what alignment to class averages needs at low SNR (docs/class2d.md)."""
-    if wanted is not None:
-        return bool(wanted)
-    per = table.per_particle()
-    if any(per[c].isna().any() for c in CTF_LABELS):
-        log.info("%s: no CTF values for every particle: not phase flipping", table.path)
-        return False
-    for block in (table.optics, table.particles):
-        if block is not None and "rlnCtfDataArePhaseFlipped" in block and (block["rlnCtfDataArePhaseFlipped"] == 1).any():
-            log.info("%s: the images are phase-flipped already (rlnCtfDataArePhaseFlipped)", table.path)
-            return False
-    return True
-
-
-class BatchPreparer:
-    """What happens to original particles before the model sees them: optional CTF phase flip,
-    then Fourier crop/pad to the working box. ``prepare(batch, rows)`` -> tensor on ``device``."""
-
-    def __init__(self, table: ParticleTable, settings: DenoiseSettings, box_in: int, device: torch.device):
-        per = table.per_particle()
-        self.pixel = per["rlnImagePixelSize"].to_numpy()
-        self.box_in, self.box, self.device = box_in, settings.box or box_in, device
-        self.ctf = None
-        if settings.phase_flip:
-            missing = [c for c in CTF_LABELS if per[c].isna().any()]
-            if missing:
-                raise InputError(table.path, f"--phase-flip needs CTF values; missing {', '.join(missing)}")
-            self.ctf = CtfParams.from_table(per)
-
-    def __call__(self, batch: np.ndarray, rows) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(batch, dtype=np.float32)).to(self.device)
-        if self.ctf is not None:
-            x = phase_flip(x, ctf_2d(self.ctf.subset(rows), self.box_in, self.pixel[rows], self.device))
-        if self.box != self.box_in:
-            x = fourier_resize(x, self.box)
-        return x
 
 
 @torch.no_grad()

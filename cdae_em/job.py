@@ -244,7 +244,7 @@ def _check_files(settings: JobSettings, table) -> None:
     phase flipping. (Pixel values are checked as they are read.)"""
     import torch
 
-    from cdae_em.denoise import BatchPreparer
+    from cdae_em.prepare import BatchPreparer
     from cdae_em.stacks import ImageSource
 
     with ImageSource(table, project_dir=settings.project_dir) as images:
@@ -261,7 +261,7 @@ def _check_files(settings: JobSettings, table) -> None:
 def _resolve_phase_flip(settings: JobSettings, table) -> JobSettings:
     """Settings with phase flipping decided (auto: where the particles have CTF values); the class
     averages follow the particles unless asked otherwise."""
-    from cdae_em.denoise import resolve_phase_flip
+    from cdae_em.prepare import resolve_phase_flip
 
     flip = resolve_phase_flip(table, settings.denoise.phase_flip)
     average = flip if settings.average_phase_flipped is None else settings.average_phase_flipped

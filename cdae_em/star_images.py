@@ -16,7 +16,7 @@ class StarImages:
 
     def __init__(self, star: Path, project_dir: str | None, prepare: DenoiseSettings | None = None,
                  device=None, equalise_diameter: float | None = None):
-        from cdae_em.denoise import BatchPreparer
+        from cdae_em.prepare import BatchPreparer
         from cdae_em.stacks import ImageSource
         from cdae_em.star import read_particles
 

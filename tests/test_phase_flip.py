@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import starfile
 
-from cdae_em.denoise import resolve_phase_flip
+from cdae_em.prepare import resolve_phase_flip
 from cdae_em.simulate import SimulationSettings, load_source, simulate
 from cdae_em.star import read_particles
 from conftest import run_cli
