@@ -159,8 +159,9 @@ def score(result: dict, case: Path, clean: np.ndarray, px: float) -> dict:
         avg = torch.from_numpy(result["averages"][classes[c] - 1][None].copy())
         ref = torch.from_numpy(clean[v][None].copy())
         psi, origin, _ = align_pairs(avg, ref, psi_step=1.0, max_shift=clean.shape[-1] / 4)
-        aligned = apply_alignment(avg, psi, origin).numpy()
-        res.append(frc_resolution(frc(aligned * mask, clean[v][None] * mask), px))
+        aligned = apply_alignment(avg, psi, origin).numpy()[0]
+        aligned = (aligned - aligned[mask > 0.5].mean()) * mask  # the average masked (zero outside), not the truth
+        res.append(frc_resolution(frc(aligned[None], clean[v][None]), px))
     return {"f1": s["hungarian_f1"], "ari": s["ari"], "frc_res_a": float(np.mean(res)),
             "wall_s": result["wall_s"], "rss_mib": result["rss_mib"], "command": result["command"]}
 
@@ -190,7 +191,7 @@ def write_report(results: dict, path: Path, args) -> None:
              "rotation, shifts up to 2 px, CTF (defocus 1-3 um), 64 px, the particle 60% of the box. All programs "
              "ran with the same threads, one after the other. F1: Hungarian-matched, macro-averaged over views. "
              "Class avg FRC0.5: resolution at which each matched class average's FRC with the clean, CTF-free "
-             "projection of its view falls below 0.5 (both aligned, under the same soft circular mask of 80% of the box), mean over views (lower is better; Nyquist is 2 px).", "",
+             "projection of its view falls below 0.5 (after alignment; the average masked by a soft circle of 80% of the box, as RELION's --zero_mask does, the clean projection as it is), mean over views (lower is better; Nyquist is 2 px).", "",
              "Commands (per data set, run in its directory):", ""]
     for method in METHODS:
         example = next((r["command"] for k, r in results.items() if k.endswith("|" + method)), None)

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 class ClassifySettings:
     n_classes: int
     method: str = "kmeans"  # "kmeans" or "hierarchical"
-    n_iter: int = 5
+    n_iter: int = 10
     psi_step: float = 5.0
     max_shift: float | None = None  # pixels; default box / 8
     n_components: int = 32
@@ -53,6 +53,7 @@ class ClassifySettings:
     # coarse to fine: every round but the last ``fine_rounds`` searches psi at twice psi_step and
     # frequencies below ``coarse_band`` cycles/pixel (about 3x cheaper at the defaults)
     fine_rounds: int = 2
+    settled: float = 0.01  # coarse rounds end early once fewer than this fraction of particles change class
     coarse_band: float = 0.1875
     fine_band: float = 0.25
     center_classes: bool = True  # shift each class average's centre of mass to the box centre (RELION's --center_classes)
@@ -151,10 +152,11 @@ def classify(images, settings: ClassifySettings, device: torch.device,
 
     history = []
     report(0, settings.n_iter, "round")
+    settled, fine_done = False, 0
     for it in range(1, settings.n_iter + 1):
         if should_stop is not None:
             should_stop()
-        fine = it > settings.n_iter - settings.fine_rounds
+        fine = settled or it > settings.n_iter - settings.fine_rounds
         ref_idx, p, o, s = distributed.per_row(align_to_references, images, torch.as_tensor(references, device=device),
                                                psi_step=settings.psi_step * (1 if fine else 2), max_shift=max_shift,
                                                batch_size=settings.batch_size, device=device, progress=True,
@@ -169,7 +171,9 @@ def classify(images, settings: ClassifySettings, device: torch.device,
         log.info("classification round %d/%d (%s search): %.1f%% of particles changed class, mean score %.3f",
                  it, settings.n_iter, "fine" if fine else "coarse", 100 * changed, float(score.mean()))
         report(it, settings.n_iter, "round")
-        if changed == 0.0 and fine:
+        fine_done += fine
+        settled = settled or changed < settings.settled
+        if fine and (changed == 0.0 or fine_done >= settings.fine_rounds):
             break
 
     if settings.center_classes:

@@ -64,7 +64,7 @@ class JobSettings:
     denoise: DenoiseSettings = field(default_factory=DenoiseSettings)
     method: str = "kmeans"  # "kmeans" or "hierarchical"
     align_on: str = "original"  # classes start from the denoised particles; alignment rounds use these
-    n_iter: int = 5  # rounds of alignment to class averages and re-assignment
+    n_iter: int = 10  # rounds of alignment to class averages and re-assignment (at most; coarse to fine)
     psi_step: float = 5.0  # degrees
     max_shift: float | None = None  # pixels (working box); default box / 8
     average_phase_flipped: bool | None = None  # class averages from CTF phase-flipped originals; None: as the particles

@@ -65,7 +65,7 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
                       help="Clustering of the rotation/shift-invariant features of the denoised "
                            "particles that starts the classification: k-means or hierarchical "
                            "(the paper's two).")
-        form.addParam("numberOfIterations", params.IntParam, default=5,
+        form.addParam("numberOfIterations", params.IntParam, default=10,
                       validators=[params.GE(0)], label="Alignment rounds",
                       help="Rounds of alignment to the class averages and re-assignment.")
         form.addParam("psiStep", params.FloatParam, default=5.0, validators=[params.Positive],

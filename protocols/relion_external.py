@@ -19,7 +19,7 @@ logged and ignored):
                    process per device (torchrun, this node); empty value = first GPU if there is
                    one; not given or "cpu" = CPU
   method           kmeans or hierarchical (default kmeans)
-  iterations       rounds of alignment and re-assignment (default 5)
+  iterations       rounds of alignment and re-assignment, at most (default 10)
   box              working box: Fourier-crop (bin) the particles to this size
   phase_flip       Yes / No: CTF phase-flip the particles, for denoising, alignment and the class
                    averages (default: Yes where the particles have CTF values; phase-flipped class
