@@ -197,8 +197,25 @@ def write_report(results: dict, path: Path, args) -> None:
         example = next((r["command"] for k, r in results.items() if k.endswith("|" + method)), None)
         if example:
             text.append(f"- {LABELS[method]}: `{example.replace(sys.executable, 'python')}`")
-    text += ["", md_table(header, rows), ""]
+    text += ["", "## Summary: `cdae-em run` against RELION Class2D (computed from the table below)", "",
+             md_table(["protein", "SNR", "F1 cdae-em / RELION", "higher F1", "wall s cdae-em / RELION", "time ratio"],
+                      summary_rows(results)),
+             "", "## All results", "", md_table(header, rows), ""]
     path.write_text("\n".join(text))
+
+
+def summary_rows(results: dict) -> list:
+    """Per data set: `cdae-em run` next to RELION Class2D (classic EM), where both were run."""
+    rows = []
+    for key in sorted(results, key=lambda k: (k.split("|")[0], float(k.split("|")[1]))):
+        protein, snr, method = key.split("|")
+        peer = results.get(f"{protein}|{snr}|relion")
+        if method != "run" or peer is None:
+            continue
+        r = results[key]
+        rows.append([protein, snr, f"{r['f1']:.3f} / {peer['f1']:.3f}", "cdae-em" if r["f1"] > peer["f1"] else "RELION",
+                     f"{r['wall_s']:.0f} / {peer['wall_s']:.0f}", f"{r['wall_s'] / peer['wall_s']:.2f}"])
+    return rows
 
 
 def main(argv=None) -> int:
