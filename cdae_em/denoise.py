@@ -79,11 +79,11 @@ def resolve_device(gpu: str | int | None) -> torch.device:
     return torch.device(f"cuda:{int(gpu)}")
 
 
-def open_work_array(path: Path, n: int, box: int, mode: str = "w+") -> np.memmap:
-    """A float32 (n, box, box) ``.npy`` work array, memory-mapped. A new one has its disk space
-    reserved at once, so that a full disk is an ``OSError`` (ENOSPC) here rather than a SIGBUS
-    halfway through writing into the map."""
-    array = np.lib.format.open_memmap(path, mode=mode, dtype=np.float32, shape=(n, box, box))
+def open_work_array(path: Path, n: int, box: int, mode: str = "w+", shape: tuple | None = None) -> np.memmap:
+    """A float32 (n, box, box) ``.npy`` work array (or of ``shape``), memory-mapped. A new one has
+    its disk space reserved at once, so that a full disk is an ``OSError`` (ENOSPC) here rather
+    than a SIGBUS halfway through writing into the map."""
+    array = np.lib.format.open_memmap(path, mode=mode, dtype=np.float32, shape=shape or (n, box, box))
     if mode == "w+" and hasattr(os, "posix_fallocate"):
         fd = os.open(path, os.O_RDWR)
         try:
@@ -98,17 +98,17 @@ def open_work_array(path: Path, n: int, box: int, mode: str = "w+") -> np.memmap
     return array
 
 
-def shared_work_array(path: Path, n: int, box: int) -> np.memmap:
+def shared_work_array(path: Path, n: int, box: int, shape: tuple | None = None) -> np.memmap:
     """A new work array that every rank of a distributed run writes its rows into: rank 0 creates
     it (``open_work_array``), the others open it once it exists. One process: ``open_work_array``."""
     if not distributed.active():
-        return open_work_array(path, n, box)
+        return open_work_array(path, n, box, shape=shape)
     if distributed.world().main:
-        array = open_work_array(path, n, box)
+        array = open_work_array(path, n, box, shape=shape)
         distributed.barrier()
         return array
     distributed.barrier()
-    return open_work_array(path, n, box, mode="r+")
+    return open_work_array(path, n, box, mode="r+", shape=shape)
 
 
 def prepare_inputs(table: ParticleTable, images: ImageSource, settings: DenoiseSettings, work: Path,

@@ -19,18 +19,20 @@ from cdae_em.cascade import Cascade
 from cdae_em import distributed
 from cdae_em.denoise import DenoiseSettings, run_block, shared_work_array, work_size
 from cdae_em.errors import InputError
-from cdae_em.memory import Streamed
+from cdae_em.memory import Releaser, Streamed
 from cdae_em.train import TrainSettings, train_block
 
 log = logging.getLogger(__name__)
 
 
 def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSettings, device: torch.device,
-                      valid: np.ndarray | None = None) -> torch.Tensor:
+                      valid: np.ndarray | None = None, work: Path | None = None) -> torch.Tensor:
     """Fine-tuning targets for ``rows``: the mean of each one's k nearest neighbours among all
     block outputs (among the ``valid`` rows only, if given: blank images are never neighbours),
     found with rotation/shift-invariant features and aligned to it before averaging. Only the
-    neighbours of ``rows`` are searched for (exact, or approximate at scale: ``cdae_em.knn``).
+    neighbours of ``rows`` are searched for (exact, or approximate at scale: ``cdae_em.knn``). With
+    a ``work`` directory the invariant features (N x ~1,100 at 64 px) go to a memory-mapped work
+    array there, each rank writing its rows, instead of being held (and gathered) in memory.
     """
     from cdae_em.align import estimate_particle_radius
     from cdae_em.knn import find_neighbours
@@ -38,12 +40,16 @@ def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSe
 
     outputs = Streamed(outputs)  # read through the map, resident memory kept flat (cdae_em.memory)
     radius = estimate_particle_radius(outputs, device=device)  # one mask radius for all particles (and ranks)
-    # features of this rank's rows, gathered on every rank (distributed.per_row)
-    feats = distributed.per_row(invariant_features, outputs, mask_radius=radius, device=device).cpu()
+    feats = feature_array(outputs, work, radius, device) if work is not None else \
+        distributed.per_row(invariant_features, outputs, mask_radius=radius, device=device).cpu()
     rows = np.asarray(rows)
     if valid is None:
         valid = np.arange(len(feats))
-    features = reduce_features(feats[torch.as_tensor(valid)], n_components=settings.n_components, seed=settings.seed)
+    features = reduce_features(Streamed(feats) if work is not None else feats, n_components=settings.n_components,
+                               seed=settings.seed, rows=valid)
+    del feats
+    if work is not None and distributed.world().main:
+        (work / "features.npy").unlink(missing_ok=True)  # ranks still reading keep their map
     lo, hi = distributed.shard(len(rows))  # each rank: the neighbours and targets of its share of ``rows``
     found = find_neighbours(features, settings.k, queries=np.searchsorted(valid, rows[lo:hi]),
                             max_distance=settings.max_distance, seed=settings.seed)
@@ -52,6 +58,27 @@ def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSe
                                     batch_size=settings.batch_size, progress=True, device=device,
                                     mask_radius=radius)
     return distributed.gather_rows(means.cpu())
+
+
+def feature_array(images, work: Path, radius: float, device: torch.device, chunk: int = 8192) -> np.memmap:
+    """The invariant features of ``images`` in the work array ``work/features.npy`` (N, d): each
+    rank computes its rows; every rank gets the whole array once all are written."""
+    from cdae_em.neighbours import invariant_features
+
+    n = len(images)
+    d = invariant_features(distributed.RowShard(images, 0, 1), mask_radius=radius, device=device).shape[1]
+    feats = shared_work_array(work / "features.npy", n, 0, shape=(n, d))
+    pages = Releaser(feats)
+    lo, hi = distributed.shard(n)
+    for start in range(lo, hi, chunk):
+        stop = min(start + chunk, hi)
+        feats[start:stop] = invariant_features(distributed.RowShard(images, start, stop), mask_radius=radius,
+                                               device=device).cpu().numpy()
+        pages.step(feats[start:stop].nbytes)
+    feats.flush()
+    pages.now()
+    distributed.barrier()
+    return feats
 
 
 def finetune(model: Cascade, inputs: np.ndarray, work: Path, settings: DenoiseSettings, device: torch.device,
@@ -96,7 +123,7 @@ def finetune(model: Cascade, inputs: np.ndarray, work: Path, settings: DenoiseSe
         trainable = np.setdiff1d(valid, holdout) if holdout is not None and len(valid) - len(holdout) > settings.k else valid
         rows = np.sort(rng.choice(trainable, size=min(len(trainable), settings.finetune_subset), replace=False))
         log.info("block %d: kNN targets (k=%d) for %d particles", j, settings.k, len(rows))
-        targets = neighbour_targets(y, rows, settings, device, valid=valid).cpu().numpy()
+        targets = neighbour_targets(y, rows, settings, device, valid=valid, work=work).cpu().numpy()
         del y
         if distributed.world().main:
             (work / f"block{j}_before.npy").unlink()

@@ -47,6 +47,7 @@ class Neighbours:
     method: str  # "exact" or "hnsw"
     recall: float | None  # estimated recall@k against exact kNN (None: exact)
     seconds: float
+    recall_seconds: float = 0.0  # of ``seconds``, what the recall estimate took
 
 
 def faiss_available() -> bool:
@@ -97,26 +98,27 @@ def find_neighbours(features: torch.Tensor, k: int, queries: np.ndarray | torch.
         return Neighbours(idx, dist, "exact", None, time.perf_counter() - t0)
     x = features.detach().float().cpu()
     x = (x - x.mean(dim=0)).contiguous()
-    idx = hnsw_search(x.numpy(), rows.numpy(), k, threads=threads)
-    idx = torch.from_numpy(idx)
-    dist = (x[rows][:, None, :] - x[idx]).norm(dim=-1)
-    dist, order = torch.sort(dist, dim=1)
-    idx = idx.gather(1, order)
+    idx, dist = hnsw_search(x.numpy(), rows.numpy(), k, threads=threads)
+    idx, dist = torch.from_numpy(idx), torch.from_numpy(dist)
+    t1 = time.perf_counter()
     recall = estimate_recall(x, rows, idx, k, recall_sample, seed)
+    recall_seconds = time.perf_counter() - t1
     if max_distance is not None:
         idx, dist = drop_far(idx, dist, rows, max_distance)
     seconds = time.perf_counter() - t0
-    log.info("kNN (HNSW, M=%d, efSearch=%d): %d queries among %d in %.1f s, recall@%d %.3f (on %d exact queries)",
-             HNSW_M, HNSW_EF_SEARCH, len(rows), n, seconds, k, recall, min(recall_sample, len(rows)))
+    log.info("kNN (HNSW, M=%d, efSearch=%d): %d queries among %d in %.1f s, recall@%d %.3f (on %d exact queries, "
+             "%.1f s)", HNSW_M, HNSW_EF_SEARCH, len(rows), n, seconds, k, recall, min(recall_sample, len(rows)),
+             recall_seconds)
     dev = features.device
-    return Neighbours(idx.to(dev), dist.to(dev), "hnsw", recall, seconds)
+    return Neighbours(idx.to(dev), dist.to(dev), "hnsw", recall, seconds, recall_seconds)
 
 
 def hnsw_search(x: np.ndarray, rows: np.ndarray, k: int, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
                 ef_search: int = HNSW_EF_SEARCH, threads: int | None = None, batch: int = 65536,
-                from_self: bool = HNSW_FROM_SELF) -> np.ndarray:
+                from_self: bool = HNSW_FROM_SELF) -> tuple[np.ndarray, np.ndarray]:
     """Approximate neighbours (len(rows), k) of ``x[rows]`` among ``x`` (float32, C order), self
-    excluded, with a faiss HNSW graph. The queries are vectors of the graph, so with ``from_self``
+    excluded, nearest first, and their Euclidean distances (faiss computes them directly from the
+    differences), with a faiss HNSW graph. The queries are vectors of the graph, so with ``from_self``
     each search starts at the query's own node on the bottom level (``search_level_0``) instead of
     descending from the top: no hops are spent getting there. Deterministic for a given thread count."""
     import faiss
@@ -128,6 +130,7 @@ def hnsw_search(x: np.ndarray, rows: np.ndarray, k: int, m: int = HNSW_M, ef_con
     index.hnsw.efSearch = max(ef_search, k + 1)
     index.add(x)
     out = np.empty((len(rows), k), dtype=np.int64)
+    out_d = np.empty((len(rows), k), dtype=np.float32)
     for start in range(0, len(rows), batch):
         part = rows[start:start + batch]
         q = np.ascontiguousarray(x[part])
@@ -139,43 +142,27 @@ def hnsw_search(x: np.ndarray, rows: np.ndarray, k: int, m: int = HNSW_M, ef_con
             index.search_level_0(len(part), faiss.swig_ptr(q), k + 1, faiss.swig_ptr(entry), faiss.swig_ptr(entry_d),
                                  faiss.swig_ptr(dist), faiss.swig_ptr(found))
         else:
-            _, found = index.search(q, k + 1)
-        out[start:start + len(part)] = _drop_self(found, part, k)
-    return out
+            dist, found = index.search(q, k + 1)
+        keep = _keep(found, part)
+        out[start:start + len(part)] = np.where(found < 0, part[:, None], found)[keep].reshape(len(part), k)
+        out_d[start:start + len(part)] = np.sqrt(np.maximum(np.where(found < 0, 0, dist), 0))[keep].reshape(len(part), k)
+    return out, out_d
 
 
-def refine(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, neighbours_of: torch.Tensor, k: int,
-           hops: int = 10, batch: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """One round of "a neighbour's neighbour is likely a neighbour" (NN-descent): for each query,
-    the candidates are its approximate neighbours ``idx`` plus the approximate neighbours
-    (``neighbours_of[j]``, a row per vector of ``x``) of its first ``hops``; the k nearest by exact
-    distance are kept: (indices, distances), sorted, self excluded."""
-    out_i = torch.empty((len(rows), k), dtype=torch.long)
-    out_d = torch.empty((len(rows), k), dtype=torch.float32)
-    for s in range(0, len(rows), batch):
-        r = rows[s:s + batch]
-        mine = idx[s:s + batch]
-        cand = torch.cat([mine, neighbours_of[mine[:, :hops]].flatten(1)], dim=1)
-        cand, _ = torch.sort(cand, dim=1)
-        dup = torch.zeros_like(cand, dtype=torch.bool)
-        dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
-        d = (x[r][:, None, :] - x[cand]).pow(2).sum(-1)
-        d = d.masked_fill(dup | (cand == r[:, None]), torch.inf)
-        best, pos = torch.topk(d, k, dim=1, largest=False)
-        out_i[s:s + batch], out_d[s:s + batch] = cand.gather(1, pos), best.sqrt()
-    return out_i, out_d
+def _keep(found: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Mask (B, k + 1) of the results to keep: all but each row's own index (else its last)."""
+    is_self = found == rows[:, None]
+    is_self[~is_self.any(axis=1), -1] = True  # self not found: drop the farthest instead
+    keep = np.ones_like(found, dtype=bool)
+    keep[np.arange(len(found)), is_self.argmax(axis=1)] = False
+    return keep
 
 
 def _drop_self(found: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     """(B, k + 1) results -> (B, k): each row's own index removed (else its last result); faiss's
     -1 (too few results) replaced by the row itself, which neighbour means treat as no neighbour."""
     found = np.where(found < 0, rows[:, None], found)
-    is_self = found == rows[:, None]
-    is_self[~is_self.any(axis=1), -1] = True  # self not found: drop the farthest instead
-    first_self = is_self.argmax(axis=1)
-    keep = np.ones_like(found, dtype=bool)
-    keep[np.arange(len(found)), first_self] = False
-    return found[keep].reshape(len(found), k)
+    return found[_keep(found, rows)].reshape(len(found), k)
 
 
 def estimate_recall(x: torch.Tensor, rows: torch.Tensor, approx: torch.Tensor, k: int, sample: int = 1000,

@@ -95,9 +95,12 @@ def invariant_features(
     return torch.cat(out) if out else torch.zeros((0, 0), device=dev)
 
 
-def reduce_features(features: torch.Tensor, n_components: int = 32, seed: int = 0, whiten: bool = False,
-                    batch_size: int = 65536) -> torch.Tensor:
+def reduce_features(features: torch.Tensor | np.ndarray, n_components: int = 32, seed: int = 0, whiten: bool = False,
+                    batch_size: int = 65536, rows: np.ndarray | None = None) -> torch.Tensor:
     """Project features onto their top principal components: (N, d) -> (N, n_components), float32.
+
+    ``features`` may be a numpy array or memmap (read in batches; the result is on the CPU);
+    ``rows`` restricts it to those rows (the result has one row per entry of ``rows``).
 
     Not whitened by default: whitening gives the many noise-dominated minor components the same
     weight as the signal-rich major ones and made neighbours worse in tests (fraction within 20
@@ -105,6 +108,21 @@ def reduce_features(features: torch.Tensor, n_components: int = 32, seed: int = 
     batches and diagonalised exactly (deterministic; ``seed`` unused); larger d uses
     ``torch.pca_lowrank`` under a seeded RNG. Component signs are fixed (largest loading positive).
     """
+    if not isinstance(features, torch.Tensor) or rows is not None:
+        source, picked = features, rows
+
+        class _Rows:  # rows of a tensor or array, read in batches as float tensors
+            shape = (len(picked) if picked is not None else len(source), source.shape[1])
+            device = source.device if isinstance(source, torch.Tensor) else torch.device("cpu")
+
+            def __getitem__(self, sl):
+                got = source[picked[sl]] if picked is not None else source[sl]
+                return torch.as_tensor(np.asarray(got)) if not isinstance(got, torch.Tensor) else got
+
+            def double(self):
+                return self[slice(None)].double()
+
+        features = _Rows()
     n, d = features.shape
     dev = features.device
     q = min(n_components, d, n)

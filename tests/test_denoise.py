@@ -120,8 +120,8 @@ def test_blank_images_pass_through_and_never_train(particles, small_weights, tmp
     assert list(star["rlnImageOriginalName"]) == list(starfile.read(work / "particles.star")["particles"]["rlnImageName"])
 
 
-def test_blank_images_are_never_neighbours():
-    """The kNN targets are found among the valid rows only."""
+def test_blank_images_are_never_neighbours(tmp_path):
+    """The kNN targets are found among the valid rows only (features in memory or in a work array)."""
     import torch
 
     from cdae_em.denoise import DenoiseSettings
@@ -133,6 +133,8 @@ def test_blank_images_are_never_neighbours():
     valid = np.setdiff1d(np.arange(30), [3, 17])
     settings = DenoiseSettings(k=27, psi_step=30.0)
     targets = neighbour_targets(images, valid, settings, torch.device("cpu"), valid=valid).numpy()
+    on_disk = neighbour_targets(images, valid, settings, torch.device("cpu"), valid=valid, work=tmp_path).numpy()
+    assert np.array_equal(targets, on_disk) and not (tmp_path / "features.npy").exists()
     # with k = all other valid rows, every target is built from the 27 other valid images only
     assert targets.shape == (28, 32, 32) and np.isfinite(targets).all()
     energy = np.square(targets).mean(axis=(1, 2))
