@@ -248,7 +248,7 @@ def test_full_disk_leaves_no_corrupt_output_and_says_so(sim, small_weights, tmp_
         simulate(load_source(None, box=32), SimulationSettings(n_particles=200, n_views=2, snrs=[0.5], seed=1), big)
         out = disk / "job"
         r = run_cli("run", "--i", big / "particles.star", "--o", out, "--K", 2, "--weights", small_weights,
-                    "--neighbours", 3, "--epochs", 1, "--finetune-subset", 20, "--iter", 1, "--j", 1)
+                    "--finetune", "--neighbours", 3, "--epochs", 1, "--finetune-subset", 20, "--iter", 1, "--j", 1)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
         assert "no space left on the device" in lines[-1] and "rerun the same command to resume" in lines[-1]

@@ -50,7 +50,7 @@ def test_tiny_benchmark_writes_every_table(tmp_path):
     assert len(t2) == 9 * n_sets
     methods2 = {row[1] for row in t2}
     for needle in ("k-means, raw pixels", "HC (Ward), raw pixels", "PCA(32) + k-means", "CAE + k-means",
-                   "DAE + k-means", "alignment only", "CDAE + k-means (`cdae-em run`)", "CDAE + HC"):
+                   "DAE + k-means", "alignment only", "CDAE + k-means, aligned on the denoised", "CDAE + HC"):
         assert any(needle in m for m in methods2), needle
     for row in t2:
         assert len(row) == 11
