@@ -31,6 +31,7 @@ def test_queries_match_all_rows():
 def test_choose_method(monkeypatch):
     assert choose_method(1000, 1000) == "exact"
     assert choose_method(10**6, 4000) == "exact"  # fine-tuning's subset: exact even at 10^6
+    monkeypatch.setattr(knn, "faiss_available", lambda: True)  # the choice, whether or not faiss is installed here
     assert choose_method(10**5, 10**5) != "exact" and choose_method(10**6, 10**5) != "exact"
     monkeypatch.setattr(knn, "faiss_available", lambda: False)
     assert choose_method(10**6, 10**6) == "exact"  # no faiss: exact, with a warning

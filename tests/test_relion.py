@@ -268,7 +268,7 @@ def test_relion5_project_then_continue_with_forced_flavour(sim, tmp_path):
     check_outputs(project, "5")
     check_log(project, "5")
     opt = starfile.read(project / JOB / "run_it000_optimiser.star", always_dict=True)["optimiser_general"]
-    assert opt["rlnDoCorrectCtf"] == 0  # averages of unflipped particles: not CTF-corrected
+    assert opt["rlnDoCorrectCtf"] == 1  # particles with CTF are phase-flipped by default: "only flip phases"
     (project / JOB / rf.EXIT_FAILURE).touch()
     assert run_relion(project, relion_args(sim, "--nodes_flavour", "3.1")) == 0, (project / JOB / "run.err").read_text()
     log = (project / JOB / "run.out").read_text()
