@@ -35,7 +35,7 @@ import mrcfile
 import numpy as np
 
 from benchmarks.config import ROOT, log
-from benchmarks.datasets import DATA, PROTEINS, pixel_size_for
+from benchmarks.datasets import pixel_size_for, structure_path
 from benchmarks.report import machine, md_table
 
 METHODS = ("run", "classify", "relion", "vdam")
@@ -47,7 +47,7 @@ def simulate_case(protein: str, snr: float, views: int, per_view: int, box: int,
     """Simulate (or reuse) one data set; returns its directory (particles.star, clean.mrcs, truth.star)."""
     from cdae_em.simulate import SimulationSettings, load_source, simulate
 
-    path = DATA / dict((p, f) for p, f, _ in PROTEINS)[protein]
+    path = structure_path(protein)
     out = work / f"{protein}_snr{snr}_{views}x{per_view}_{box}"
     if not (out / "simulation.json").exists():
         settings = SimulationSettings(n_particles=views * per_view, n_views=views, in_plane=True, max_shift=2.0,
@@ -60,7 +60,7 @@ def clean_views(protein: str, views: int, box: int) -> np.ndarray:
     """The clean, CTF-free, centred projection of each view (views, box, box), psi = 0."""
     from cdae_em.simulate import even_views, euler_to_matrix, load_source
 
-    path = DATA / dict((p, f) for p, f, _ in PROTEINS)[protein]
+    path = structure_path(protein)
     rot, tilt = even_views(views)
     source = load_source(path, box=box, pixel_size=pixel_size_for(path, box))
     return source.project(euler_to_matrix(rot, tilt, np.zeros(views))).cpu().numpy()
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         for key, r in results.items():
             protein, snr, method = key.split("|")
             case = simulate_case(protein, float(snr), args.views, args.per_view, args.box, args.work)
-            px = pixel_size_for(DATA / dict((q, f) for q, f, _ in PROTEINS)[protein], args.box)
+            px = pixel_size_for(structure_path(protein), args.box)
             results[key] = {**r, **score({**collect(method, case), **{k: r[k] for k in ("wall_s", "rss_mib", "command")}},
                                          case, clean_views(protein, args.views, args.box), px)}
         cache.write_text(json.dumps(results, indent=1))
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
         for protein in args.proteins.split(","):
             for snr in [float(s) for s in args.snrs.split(",")]:
                 case = simulate_case(protein, snr, args.views, args.per_view, args.box, args.work)
-                px = pixel_size_for(DATA / dict((q, f) for q, f, _ in PROTEINS)[protein], args.box)
+                px = pixel_size_for(structure_path(protein), args.box)
                 clean = clean_views(protein, args.views, args.box)
                 for method in args.methods.split(","):
                     key = f"{protein}|{snr}|{method}"

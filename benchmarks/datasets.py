@@ -58,6 +58,11 @@ class Dataset:
         return float(1.0 / np.sqrt(self.snr))
 
 
+def structure_path(protein: str) -> Path:
+    """The shipped atomic model of a benchmark structure (``PROTEINS``)."""
+    return DATA / dict((p, f) for p, f, _ in PROTEINS)[protein]
+
+
 def pixel_size_for(path: Path, box: int, fill: float = FILL) -> float:
     from cdae_em.structure import centre, read_atoms
 
@@ -71,8 +76,7 @@ def make_dataset(protein: str, protocol: str, n: int, box: int, work: Path, seed
     from cdae_em.simulate import SimulationSettings, load_source, simulate
     from cdae_em.star import read_particles
 
-    file = dict((p, f) for p, f, _ in PROTEINS)[protein]
-    path = DATA / file
+    path = structure_path(protein)
     p = PROTOCOLS[protocol]
     px = pixel_size_for(path, box)
     out = work / f"{protein}_{protocol}_{n}_{box}"

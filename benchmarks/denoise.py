@@ -32,7 +32,7 @@ import torch
 
 from benchmarks import methods as M
 from benchmarks.config import ROOT, log
-from benchmarks.datasets import DATA, PROTEINS, pixel_size_for
+from benchmarks.datasets import PROTEINS, pixel_size_for, structure_path
 
 TV_FACTOR, NLM_FACTOR = 2.0, 1.2  # x noise sigma, calibrated on the default map (docs/benchmarks.md)
 FILL = 0.75
@@ -55,7 +55,7 @@ def simulate_case(case: Case, work: Path, seed: int = 0) -> tuple[Path, np.ndarr
     """The noisy STAR, noisy and clean stacks, and the pixel size of one case (simulated once)."""
     from cdae_em.simulate import SimulationSettings, load_source, simulate
 
-    path = DATA / dict((p, f) for p, f, _ in PROTEINS)[case.protein]
+    path = structure_path(case.protein)
     px = pixel_size_for(path, case.box, fill=FILL)
     out = work / case.name
     settings = SimulationSettings(n_particles=case.n, in_plane=True, max_shift=2.0 * case.box / 64, ctf=True,

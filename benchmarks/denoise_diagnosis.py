@@ -21,7 +21,7 @@ import torch
 
 from benchmarks import methods as M
 from benchmarks.config import ROOT, log
-from benchmarks.datasets import DATA, PROTEINS, pixel_size_for
+from benchmarks.datasets import pixel_size_for, structure_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ SETUPS = [Setup(), Setup(dark=False), Setup(dark=False, fill=0.6), Setup(dark=Fa
 def simulate(protein: str, s: Setup, n: int, work: Path) -> tuple[np.ndarray, np.ndarray]:
     from cdae_em.simulate import SimulationSettings, load_source, simulate as sim
 
-    path = DATA / dict((p, f) for p, f, _ in PROTEINS)[protein]
+    path = structure_path(protein)
     out = work / f"{protein}_{'dark' if s.dark else 'bright'}_{s.fill:g}_{s.snr:g}_{int(s.ctf)}_{n}"
     if not (out / "simulation.json").exists():
         settings = SimulationSettings(n_particles=n, in_plane=True, max_shift=2.0, ctf=s.ctf, snrs=[s.snr],

@@ -75,7 +75,7 @@ def _circular_parabola(values: torch.Tensor, index: torch.Tensor) -> torch.Tenso
     return off.clamp(-0.5, 0.5)
 
 
-def _shift_in_raw_frame(t: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+def shift_in_raw_frame(t: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
     """Origin o = R(psi)^T t for a shift t found after rotating by psi (aligned(r) = rot(r - t))."""
     a = torch.deg2rad(psi)
     c, s = torch.cos(a), torch.sin(a)
@@ -148,7 +148,7 @@ def align_prepared(
             best_values = torch.where(better[:, None], _peak_neighbourhood(maps, flat), best_values)
     tx, ty = _subpixel(best_values, best_flat, box)
     psi = torch.remainder(best_psi, 360.0)
-    origin = _shift_in_raw_frame(torch.stack([tx, ty], dim=1), psi)
+    origin = shift_in_raw_frame(torch.stack([tx, ty], dim=1), psi)
     return psi, origin, best_score
 
 

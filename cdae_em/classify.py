@@ -30,7 +30,8 @@ import torch
 from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 
 from cdae_em import distributed
-from cdae_em.align import align_pairs, align_to_references, apply_alignment, estimate_particle_radius
+from cdae_em.align import (align_pairs, align_to_references, apply_alignment, estimate_particle_radius,
+                           shift_in_raw_frame)
 from cdae_em.neighbours import invariant_features, reduce_features
 from cdae_em.errors import InputError
 from cdae_em.preprocess import particle_mask
@@ -177,7 +178,7 @@ def classify(images, settings: ClassifySettings, device: torch.device,
             break
 
     if settings.center_classes:
-        origin = _centre_classes(references, labels, psi, origin, device)
+        origin = _centre_classes(references, labels, psi, origin)
         references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
     order = np.argsort(-counts, kind="stable")
     rank = np.empty(k, dtype=int)
@@ -187,8 +188,7 @@ def classify(images, settings: ClassifySettings, device: torch.device,
                           references=references[order], history=history)
 
 
-def _centre_classes(references: np.ndarray, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray,
-                    device: torch.device) -> np.ndarray:
+def _centre_classes(references: np.ndarray, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray) -> np.ndarray:
     """Origins that put each class average's centre of mass at the box centre, as 3D work expects.
 
     The mass is the squared intensity inside the particle mask (either contrast). Shifting the
@@ -202,10 +202,7 @@ def _centre_classes(references: np.ndarray, labels: np.ndarray, psi: np.ndarray,
     total = weight.sum(dim=(-2, -1)).clamp_min(1e-30)
     com = torch.stack([(weight.sum(dim=-2) * coords).sum(-1) / total,
                        (weight.sum(dim=-1) * coords).sum(-1) / total], dim=1)  # (K, 2): x, y
-    s = com[torch.as_tensor(labels)].float()
-    a = torch.deg2rad(torch.as_tensor(psi, dtype=torch.float32))
-    c, sn = torch.cos(a), torch.sin(a)
-    raw = torch.stack([c * s[:, 0] + sn * s[:, 1], -sn * s[:, 0] + c * s[:, 1]], dim=1)  # R(psi)^T s
+    raw = shift_in_raw_frame(com[torch.as_tensor(labels)].float(), torch.as_tensor(psi, dtype=torch.float32))
     log.info("class averages centred: shifts up to %.2f px", float(com.norm(dim=1).max()))
     return (torch.as_tensor(origin, dtype=torch.float32) - raw).numpy()
 
