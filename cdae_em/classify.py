@@ -10,6 +10,10 @@
    re-averaged from the aligned particles. Coarse to fine: all rounds but the last ``fine_rounds``
    search at twice the psi step and a lower frequency band. Empty classes are re-seeded with the worst-fitting
    particles of the largest class.
+4. After the coarse rounds, up to ``split_merge`` merge-and-split moves (``cdae_em.splitmerge``): the
+   two most alike classes merged, the most heterogeneous one split, a few coarse rounds, and the
+   move kept only if the k-means objective rose. They undo the local optimum where two views share
+   a class while another view is split over two.
 Classes are returned ordered by size (class 1 the largest), with each particle's psi and origin in
 RELION's convention (applying them to the particle brings it onto its class average).
 
@@ -23,7 +27,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -32,10 +37,12 @@ from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 from cdae_em import distributed
 from cdae_em.align import (align_pairs, align_to_references, apply_alignment, estimate_particle_radius,
                            shift_in_raw_frame)
-from cdae_em.neighbours import invariant_features, reduce_features
+from cdae_em.memory import Streamed
+from cdae_em.neighbours import feature_array, invariant_features, reduce_features
 from cdae_em.errors import InputError
 from cdae_em.preprocess import particle_mask
 from cdae_em.progress import report
+from cdae_em.splitmerge import explained_energy, propose
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,10 @@ class ClassifySettings:
     settled: float = 0.01  # coarse rounds end early once fewer than this fraction of particles change class
     coarse_band: float = 0.1875
     fine_band: float = 0.25
+    # merge-and-split moves tried after the coarse rounds (0: none); each is kept only if it helps,
+    # and the first that does not ends them (see cdae_em.splitmerge)
+    split_merge: int = 3
+    move_rounds: int = 4  # coarse rounds after a move, before it is judged
     center_classes: bool = True  # shift each class average's centre of mass to the box centre (RELION's --center_classes)
 
 
@@ -136,11 +147,13 @@ def class_means(images, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray,
 
 def classify(images, settings: ClassifySettings, device: torch.device,
              should_stop: Callable[[], None] | None = None,
-             initial_labels: np.ndarray | None = None) -> Classification:
+             initial_labels: np.ndarray | None = None, work: Path | None = None) -> Classification:
     """Classify ``images`` (N, box, box; an array or memmap) into ``settings.n_classes`` classes.
 
     ``initial_labels`` (N,) replaces step 1 (e.g. classes found on other images of the same
-    particles); alignment and re-assignment then run on ``images``.
+    particles); alignment and re-assignment then run on ``images``. With a ``work`` directory the
+    invariant features of step 1 go to a memory-mapped array there (removed after the PCA), so
+    that resident memory does not grow with N.
     """
     n, box = len(images), images.shape[-1]
     k = settings.n_classes
@@ -148,34 +161,17 @@ def classify(images, settings: ClassifySettings, device: torch.device,
         raise InputError(None, f"number of classes K={k} must be between 2 and the number of particles ({n})")
     max_shift = settings.max_shift if settings.max_shift is not None else box / 8
     t0 = time.perf_counter()
-    labels, psi, origin, score = _initial_classes(images, settings, device, max_shift, initial_labels)
-    references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
-
-    history = []
-    report(0, settings.n_iter, "round")
-    settled, fine_done = False, 0
-    for it in range(1, settings.n_iter + 1):
-        if should_stop is not None:
-            should_stop()
-        fine = settled or it > settings.n_iter - settings.fine_rounds
-        ref_idx, p, o, s = distributed.per_row(align_to_references, images, torch.as_tensor(references, device=device),
-                                               psi_step=settings.psi_step * (1 if fine else 2), max_shift=max_shift,
-                                               batch_size=settings.batch_size, device=device, progress=True,
-                                               band=settings.fine_band if fine else settings.coarse_band)
-        new = ref_idx.cpu().numpy()
-        psi, origin, score = p.cpu().numpy(), o.cpu().numpy(), s.cpu().numpy()
-        changed = float(np.mean(new != labels))
-        labels = _reseed_empty(new, score, k)
-        references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
-        history.append({"iteration": it, "changed": changed, "mean_score": float(score.mean()),
-                        "sizes": counts.tolist(), "search": "fine" if fine else "coarse"})
-        log.info("classification round %d/%d (%s search): %.1f%% of particles changed class, mean score %.3f",
-                 it, settings.n_iter, "fine" if fine else "coarse", 100 * changed, float(score.mean()))
-        report(it, settings.n_iter, "round")
-        fine_done += fine
-        settled = settled or changed < settings.settled
-        if fine and (changed == 0.0 or fine_done >= settings.fine_rounds):
-            break
+    labels, psi, origin, score = _initial_classes(images, settings, device, max_shift, initial_labels, work)
+    state = _State(labels, psi, origin, score, *class_means(images, labels, psi, origin, k, device, settings.batch_size))
+    rounds = _Rounds(images, settings, device, max_shift, should_stop)
+    if settings.n_iter > 0:
+        n_fine = min(settings.fine_rounds, settings.n_iter)
+        state = rounds.run(state, fine=False, limit=settings.n_iter - n_fine)
+        if settings.n_iter > n_fine:
+            state = _split_merge(state, rounds, images, settings, device)
+        state = rounds.run(state, fine=True, limit=n_fine)
+    labels, psi, origin, score, references, counts = state
+    history = rounds.history
 
     if settings.center_classes:
         origin = _centre_classes(references, labels, psi, origin)
@@ -186,6 +182,79 @@ def classify(images, settings: ClassifySettings, device: torch.device,
     log.info("classified %d particles into %d classes in %.1f s", n, k, time.perf_counter() - t0)
     return Classification(labels=rank[labels], psi=psi, origin=origin, score=score,
                           references=references[order], history=history)
+
+
+class _State(NamedTuple):
+    labels: np.ndarray
+    psi: np.ndarray
+    origin: np.ndarray
+    score: np.ndarray
+    references: np.ndarray
+    counts: np.ndarray
+
+
+class _Rounds:
+    """Step 3: rounds of multi-reference alignment on ``images``, with their history."""
+
+    def __init__(self, images, settings: ClassifySettings, device: torch.device, max_shift: float,
+                 should_stop: Callable[[], None] | None):
+        self.images, self.settings, self.device, self.max_shift = images, settings, device, max_shift
+        self.should_stop = should_stop
+        self.history: list[dict] = []
+        self.budget = settings.n_iter + settings.split_merge * settings.move_rounds  # for progress only
+        report(0, self.budget, "round")
+
+    def run(self, state: _State, fine: bool, limit: int, stage: str = "refine") -> _State:
+        """Up to ``limit`` rounds from ``state``'s references; coarse rounds stop once fewer than
+        ``settled`` of the particles change class, fine ones once none does."""
+        s, images, k = self.settings, self.images, self.settings.n_classes
+        for _ in range(limit):
+            if self.should_stop is not None:
+                self.should_stop()
+            ref_idx, p, o, sc = distributed.per_row(
+                align_to_references, images, torch.as_tensor(state.references, device=self.device),
+                psi_step=s.psi_step * (1 if fine else 2), max_shift=self.max_shift, batch_size=s.batch_size,
+                device=self.device, progress=True, band=s.fine_band if fine else s.coarse_band)
+            new, score = ref_idx.cpu().numpy(), sc.cpu().numpy()
+            changed = float(np.mean(new != state.labels))
+            labels = _reseed_empty(new, score, k)
+            psi, origin = p.cpu().numpy(), o.cpu().numpy()
+            state = _State(labels, psi, origin, score, *class_means(images, labels, psi, origin, k, self.device,
+                                                                     s.batch_size))
+            search = "fine" if fine else "coarse"
+            self.history.append({"iteration": len(self.history) + 1, "changed": changed,
+                                 "mean_score": float(score.mean()), "sizes": state.counts.tolist(), "search": search,
+                                 "stage": stage, "energy": explained_energy(state.references, state.counts)})
+            log.info("classification round %d (%s, %s search): %.1f%% of particles changed class, mean score %.3f",
+                     len(self.history), stage, search, 100 * changed, float(score.mean()))
+            report(len(self.history), self.budget, "round")
+            if changed == 0.0 or (not fine and changed < s.settled):
+                break
+        return state
+
+
+def _split_merge(state: _State, rounds: _Rounds, images, settings: ClassifySettings, device: torch.device) -> _State:
+    """Up to ``settings.split_merge`` merge-and-split moves (``cdae_em.splitmerge``), each kept only
+    if, after ``move_rounds`` coarse rounds from its references, the k-means objective is higher."""
+    base = explained_energy(state.references, state.counts)
+    for move in range(settings.split_merge):
+        proposal = distributed.on_main(propose, lambda rows: _rows(images, rows, device), state.labels, state.psi,
+                                       state.origin, state.references, state.counts, seed=settings.seed + move)
+        if proposal is None:
+            break
+        references, what = proposal
+        trial = rounds.run(state._replace(references=references), fine=False, limit=settings.move_rounds,
+                           stage=f"move {move + 1}")
+        energy = explained_energy(trial.references, trial.counts)
+        kept = energy > base
+        rounds.history[-1]["move"] = {**what, "energy_before": base, "energy_after": energy, "kept": kept}
+        log.info("move %d: merge classes %d+%d (cc %.3f), split class %d (heterogeneity %.2f): objective %.5g -> %.5g, %s",
+                 move + 1, what["merge"][0] + 1, what["merge"][1] + 1, what["merge_score"], what["split"] + 1,
+                 what["split_ratio"], base, energy, "kept" if kept else "undone")
+        if not kept:
+            break
+        state, base = trial, energy
+    return state
 
 
 def _centre_classes(references: np.ndarray, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray) -> np.ndarray:
@@ -208,14 +277,24 @@ def _centre_classes(references: np.ndarray, labels: np.ndarray, psi: np.ndarray,
 
 
 def _initial_classes(images, settings: ClassifySettings, device: torch.device, max_shift: float,
-                     initial_labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     initial_labels: np.ndarray | None, work: Path | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Steps 1-2: labels from the invariant features (unless given), and each particle aligned onto
     its class medoid (the member nearest the class centre in feature space): labels, psi, origin, score."""
     n, k = len(images), settings.n_classes
     masked = _Masked(images, device)
     radius = estimate_particle_radius(masked[np.arange(min(n, 1000))])
-    features = reduce_features(distributed.per_row(invariant_features, masked, mask_radius=radius, device=device).cpu(),
-                               n_components=min(settings.n_components, n - 1), seed=settings.seed).numpy()
+    n_components = min(settings.n_components, n - 1)
+    if work is None:
+        features = reduce_features(distributed.per_row(invariant_features, masked, mask_radius=radius,
+                                                       device=device).cpu(), n_components=n_components, seed=settings.seed)
+    else:
+        feats = feature_array(masked, work, radius, device)
+        features = reduce_features(Streamed(feats), n_components=n_components, seed=settings.seed)
+        del feats
+        if distributed.world().main:  # every rank has it mapped already (feature_array's barrier)
+            (work / "features.npy").unlink(missing_ok=True)
+    features = features.numpy()
     if initial_labels is not None:
         labels = np.asarray(initial_labels, dtype=int)
     else:

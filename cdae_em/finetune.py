@@ -19,7 +19,7 @@ from cdae_em.cascade import Cascade
 from cdae_em import distributed
 from cdae_em.denoise import DenoiseSettings, run_block, shared_work_array, work_size
 from cdae_em.errors import InputError
-from cdae_em.memory import Releaser, Streamed
+from cdae_em.memory import Streamed
 from cdae_em.train import TrainSettings, train_block
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSe
     """
     from cdae_em.align import estimate_particle_radius
     from cdae_em.knn import find_neighbours
-    from cdae_em.neighbours import aligned_neighbour_means, invariant_features, reduce_features
+    from cdae_em.neighbours import aligned_neighbour_means, feature_array, invariant_features, reduce_features
 
     outputs = Streamed(outputs)  # read through the map, resident memory kept flat (cdae_em.memory)
     radius = estimate_particle_radius(outputs, device=device)  # one mask radius for all particles (and ranks)
@@ -58,27 +58,6 @@ def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSe
                                     batch_size=settings.batch_size, progress=True, device=device,
                                     mask_radius=radius)
     return distributed.gather_rows(means.cpu())
-
-
-def feature_array(images, work: Path, radius: float, device: torch.device, chunk: int = 8192) -> np.memmap:
-    """The invariant features of ``images`` in the work array ``work/features.npy`` (N, d): each
-    rank computes its rows; every rank gets the whole array once all are written."""
-    from cdae_em.neighbours import invariant_features
-
-    n = len(images)
-    d = invariant_features(distributed.RowShard(images, 0, 1), mask_radius=radius, device=device).shape[1]
-    feats = shared_work_array(work / "features.npy", n, 0, shape=(n, d))
-    pages = Releaser(feats)
-    lo, hi = distributed.shard(n)
-    for start in range(lo, hi, chunk):
-        stop = min(start + chunk, hi)
-        feats[start:stop] = invariant_features(distributed.RowShard(images, start, stop), mask_radius=radius,
-                                               device=device).cpu().numpy()
-        pages.step(feats[start:stop].nbytes)
-    feats.flush()
-    pages.now()
-    distributed.barrier()
-    return feats
 
 
 def finetune(model: Cascade, inputs: np.ndarray, work: Path, settings: DenoiseSettings, device: torch.device,

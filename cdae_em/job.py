@@ -37,7 +37,7 @@ import numpy as np
 from cdae_em import distributed
 from cdae_em.atomic import atomic_path
 from cdae_em.atomic import write_text as atomic_text
-from cdae_em.denoise import DenoiseSettings
+from cdae_em.denoise import WORK_DIR, DenoiseSettings, remove_work
 from cdae_em.errors import CdaeError, InputError, OutputError, ResourceError, resource_errors
 from cdae_em.lock import LOCK_FILE, job_lock, make_out_dir, refuse_if_locked  # noqa: F401 (re-exported)
 from cdae_em.progress import JobProgress, ProgressCallback, tracking
@@ -66,6 +66,7 @@ class JobSettings:
     align_on: str = "original"  # classes start from the denoised particles; alignment rounds use these
     n_iter: int = 10  # rounds of alignment to class averages and re-assignment (at most; coarse to fine)
     psi_step: float = 5.0  # degrees
+    split_merge: int = 3  # merge-and-split moves tried (each kept only if it helps; 0: none)
     max_shift: float | None = None  # pixels (working box); default box / 8
     average_phase_flipped: bool | None = None  # class averages from CTF phase-flipped originals; None: as the particles
     project_dir: str | None = None  # what relative image paths resolve against (default: cwd)
@@ -106,7 +107,7 @@ def prepare_output(settings: JobSettings) -> Path:
         log.warning("overwriting the earlier job in %s", out)
         for name in CONTRACT:
             (out / name).unlink(missing_ok=True)
-        for name in ("denoised", JOB_DIR, ".cdae_work"):
+        for name in ("denoised", JOB_DIR, WORK_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
     elif previous == signature:
         log.info("resuming the job in %s", out)
@@ -130,6 +131,7 @@ def check_settings(settings: JobSettings) -> None:
         (d.mask_diameter is None or d.mask_diameter > 0, f"--mask-diameter {d.mask_diameter}: must be positive"),
         (d.max_distance is None or d.max_distance > 0, f"--max-distance {d.max_distance}: must be positive"),
         (settings.n_iter >= 0, f"--iter {settings.n_iter}: must be 0 or more"),
+        (settings.split_merge >= 0, f"--split-merge {settings.split_merge}: must be 0 or more"),
         (settings.psi_step > 0, f"--psi-step {settings.psi_step}: must be positive"),
         (settings.max_shift is None or settings.max_shift >= 0, f"--max-shift {settings.max_shift}: must be 0 or more"),
         (settings.method in ("kmeans", "hierarchical"), f"--method {settings.method}: expected kmeans or hierarchical"),
@@ -318,12 +320,16 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
     log.info("stage 2/3 classify: K=%d by %s", settings.n_classes, settings.method)
     t = time.perf_counter()
     cs = ClassifySettings(n_classes=settings.n_classes, method=settings.method, n_iter=settings.n_iter,
-                          psi_step=settings.psi_step, max_shift=settings.max_shift, seed=settings.seed,
-                          batch_size=settings.denoise.batch_size)
+                          psi_step=settings.psi_step, split_merge=settings.split_merge, max_shift=settings.max_shift,
+                          seed=settings.seed, batch_size=settings.denoise.batch_size)
+    work = out / WORK_DIR  # the invariant features' work array (memory-mapped, removed after use)
+    if distributed.world().main:
+        work.mkdir(exist_ok=True)
+    distributed.barrier()
     if settings.stages == "classify":
         prepare = settings.denoise if settings.denoise.phase_flip else None
         with StarImages(Path(settings.particles), settings.project_dir, prepare=prepare, device=device) as images:
-            result = classify(images, cs, device, should_stop)
+            result = classify(images, cs, device, should_stop, work=work)
             box = images.shape[-1]
         refs = result.references
     else:
@@ -334,19 +340,22 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
         with StarImages(out / "denoised_particles.star", settings.project_dir, equalise_diameter=diameter) as denoised:
             box = denoised.shape[-1]
             if settings.align_on == "denoised":
-                result = classify(denoised, cs, device, should_stop)
+                result = classify(denoised, cs, device, should_stop, work=work)
             else:
                 # Initial classes from the denoised particles' invariant features, then the
                 # alignment rounds on the (phase-flipped, resized) originals, which keep the detail
                 # alignment needs.
-                init = classify(denoised, ClassifySettings(**{**asdict(cs), "n_iter": 0}), device, should_stop).labels
+                init = classify(denoised, ClassifySettings(**{**asdict(cs), "n_iter": 0}), device, should_stop,
+                                work=work).labels
                 with StarImages(Path(settings.particles), settings.project_dir, prepare=settings.denoise,
                                 device=device) as originals:
-                    result = classify(originals, cs, device, should_stop, initial_labels=init)
+                    result = classify(originals, cs, device, should_stop, initial_labels=init, work=work)
             refs, _ = class_means(denoised, result.labels, result.psi, result.origin, settings.n_classes, device,
                                   cs.batch_size)
     labels, psi, origin, score = result.labels, result.psi, result.origin, result.score
     summary["classify"] = result.history
+    if distributed.world().main and not settings.keep_work:
+        remove_work(out)
     if distributed.world().main:
         with atomic_path(result_file) as tmp, open(tmp, "wb") as f:
             np.savez(f, labels=labels, psi=psi, origin=origin, score=score, references=refs, box=box,

@@ -68,6 +68,11 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         form.addParam("numberOfIterations", params.IntParam, default=10,
                       validators=[params.GE(0)], label="Alignment rounds",
                       help="Rounds of alignment to the class averages and re-assignment.")
+        form.addParam("splitMerge", params.IntParam, default=3, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label="Merge-and-split moves",
+                      help="After the coarse rounds: merge the two most alike classes and split the most "
+                           "mixed one, kept only if the classes' squared error falls; undoes two views "
+                           "sharing a class while another view is split over two. 0: none.")
         form.addParam("psiStep", params.FloatParam, default=5.0, validators=[params.Positive],
                       expertLevel=params.LEVEL_ADVANCED, label="In-plane angular step (deg)")
         form.addParam("maxShift", params.FloatParam, default=-1, expertLevel=params.LEVEL_ADVANCED,
@@ -331,6 +336,7 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         args = ["run", "--i", self._getInputStar(), "--o", self._getJobPath(),
                 "--K", self.numberOfClasses.get(), "--method", METHODS[self.method.get()],
                 "--iter", self.numberOfIterations.get(), "--psi-step", self.psiStep.get(),
+                "--split-merge", self.splitMerge.get(),
                 "--j", max(1, self.numberOfThreads.get()), "--seed", self.seed.get(),
                 "--overwrite"]
         if self.maxShift.get() is not None and self.maxShift.get() >= 0:

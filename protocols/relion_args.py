@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_names("average_phase_flipped"), dest="average_phase_flipped", type=_or_none(yes_no), nargs="?",
                    const=True, default=None)
     p.add_argument(*_names("psi_step"), dest="psi_step", type=_or_none(float), **opt)
+    p.add_argument(*_names("split_merge"), dest="split_merge", type=_or_none(int), **opt)
     p.add_argument(*_names("max_shift"), dest="max_shift", type=_or_none(float), **opt)
     p.add_argument(*_names("batch_size"), dest="batch_size", type=_or_none(int), **opt)
     p.add_argument(*_names("finetune_subset"), dest="finetune_subset", type=_or_none(int), **opt)

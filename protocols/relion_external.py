@@ -95,7 +95,7 @@ def job_settings(args: argparse.Namespace):
     denoise = replace(defaults, train=train, finetune=finetune, phase_flip=phase_flip, seed=seed, **given)
     average_flipped = None if args.average_phase_flipped is None else bool(args.average_phase_flipped)
     kwargs = {}
-    for name in ("method", "n_iter", "psi_step", "max_shift", "pretrain_particles", "pretrain_epochs"):
+    for name in ("method", "n_iter", "psi_step", "split_merge", "max_shift", "pretrain_particles", "pretrain_epochs"):
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value

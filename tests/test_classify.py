@@ -33,3 +33,31 @@ def test_class_averages_are_centred_like_relion_center_classes(tmp_path):
     assert np.abs(_centre_of_mass(off.references)).max() > 1.5  # the test can fail
     assert np.abs(_centre_of_mass(centred.references)).max() < 0.75
     assert np.array_equal(off.labels, centred.labels)
+
+
+def test_features_in_a_work_directory_give_the_same_classes(tmp_path, monkeypatch):
+    """With a work directory the invariant features are a memory-mapped array there (resident memory
+    flat in N), removed after the PCA; the classes are the same as with the features in memory."""
+    import cdae_em.classify as classify_module
+
+    simulate(load_source(None, box=32), SimulationSettings(n_particles=60, n_views=3, in_plane=True,
+                                                           snrs=[1.0], seed=3), tmp_path / "sim")
+    images = mrcfile.read(tmp_path / "sim" / "particles.mrcs").astype(np.float32)
+    settings = ClassifySettings(n_classes=3, n_iter=2, seed=0)
+    in_memory = classify(images, settings, torch.device("cpu"))
+    mapped = []
+
+    def spy(*args, **kwargs):
+        array = classify_module.feature_array.__wrapped__(*args, **kwargs)
+        mapped.append(array.filename)
+        return array
+
+    spy.__wrapped__ = classify_module.feature_array
+    monkeypatch.setattr(classify_module, "feature_array", spy)
+    work = tmp_path / "work"
+    work.mkdir()
+    on_disk = classify(images, settings, torch.device("cpu"), work=work)
+    assert mapped and str(work) in str(mapped[0])
+    assert not list(work.iterdir())  # the features' array is gone
+    assert np.array_equal(in_memory.labels, on_disk.labels)
+    assert np.abs((in_memory.psi - on_disk.psi + 180) % 360 - 180).max() < 1e-3

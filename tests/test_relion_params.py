@@ -20,11 +20,11 @@ def test_relion_parameters_map_onto_the_job():
         ["--o", "External/job003/", "--in_parts", "Select/job002/particles.star", "--in_3dref", "ref.mrc",
          "--K", "12", "--epochs", "2", "--neighbours", "7", "--gpu", "--method", "hierarchical",
          "--iterations", "4", "--box", "", "--phase_flip", "Yes", "--psi-step", "10", "--j", "3",
-         "--pipeline_control", "External/job003/", "--other", "1"])
+         "--split_merge", "1", "--pipeline_control", "External/job003/", "--other", "1"])
     assert unknown == ["--pipeline_control", "External/job003/", "--other", "1"]
     s = rx.job_settings(args)
-    assert (s.particles, s.out_dir, s.n_classes, s.method, s.n_iter, s.psi_step) == (
-        "Select/job002/particles.star", "External/job003/", 12, "hierarchical", 4, 10.0)
+    assert (s.particles, s.out_dir, s.n_classes, s.method, s.n_iter, s.psi_step, s.split_merge) == (
+        "Select/job002/particles.star", "External/job003/", 12, "hierarchical", 4, 10.0, 1)
     assert (s.denoise.train.epochs, s.denoise.k, s.denoise.box, s.denoise.phase_flip) == (2, 7, None, True)
     # the class averages follow the particles' phase flip (resolved by the job: test_relion31_project)
     assert s.average_phase_flipped is None and s.reference_map == "ref.mrc" and s.threads == 3 and s.overwrite

@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> None:
     apply_threads(args.j)
     settings = JobSettings(particles=args.i, out_dir=args.o, n_classes=args.K,
                            denoise=DenoiseSettings(batch_size=args.batch_size, phase_flip=args.phase_flip), method=args.method,
-                           n_iter=args.iter, psi_step=args.psi_step, max_shift=args.max_shift,
+                           n_iter=args.iter, psi_step=args.psi_step, split_merge=args.split_merge, max_shift=args.max_shift,
                            project_dir=args.project_dir, gpu=args.gpu, threads=args.j, overwrite=args.overwrite,
                            seed=args.seed, stages="classify")
     summary = run_job(settings)

@@ -36,6 +36,10 @@ def add_classify_args(parser: argparse.ArgumentParser) -> None:
                    help="clustering of the invariant features that starts the classification (default: %(default)s)")
     g.add_argument("--iter", type=at_least(0), default=JobSettings.n_iter,
                    help="rounds of alignment and re-assignment (default: %(default)s)")
+    g.add_argument("--split-merge", type=at_least(0), default=JobSettings.split_merge,
+                   help="merge-and-split moves tried after the coarse rounds, to undo two views sharing a class "
+                        "while another is split; each is kept only if it lowers the classes' squared error "
+                        "(default: %(default)s; 0: none)")
     g.add_argument("--psi-step", type=positive_float, default=JobSettings.psi_step,
                    help="in-plane angular step, degrees (default: %(default)s)")
     g.add_argument("--max-shift", type=float, default=JobSettings.max_shift,
@@ -69,9 +73,9 @@ def job_settings(args: argparse.Namespace):
 
     return JobSettings(
         particles=args.i, out_dir=args.o, n_classes=args.K, denoise=denoise_settings(args), method=args.method,
-        n_iter=args.iter, psi_step=args.psi_step, align_on=args.align_on, max_shift=args.max_shift,
-        average_phase_flipped=args.average_phase_flipped, project_dir=args.project_dir, reference_map=args.ref,
-        gpu=args.gpu, threads=args.j, overwrite=args.overwrite, seed=args.seed, keep_work=args.keep_work,
+        n_iter=args.iter, psi_step=args.psi_step, split_merge=args.split_merge, align_on=args.align_on,
+        max_shift=args.max_shift, average_phase_flipped=args.average_phase_flipped, project_dir=args.project_dir,
+        reference_map=args.ref, gpu=args.gpu, threads=args.j, overwrite=args.overwrite, seed=args.seed, keep_work=args.keep_work,
     )
 
 

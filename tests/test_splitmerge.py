@@ -1,0 +1,72 @@
+"""Merge-and-split moves: out of the local optimum where two views share a class while another
+view is split over two."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import mrcfile
+import numpy as np
+import starfile
+import torch
+
+from cdae_em.classify import ClassifySettings, classify
+from cdae_em.metrics import clustering_scores
+from cdae_em.simulate import SimulationSettings, load_source, simulate
+from cdae_em.splitmerge import explained_energy, two_means_1d
+
+
+def _stuck_start(tmp_path, n_views=4, n=240, snr=0.3):
+    """Particles of ``n_views`` views, true views, and labels where views 0 and 1 share class 0 and
+    view 2 is split over classes 1 and 2 (view 3 is class 3)."""
+    simulate(load_source(None, box=32), SimulationSettings(n_particles=n, n_views=n_views, in_plane=True,
+                                                           max_shift=1.0, snrs=[snr], seed=5), tmp_path)
+    images = mrcfile.read(tmp_path / "particles.mrcs").astype(np.float32)
+    views = starfile.read(tmp_path / "truth.star")["particles"]["rlnClassNumber"].to_numpy().astype(int) - 1
+    stuck = np.select([views <= 1, views == 2], [0, 1], 3)
+    second_half = (views == 2) & (np.cumsum(views == 2) % 2 == 0)
+    stuck[second_half] = 2
+    return images, views, stuck
+
+
+def test_a_move_undoes_a_merged_and_a_split_view(tmp_path):
+    images, views, stuck = _stuck_start(tmp_path)
+    settings = ClassifySettings(n_classes=4, n_iter=6, seed=0)
+    without = classify(images, replace(settings, split_merge=0), torch.device("cpu"), initial_labels=stuck)
+    assert clustering_scores(views, without.labels)["hungarian_f1"] < 0.9  # stuck: the test can fail
+    moved = classify(images, settings, torch.device("cpu"), initial_labels=stuck)
+    assert clustering_scores(views, moved.labels)["hungarian_f1"] > 0.95
+    moves = [h["move"] for h in moved.history if "move" in h]
+    assert moves[0]["kept"] and moves[0]["energy_after"] > moves[0]["energy_before"]
+    assert all(m["kept"] for m in moves[:-1]) and len(moves) <= 3  # the first move that does not help ends them
+
+
+def test_a_move_that_does_not_help_is_undone(tmp_path):
+    """On correct classes a move can only split a view and merge two: it is measured and undone."""
+    images, views, _ = _stuck_start(tmp_path)
+    result = classify(images, ClassifySettings(n_classes=4, n_iter=6, seed=0), torch.device("cpu"),
+                      initial_labels=views)
+    moves = [h["move"] for h in result.history if "move" in h]
+    assert moves and not moves[0]["kept"] and len(moves) == 1
+    assert clustering_scores(views, result.labels)["hungarian_f1"] > 0.95
+
+
+def test_explained_energy_prefers_the_true_partition():
+    """Two different signals in noise: grouping by signal beats mixing them (same K, same noise)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 64))
+    x = np.concatenate([a + rng.normal(size=(100, 64)), b + rng.normal(size=(100, 64))])
+    true = np.repeat([0, 1], 100)
+    mixed = np.tile([0, 1], 100)
+
+    def energy(labels):
+        means = np.stack([x[labels == c].mean(0) for c in (0, 1)])
+        return explained_energy(means, np.bincount(labels))
+
+    assert energy(true) > energy(mixed) + 10
+
+
+def test_two_means_1d_splits_two_groups():
+    t = torch.tensor([-3.0, -2.9, -3.2, 1.0, 1.1, 0.9, 1.2, 0.8])
+    side = two_means_1d(t)
+    assert side.tolist() == [False] * 3 + [True] * 5
