@@ -244,6 +244,8 @@ def machine() -> str:
 def fmt(v, digits: int = 1) -> str:
     if v is None:
         return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:,.{digits}f}"
     return f"{v:,}" if isinstance(v, int) else str(v)

@@ -24,4 +24,5 @@ def test_report_renders_every_section():
     }
     text = scale.report(results)
     assert "| 100,000 | features | exact (torch, tiled)" in text and "| 2,000 | 2 x 1 |" in text
+    assert text.split("| 2,000 | 2 x 1 |")[1].splitlines()[0].rstrip().endswith("| yes |")  # same classes
     assert "Pending: no GPU" in text  # CPU smoke rows are not a GPU table
