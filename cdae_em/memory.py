@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-RELEASE_BYTES = 32 * 2**20  # streamed passes release every this many bytes (256 MB: peak RSS 1.29 GB at 8k particles, 32 MB: 0.97 GB, same time)
+RELEASE_BYTES = 32 * 2**20  # streamed passes release every this many bytes (why 32 MB: docs/notes.md)
 
 
 def release(*arrays) -> None:
