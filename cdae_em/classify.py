@@ -37,8 +37,7 @@ from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 from cdae_em import distributed
 from cdae_em.align import (align_pairs, align_to_references, apply_alignment, estimate_particle_radius,
                            shift_in_raw_frame)
-from cdae_em.memory import Streamed
-from cdae_em.neighbours import feature_array, invariant_features, reduce_features
+from cdae_em.neighbours import reduced_invariant_features
 from cdae_em.errors import InputError
 from cdae_em.preprocess import particle_mask
 from cdae_em.progress import report
@@ -284,17 +283,8 @@ def _initial_classes(images, settings: ClassifySettings, device: torch.device, m
     n, k = len(images), settings.n_classes
     masked = _Masked(images, device)
     radius = estimate_particle_radius(masked[np.arange(min(n, 1000))])
-    n_components = min(settings.n_components, n - 1)
-    if work is None:
-        features = reduce_features(distributed.per_row(invariant_features, masked, mask_radius=radius,
-                                                       device=device).cpu(), n_components=n_components, seed=settings.seed)
-    else:
-        feats = feature_array(masked, work, radius, device)
-        features = reduce_features(Streamed(feats), n_components=n_components, seed=settings.seed)
-        del feats
-        if distributed.world().main:  # every rank has it mapped already (feature_array's barrier)
-            (work / "features.npy").unlink(missing_ok=True)
-    features = features.numpy()
+    features = reduced_invariant_features(masked, radius, device, min(settings.n_components, n - 1), settings.seed,
+                                          work).numpy()
     if initial_labels is not None:
         labels = np.asarray(initial_labels, dtype=int)
     else:

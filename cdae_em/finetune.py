@@ -36,20 +36,15 @@ def neighbour_targets(outputs: np.ndarray, rows: np.ndarray, settings: DenoiseSe
     """
     from cdae_em.align import estimate_particle_radius
     from cdae_em.knn import find_neighbours
-    from cdae_em.neighbours import aligned_neighbour_means, feature_array, invariant_features, reduce_features
+    from cdae_em.neighbours import aligned_neighbour_means, reduced_invariant_features
 
     outputs = Streamed(outputs)  # read through the map, resident memory kept flat (cdae_em.memory)
     radius = estimate_particle_radius(outputs, device=device)  # one mask radius for all particles (and ranks)
-    feats = feature_array(outputs, work, radius, device) if work is not None else \
-        distributed.per_row(invariant_features, outputs, mask_radius=radius, device=device).cpu()
     rows = np.asarray(rows)
     if valid is None:
-        valid = np.arange(len(feats))
-    features = reduce_features(Streamed(feats) if work is not None else feats, n_components=settings.n_components,
-                               seed=settings.seed, rows=valid)
-    del feats
-    if work is not None and distributed.world().main:
-        (work / "features.npy").unlink(missing_ok=True)  # ranks still reading keep their map
+        valid = np.arange(len(outputs))
+    features = reduced_invariant_features(outputs, radius, device, settings.n_components, settings.seed, work,
+                                          rows=valid)
     lo, hi = distributed.shard(len(rows))  # each rank: the neighbours and targets of its share of ``rows``
     found = find_neighbours(features, settings.k, queries=np.searchsorted(valid, rows[lo:hi]),
                             max_distance=settings.max_distance, seed=settings.seed)

@@ -323,9 +323,6 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
                           psi_step=settings.psi_step, split_merge=settings.split_merge, max_shift=settings.max_shift,
                           seed=settings.seed, batch_size=settings.denoise.batch_size)
     work = out / WORK_DIR  # the invariant features' work array (memory-mapped, removed after use)
-    if distributed.world().main:
-        work.mkdir(exist_ok=True)
-    distributed.barrier()
     if settings.stages == "classify":
         prepare = settings.denoise if settings.denoise.phase_flip else None
         with StarImages(Path(settings.particles), settings.project_dir, prepare=prepare, device=device) as images:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cdae_em import distributed
-from cdae_em.memory import Releaser
+from cdae_em.memory import Releaser, Streamed
 from cdae_em.preprocess import soft_circular_mask
 from cdae_em.progress import report
 from cdae_em.align import align_prepared, apply_alignment, estimate_particle_radius
@@ -106,6 +106,8 @@ def feature_array(images, work: Path, radius: float, device: torch.device, chunk
 
     n = len(images)
     d = invariant_features(distributed.RowShard(images, 0, 1), mask_radius=radius, device=device).shape[1]
+    if distributed.world().main:
+        work.mkdir(parents=True, exist_ok=True)
     feats = shared_work_array(work / "features.npy", n, 0, shape=(n, d))
     pages = Releaser(feats)
     lo, hi = distributed.shard(n)
@@ -118,6 +120,23 @@ def feature_array(images, work: Path, radius: float, device: torch.device, chunk
     pages.now()
     distributed.barrier()
     return feats
+
+
+def reduced_invariant_features(images, radius: float, device: torch.device, n_components: int, seed: int = 0,
+                               work: Path | None = None, rows: np.ndarray | None = None) -> torch.Tensor:
+    """The invariant features of ``images`` reduced by PCA (``reduce_features``; of ``rows`` only,
+    if given), on the CPU. With a ``work`` directory the full features go to its memory-mapped work
+    array (``feature_array``), removed once reduced; without, they are held (and gathered across
+    ranks) in memory."""
+    if work is None:
+        feats = distributed.per_row(invariant_features, images, mask_radius=radius, device=device).cpu()
+        return reduce_features(feats, n_components=n_components, seed=seed, rows=rows)
+    feats = feature_array(images, work, radius, device)
+    reduced = reduce_features(Streamed(feats), n_components=n_components, seed=seed, rows=rows)
+    del feats
+    if distributed.world().main:  # every rank has it mapped already (feature_array's barrier)
+        (work / "features.npy").unlink(missing_ok=True)
+    return reduced
 
 
 def reduce_features(features: torch.Tensor | np.ndarray, n_components: int = 32, seed: int = 0, whiten: bool = False,

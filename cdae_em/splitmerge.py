@@ -43,8 +43,8 @@ def explained_energy(references: np.ndarray, counts: np.ndarray) -> float:
     return float((counts * energy).sum() / max(counts.sum(), 1.0))
 
 
-def heterogeneity(aligned: torch.Tensor, inside: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """(ratio, first principal axis, scores) of aligned images (m, box, box) within ``inside``:
+def heterogeneity(aligned: torch.Tensor, inside: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(ratio, scores on the first principal axis) of aligned images (m, box, box) within ``inside``:
     ratio = top eigenvalue of the covariance / the Marchenko-Pastur edge sigma^2 (1 + sqrt(d/m))^2."""
     x = aligned[:, inside].double()
     m, d = x.shape
@@ -53,7 +53,7 @@ def heterogeneity(aligned: torch.Tensor, inside: torch.Tensor) -> tuple[float, t
     _, s, vh = torch.linalg.svd(x, full_matrices=False)
     top = float(s[0]) ** 2 / m
     ratio = top / max(sigma2 * (1.0 + (d / m) ** 0.5) ** 2, 1e-30)
-    return ratio, vh[0], x @ vh[0]
+    return ratio, x @ vh[0]
 
 
 def two_means_1d(t: torch.Tensor, iterations: int = 20) -> torch.Tensor:
@@ -104,7 +104,7 @@ def propose(read: Callable[[np.ndarray], torch.Tensor], labels: np.ndarray, psi:
             continue
         rows = np.sort(rng.choice(members, size=min(sample, len(members)), replace=False))
         aligned = apply_alignment(read(rows).cpu(), torch.as_tensor(psi[rows]), torch.as_tensor(origin[rows]))
-        ratio, _, scores = heterogeneity(aligned, inside)
+        ratio, scores = heterogeneity(aligned, inside)
         side = two_means_1d(scores)
         if min(int(side.sum()), int((~side).sum())) < min_members // 2:
             continue

@@ -38,7 +38,7 @@ def test_class_averages_are_centred_like_relion_center_classes(tmp_path):
 def test_features_in_a_work_directory_give_the_same_classes(tmp_path, monkeypatch):
     """With a work directory the invariant features are a memory-mapped array there (resident memory
     flat in N), removed after the PCA; the classes are the same as with the features in memory."""
-    import cdae_em.classify as classify_module
+    import cdae_em.neighbours as neighbours
 
     simulate(load_source(None, box=32), SimulationSettings(n_particles=60, n_views=3, in_plane=True,
                                                            snrs=[1.0], seed=3), tmp_path / "sim")
@@ -48,12 +48,12 @@ def test_features_in_a_work_directory_give_the_same_classes(tmp_path, monkeypatc
     mapped = []
 
     def spy(*args, **kwargs):
-        array = classify_module.feature_array.__wrapped__(*args, **kwargs)
+        array = neighbours.feature_array.__wrapped__(*args, **kwargs)
         mapped.append(array.filename)
         return array
 
-    spy.__wrapped__ = classify_module.feature_array
-    monkeypatch.setattr(classify_module, "feature_array", spy)
+    spy.__wrapped__ = neighbours.feature_array
+    monkeypatch.setattr(neighbours, "feature_array", spy)
     work = tmp_path / "work"
     work.mkdir()
     on_disk = classify(images, settings, torch.device("cpu"), work=work)
