@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def proxy_features(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 def knn_rows(x: np.ndarray, label: str, j: int, exact_full: bool) -> list[dict]:
     """Exact and HNSW kNN (k = 30, all vectors as queries) of ``x``: time and recall."""
+    from cdae_em import knn
     from cdae_em.knn import HNSW_EF_SEARCH, HNSW_M, find_neighbours
     from cdae_em.neighbours import nearest_neighbours
 
@@ -116,11 +118,16 @@ def knn_rows(x: np.ndarray, label: str, j: int, exact_full: bool) -> list[dict]:
     nearest_neighbours(f, K, queries=torch.from_numpy(q))
     rows.append({"n": n, "data": label, "method": "exact, fine-tuning subset", "queries": len(q),
                  "seconds": time.perf_counter() - t0, "recall": 1.0, "note": "measured (what `cdae-em` runs)"})
-    log(f"HNSW on {n:,} ({label}) ...")
-    found = find_neighbours(f, K, method="hnsw", recall_sample=2000, threads=j)
-    rows.append({"n": n, "data": label, "method": f"HNSW (faiss, M {HNSW_M}, efSearch {HNSW_EF_SEARCH})",
-                 "queries": n, "seconds": found.seconds, "recall": found.recall,
-                 "note": f"measured; includes the recall estimate on 2,000 exact queries ({found.recall_seconds:.0f} s)"})
+    default_locality = knn.HNSW_LOCALITY
+    for locality in (False, True):
+        log(f"HNSW on {n:,} ({label}), locality order {locality} ...")
+        knn.HNSW_LOCALITY = locality
+        found = find_neighbours(f, K, method="hnsw", recall_sample=2000, threads=j)
+        rows.append({"n": n, "data": label, "method": f"HNSW (faiss, M {HNSW_M}, efSearch {HNSW_EF_SEARCH}"
+                     f"{', cell order' if locality else ''})", "queries": n, "seconds": found.seconds,
+                     "recall": found.recall, "note": "measured; includes the recall estimate on 2,000 exact "
+                     f"queries ({found.recall_seconds:.0f} s)"})
+    knn.HNSW_LOCALITY = default_locality
     for r in rows:
         log(f"  {r}")
     return rows
@@ -179,6 +186,7 @@ def cmd_run(args) -> list[dict]:
         for procs in [int(p) for p in args.procs.split(",")]:
             out = ds.dir / f"run_{procs}p"
             threads = max(1, args.j // procs)  # the same cores in all: 2 processes x 1 thread on 2 cores
+            shutil.rmtree(out, ignore_errors=True)  # a rerun of the same job would resume, not measure
             log(f"cdae-em run, {n:,} particles, {procs} process(es) x {threads} thread(s) ...")
             wall, rss = measured(launcher(procs) + ["run", "--i", str(ds.star), "--o", str(out), "--K", str(ds.n_views),
                                                     "--j", str(threads), "--overwrite", "--log-level", "WARNING"],
@@ -189,11 +197,11 @@ def cmd_run(args) -> list[dict]:
                          "classify": tm.get("classify"), "outputs": tm.get("outputs"), "peak_rss_mib": rss,
                          "work_gb": summary["denoise"].get("work_bytes", 0) / 1e9,
                          "classes": _labels(out)})
+            # against the 1-process run of this size, from this command or an earlier one
+            base = ds.dir / "run_1p" / "particles.star"
+            rows[-1]["same_classes_as_1"] = _labels(base.parent) == rows[-1].pop("classes") if base.exists() else None
             log(f"  {rows[-1]}")
-    base = {r["n"]: r["classes"] for r in rows if r["processes"] == 1}
-    for r in rows:
-        r["same_classes_as_1"] = base.get(r["n"]) == r["classes"] if r["n"] in base else None
-        r.pop("classes")
+            merge("run", rows[-1:], ("n", "processes"))  # saved row by row: a 32k run takes the better part of an hour
     return rows
 
 
@@ -213,6 +221,7 @@ def cmd_inference(args) -> list[dict]:
         simulate(load_source(None, box=64), SimulationSettings(n_particles=n, in_plane=True, max_shift=3.0, ctf=True,
                                                                snrs=[0.1], seed=0), sim)
     out = sim / "denoise_job"
+    shutil.rmtree(out, ignore_errors=True)
     log(f"streamed inference of {n:,} particles ...")
     wall, rss = measured(launcher(1) + ["denoise", "--i", str(sim / "particles.star"), "--o", str(out), "--no-finetune",
                                         "--no-check", "--j", str(args.j), "--overwrite", "--log-level", "WARNING"], sim)
