@@ -36,7 +36,6 @@ HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 96  # >= k + 1; more is slower and more accurate (0.936 -> 0.965 recall from 64 to 96 at 10^6)
 HNSW_FROM_SELF = True  # searches start at the query's own node (see hnsw_search)
-HNSW_LOCALITY = False  # vectors stored and queries run cell by cell of a coarse k-means (see hnsw_search)
 
 
 @dataclass
@@ -114,53 +113,18 @@ def find_neighbours(features: torch.Tensor, k: int, queries: np.ndarray | torch.
     return Neighbours(idx.to(dev), dist.to(dev), "hnsw", recall, seconds, recall_seconds)
 
 
-def locality_order(x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A permutation of the rows of ``x`` that puts the vectors of each cell of a coarse k-means
-    (about sqrt(N) cells, 10 iterations on a sample of 64 vectors per cell) next to each other."""
-    import faiss
-
-    n, d = x.shape
-    cells = int(np.sqrt(n))
-    if cells < 2:
-        return np.arange(n)
-    kmeans = faiss.Kmeans(d, cells, niter=10, seed=seed, max_points_per_centroid=64)
-    kmeans.train(x)
-    _, cell = kmeans.index.search(x, 1)
-    return np.argsort(cell[:, 0], kind="stable")
-
-
 def hnsw_search(x: np.ndarray, rows: np.ndarray, k: int, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
                 ef_search: int = HNSW_EF_SEARCH, threads: int | None = None, batch: int = 65536,
-                from_self: bool = HNSW_FROM_SELF, locality: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                from_self: bool = HNSW_FROM_SELF) -> tuple[np.ndarray, np.ndarray]:
     """Approximate neighbours (len(rows), k) of ``x[rows]`` among ``x`` (float32, C order), self
     excluded, nearest first, and their Euclidean distances (faiss computes them directly from the
     differences), with a faiss HNSW graph. The queries are vectors of the graph, so with ``from_self``
     each search starts at the query's own node on the bottom level (``search_level_0``) instead of
-    descending from the top: no hops are spent getting there. With ``locality`` the vectors are
-    stored, and the queries run, in ``locality_order`` (default ``HNSW_LOCALITY``): a search then
-    mostly visits vectors that the previous searches brought into the cache. Deterministic for a given thread count."""
+    descending from the top: no hops are spent getting there. Deterministic for a given thread count."""
     import faiss
 
     if threads is not None:
         faiss.omp_set_num_threads(max(1, int(threads)))
-    if not (HNSW_LOCALITY if locality is None else locality):
-        return _hnsw(x, rows, k, m, ef_construction, ef_search, batch, from_self)
-    order = locality_order(x)
-    position = np.empty_like(order)
-    position[order] = np.arange(len(order))
-    at = position[np.asarray(rows)]
-    by = np.argsort(at, kind="stable")
-    found, dist = _hnsw(np.ascontiguousarray(x[order]), at[by], k, m, ef_construction, ef_search, batch, from_self)
-    out, out_d = np.empty_like(found), np.empty_like(dist)
-    out[by], out_d[by] = order[found], dist
-    return out, out_d
-
-
-def _hnsw(x: np.ndarray, rows: np.ndarray, k: int, m: int, ef_construction: int, ef_search: int, batch: int,
-          from_self: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``hnsw_search`` on vectors in the order given."""
-    import faiss
-
     index = faiss.IndexHNSWFlat(x.shape[1], m)
     index.hnsw.efConstruction = ef_construction
     index.hnsw.efSearch = max(ef_search, k + 1)

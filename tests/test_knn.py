@@ -73,27 +73,3 @@ def test_auto_uses_hnsw_above_threshold(monkeypatch):
     f = clustered(1000, seed=2)
     assert find_neighbours(f, 5, method="auto", recall_sample=100).method == "hnsw"
     assert find_neighbours(f, 5, queries=np.arange(50), method="auto").method == "exact"
-
-
-@pytest.mark.parametrize("locality", [False, True])
-def test_hnsw_search_keeps_the_query_order(locality):
-    """Stored and searched cell by cell or not, results come back in the order of the queries asked."""
-    pytest.importorskip("faiss")
-    f = clustered(2000, seed=3)
-    rows = np.random.default_rng(0).permutation(2000)[:300]  # not sorted
-    found, dist = knn.hnsw_search(f.numpy(), rows, 8, threads=1, locality=locality)
-    exact_idx, exact_dist = nearest_neighbours(f, 8, queries=torch.as_tensor(rows))
-    recall = np.mean([len(np.intersect1d(a, b)) / 8 for a, b in zip(found, exact_idx.numpy())])
-    assert recall > 0.95 and not (found == rows[:, None]).any()
-    same = np.array([set(a) == set(b) for a, b in zip(found, exact_idx.numpy())])  # rows found exactly
-    assert same.mean() > 0.5 and np.allclose(dist[same], exact_dist.numpy()[same], atol=1e-3)
-
-
-def test_locality_order_is_a_permutation_grouping_cells():
-    pytest.importorskip("faiss")
-    f = clustered(2000, seed=4).numpy()
-    order = knn.locality_order(f)
-    assert np.array_equal(np.sort(order), np.arange(2000))
-    # neighbours in the new order are closer than in the old one
-    step = lambda x: float(np.linalg.norm(np.diff(x, axis=0), axis=1).mean())
-    assert step(f[order]) < 0.5 * step(f)
