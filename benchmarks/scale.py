@@ -93,7 +93,6 @@ def proxy_features(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 def knn_rows(x: np.ndarray, label: str, j: int, exact_full: bool) -> list[dict]:
     """Exact and HNSW kNN (k = 30, all vectors as queries) of ``x``: time and recall."""
-    from cdae_em import knn
     from cdae_em.knn import HNSW_EF_SEARCH, HNSW_M, find_neighbours
     from cdae_em.neighbours import nearest_neighbours
 
@@ -118,16 +117,11 @@ def knn_rows(x: np.ndarray, label: str, j: int, exact_full: bool) -> list[dict]:
     nearest_neighbours(f, K, queries=torch.from_numpy(q))
     rows.append({"n": n, "data": label, "method": "exact, fine-tuning subset", "queries": len(q),
                  "seconds": time.perf_counter() - t0, "recall": 1.0, "note": "measured (what `cdae-em` runs)"})
-    default_locality = knn.HNSW_LOCALITY
-    for locality in (False, True):
-        log(f"HNSW on {n:,} ({label}), locality order {locality} ...")
-        knn.HNSW_LOCALITY = locality
-        found = find_neighbours(f, K, method="hnsw", recall_sample=2000, threads=j)
-        rows.append({"n": n, "data": label, "method": f"HNSW (faiss, M {HNSW_M}, efSearch {HNSW_EF_SEARCH}"
-                     f"{', cell order' if locality else ''})", "queries": n, "seconds": found.seconds,
-                     "recall": found.recall, "note": "measured; includes the recall estimate on 2,000 exact "
-                     f"queries ({found.recall_seconds:.0f} s)"})
-    knn.HNSW_LOCALITY = default_locality
+    log(f"HNSW on {n:,} ({label}) ...")
+    found = find_neighbours(f, K, method="hnsw", recall_sample=2000, threads=j)
+    rows.append({"n": n, "data": label, "method": f"HNSW (faiss, M {HNSW_M}, efSearch {HNSW_EF_SEARCH})",
+                 "queries": n, "seconds": found.seconds, "recall": found.recall,
+                 "note": f"measured; includes the recall estimate on 2,000 exact queries ({found.recall_seconds:.0f} s)"})
     for r in rows:
         log(f"  {r}")
     return rows
