@@ -276,11 +276,11 @@ def report(results: dict) -> str:
                   "Two processes: `torchrun --nproc_per_node 2`, one thread each, on the same two cores as one "
                   "process with two threads. Peak RSS: the largest single process.", "",
                   "| particles | processes x threads | wall s | denoise s | classify s | outputs s | peak RSS MiB | "
-                  "largest .cdae_work GB | same classes as 1 process |", "|---|---|---|---|---|---|---|---|---|"]
+                  "largest .cdae_work GB | same classes as 1 process | note |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(results["run"], key=lambda r: (r["n"], r["processes"])):
             lines.append(f"| {r['n']:,} | {r['processes']} x {r['threads']} | {fmt(r['wall'])} | {fmt(r['denoise'])} | "
                          f"{fmt(r['classify'])} | {fmt(r['outputs'])} | {fmt(r['peak_rss_mib'], 0)} | "
-                         f"{fmt(r['work_gb'], 2)} | {fmt(r['same_classes_as_1'])} |")
+                         f"{fmt(r['work_gb'], 2)} | {fmt(r['same_classes_as_1'])} | {r.get('note', '')} |")
         lines += ["", f"Machine: {results['machine'].get('run', '?')}", ""]
     if results.get("inference"):
         lines += ["## Streamed inference (`cdae-em denoise --no-finetune --no-check`, 64 px)", "",
