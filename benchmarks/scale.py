@@ -284,11 +284,11 @@ def report(results: dict) -> str:
         lines += ["", f"Machine: {results['machine'].get('run', '?')}", ""]
     if results.get("inference"):
         lines += ["## Streamed inference (`cdae-em denoise --no-finetune --no-check`, 64 px)", "",
-                  "| particles | wall s | images/s (denoise stage) | peak RSS MiB | largest .cdae_work GB |",
-                  "|---|---|---|---|---|"]
+                  "| particles | wall s | images/s (denoise stage) | peak RSS MiB | largest .cdae_work GB | note |",
+                  "|---|---|---|---|---|---|"]
         for r in sorted(results["inference"], key=lambda r: r["n"]):
             lines.append(f"| {r['n']:,} | {fmt(r['wall'])} | {fmt(r['images_per_s'])} | {fmt(r['peak_rss_mib'], 0)} | "
-                         f"{fmt(r['work_gb'], 2)} |")
+                         f"{fmt(r['work_gb'], 2)} | {r.get('note', '')} |")
         lines += ["", f"Machine: {results['machine'].get('inference', '?')}", ""]
     missing = [f"`cdae-em run` at {n:,} particles, {p} process(es)" for n in (2000, 8000, 32000) for p in (1, 2)
                if (n, p) not in {(r["n"], r["processes"]) for r in results.get("run", [])}]
