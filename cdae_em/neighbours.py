@@ -139,6 +139,9 @@ def reduced_invariant_features(images, radius: float, device: torch.device, n_co
     return reduced
 
 
+EXACT_PCA_MAX_DIM = 8192  # covariance 512 MB, eigh about a minute on 2 cores
+
+
 def reduce_features(features: torch.Tensor | np.ndarray, n_components: int = 32, seed: int = 0, whiten: bool = False,
                     batch_bytes: int = 2**24, rows: np.ndarray | None = None) -> torch.Tensor:
     """Project features onto their top principal components: (N, d) -> (N, n_components), float32.
@@ -150,9 +153,10 @@ def reduce_features(features: torch.Tensor | np.ndarray, n_components: int = 32,
 
     Not whitened by default: whitening gives the many noise-dominated minor components the same
     weight as the signal-rich major ones and made neighbours worse in tests (fraction within 20
-    degrees 0.25 -> 0.20 at SNR 0.1). For d <= 4096 the covariance is accumulated in float64 in
-    batches and diagonalised exactly (deterministic; ``seed`` unused); larger d uses
-    ``torch.pca_lowrank`` under a seeded RNG. Component signs are fixed (largest loading positive).
+    degrees 0.25 -> 0.20 at SNR 0.1). For d <= EXACT_PCA_MAX_DIM the covariance is accumulated in
+    float64 in batches and diagonalised exactly (deterministic; ``seed`` unused): memory d^2, not
+    N d (invariant features of 256 px images have d ~4,800). Larger d uses ``torch.pca_lowrank``
+    under a seeded RNG, on all rows in memory. Component signs are fixed (largest loading positive).
     """
     if not isinstance(features, torch.Tensor) or rows is not None:
         source, picked = features, rows
@@ -177,7 +181,7 @@ def reduce_features(features: torch.Tensor | np.ndarray, n_components: int = 32,
     for s in range(0, n, batch_size):
         mean += features[s:s + batch_size].double().sum(0)
     mean /= max(n, 1)
-    if d <= 4096:
+    if d <= EXACT_PCA_MAX_DIM:
         cov = torch.zeros((d, d), dtype=torch.float64, device=dev)
         for s in range(0, n, batch_size):
             x = features[s:s + batch_size].double() - mean

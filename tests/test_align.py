@@ -166,6 +166,32 @@ def test_reduce_features_finds_dominant_direction_deterministically():
     assert torch.allclose(w.var(0), torch.ones(4), atol=1e-3)
 
 
+def test_reduce_features_reads_wide_features_in_batches():
+    """Invariant features of 256 px images (d ~4,800) are reduced batch by batch, never read whole
+    (memory flat in N), and still give the principal components."""
+    gen = torch.Generator().manual_seed(1)
+    d = 4800
+    direction = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0)
+    data = (torch.randn(300, d, generator=gen) * 0.1 + 5.0 * torch.randn(300, 1, generator=gen) * direction).numpy()
+
+    class Counting:  # array-like (as a memory map is read) that records its largest read
+        shape, dtype, largest = data.shape, data.dtype, 0
+
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, rows):
+            out = data[rows]
+            Counting.largest = max(Counting.largest, len(out))
+            return out
+
+    z = reduce_features(Counting(), n_components=3, batch_bytes=100 * 8 * d)
+    assert Counting.largest <= 100
+    centred = torch.from_numpy(data).double() - torch.from_numpy(data).double().mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False)[2][0]
+    assert abs(float(torch.corrcoef(torch.stack([z[:, 0].double(), centred @ top]))[0, 1])) > 0.9999
+
+
 def brute_force_knn(f: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     d = torch.cdist(f.double(), f.double())
     d.fill_diagonal_(float("inf"))
