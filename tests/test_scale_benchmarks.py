@@ -17,12 +17,13 @@ def test_report_renders_every_section():
         "knn": [{"n": 100000, "data": "features", "method": "exact (torch, tiled)", "queries": 100000,
                  "seconds": 48.0, "recall": 1.0, "note": "measured"}],
         "run": [{"n": 2000, "processes": 2, "threads": 1, "wall": 100.0, "denoise": 60.0, "classify": 30.0,
-                 "outputs": 5.0, "peak_rss_mib": 900.0, "work_gb": 0.1, "same_classes_as_1": True}],
+                 "outputs": 5.0, "peak_rss_mib": 900.0, "work_gb": 0.1, "same_classes_as_1": True,
+                 "note": "an older build"}],
         "inference": [{"n": 100000, "wall": 1000.0, "peak_rss_mib": 800.0, "images_per_s": 100.0, "work_gb": 3.3}],
         "gpu": [{"device": "CPU (2 threads)", "box": 64, "inference_images_per_s": 1.0, "finetune_epoch_s": 1.0,
                  "finetune_images_per_s": 1.0, "align_round_s": 1.0, "align_images_per_s": 1.0}],
     }
     text = scale.report(results)
     assert "| 100,000 | features | exact (torch, tiled)" in text and "| 2,000 | 2 x 1 |" in text
-    assert text.split("| 2,000 | 2 x 1 |")[1].splitlines()[0].rstrip().endswith("| yes |")  # same classes
+    assert text.split("| 2,000 | 2 x 1 |")[1].splitlines()[0].rstrip().endswith("| yes | an older build |")  # same classes, note
     assert "Pending: no GPU" in text  # CPU smoke rows are not a GPU table
