@@ -41,13 +41,6 @@ def test_choose_method(monkeypatch):
         choose_method(10, 10, "annoy")
 
 
-def test_drop_self():
-    rows = np.array([3, 4, 5])
-    found = np.array([[3, 1, 2], [1, 2, 4], [7, 8, 9]])
-    assert knn._drop_self(found, rows, 2).tolist() == [[1, 2], [1, 2], [7, 8]]
-    assert knn._drop_self(np.array([[3, 1, -1]]), np.array([3]), 2).tolist() == [[1, 3]]
-
-
 def test_hnsw_recall_and_exact_distances():
     pytest.importorskip("faiss")
     f = clustered(3000, seed=1)
@@ -73,3 +66,16 @@ def test_auto_uses_hnsw_above_threshold(monkeypatch):
     f = clustered(1000, seed=2)
     assert find_neighbours(f, 5, method="auto", recall_sample=100).method == "hnsw"
     assert find_neighbours(f, 5, queries=np.arange(50), method="auto").method == "exact"
+
+
+def test_hnsw_search_fewer_vectors_than_candidates():
+    """20 vectors, 49 candidates asked of the index: faiss pads with -1, which must not reach the
+    result; the re-ranked neighbours are the exact ones, self excluded."""
+    pytest.importorskip("faiss")
+    f = clustered(20, seed=3)
+    rows = np.arange(20)
+    idx, dist = knn.hnsw_search(f.numpy(), rows, 5, threads=1)
+    exact_idx, exact_dist = nearest_neighbours(f, 5)
+    assert (idx >= 0).all() and not (idx == rows[:, None]).any()
+    assert np.array_equal(np.sort(idx, axis=1), np.sort(exact_idx.numpy(), axis=1))
+    assert np.allclose(dist, exact_dist.numpy(), atol=1e-4)

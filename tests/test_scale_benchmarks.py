@@ -16,7 +16,9 @@ def test_report_renders_every_section():
         "machine": {"knn": "m", "run": "m", "inference": "m"},
         "knn": [{"n": 100000, "data": "features", "method": "exact (torch, tiled)", "queries": 100000,
                  "seconds": 48.0, "recall": 1.0, "note": "measured"}],
-        "run": [{"n": 2000, "processes": 2, "threads": 1, "wall": 100.0, "denoise": 60.0, "classify": 30.0,
+        "run": [{"n": 2000, "processes": 1, "threads": 2, "wall": 100.0, "denoise": 60.0, "classify": 30.0,
+                 "outputs": 5.0, "peak_rss_mib": 900.0, "work_gb": 0.1, "same_classes_as_1": True},
+                {"n": 2000, "processes": 2, "threads": 1, "wall": 100.0, "denoise": 60.0, "classify": 30.0,
                  "outputs": 5.0, "peak_rss_mib": 900.0, "work_gb": 0.1, "same_classes_as_1": True,
                  "note": "an older build"}],
         "inference": [{"n": 100000, "wall": 1000.0, "peak_rss_mib": 800.0, "images_per_s": 100.0, "work_gb": 3.3}],
@@ -26,4 +28,5 @@ def test_report_renders_every_section():
     text = scale.report(results)
     assert "| 100,000 | features | exact (torch, tiled)" in text and "| 2,000 | 2 x 1 |" in text
     assert text.split("| 2,000 | 2 x 1 |")[1].splitlines()[0].rstrip().endswith("| yes | an older build |")  # same classes, note
+    assert text.split("| 2,000 | 1 x 2 |")[1].splitlines()[0].rstrip().endswith("| (reference) |  |")  # not compared with itself
     assert "Pending: no GPU" in text  # CPU smoke rows are not a GPU table
