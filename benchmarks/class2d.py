@@ -11,7 +11,7 @@ views with ``--per-view`` particles each on average, random in-plane rotation, s
 (defocus 1-3 um), one SNR per data set, 64 px, the particle's largest diameter 60% of the box.
 
 Scores: Hungarian-matched F1 and ARI against the true views (``cdae_em.metrics.clustering_scores``);
-wall time and peak RSS of each program (``os.wait4``); the FRC-0.5 resolution of each matched class
+wall time and peak RSS of each program (its largest process, ``benchmarks.measure``); the FRC-0.5 resolution of each matched class
 average against the clean, CTF-free projection of its view (after aligning one onto the other),
 averaged over the matched classes.
 
@@ -26,9 +26,7 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mrcfile
@@ -67,16 +65,14 @@ def clean_views(protein: str, views: int, box: int) -> np.ndarray:
 
 
 def measured(cmd: list[str], cwd: Path, log_file: Path) -> tuple[float, float]:
-    """Run ``cmd``; wall time (s) and peak RSS (MiB) of the child (os.wait4's rusage)."""
+    """Run ``cmd``; wall time (s) and peak RSS (MiB) of its largest process (benchmarks.measure)."""
+    from benchmarks.measure import run_measured
+
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    t0 = time.perf_counter()
-    with open(log_file, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
+    m = run_measured(cmd, cwd, env=env, log_file=log_file)
+    if m.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed; see {log_file}:\n{log_file.read_text()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return m.wall, m.peak_rss_mib
 
 
 def relion_command(kind: str, relion: Path, k: int, j: int, diameter: float, out: str) -> list[str]:

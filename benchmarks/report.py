@@ -198,7 +198,7 @@ def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, f
         parts.append("## Scale: `cdae-em run`\n\nRealistic protocol, first protein (1BHL), K = 12; settings: "
                      "`cdae-em run` defaults (no fine-tuning since 0.3; `--k --epochs --finetune-subset` are passed "
                      "but unused without `--finetune`; 5 classification rounds); "
-                     f"{r['threads']} threads; wall time and peak RSS of the child process (os.wait4).\n\n"
+                     f"{r['threads']} threads; wall time and peak RSS of the child process (benchmarks.measure).\n\n"
                      + md_table(["particles", "wall s", "denoise s", "classify s", "peak RSS MiB", "ms / particle",
                                  "simulation s", "settings"], r["scale"]) + "\n")
     if figs:

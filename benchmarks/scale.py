@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -146,15 +145,12 @@ def cmd_knn(args) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 def measured(cmd: list[str], cwd: Path) -> tuple[float, float]:
     """Wall time (s) and peak RSS (MiB, the largest single process) of a child command."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    from benchmarks.measure import run_measured
+
+    m = run_measured(cmd, cwd, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)})
+    if m.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{m.output[-3000:]}")
+    return m.wall, m.peak_rss_mib
 
 
 def free_port() -> int:

@@ -216,21 +216,17 @@ def knn_table(cfg: Config) -> list:
 
 
 def run_job_measured(ds_dir: Path, star: Path, k: int, j: int, cfg: Config) -> tuple[float, float]:
-    """Wall time (s) and peak RSS (MiB) of `cdae-em run` in a child process (os.wait4's rusage)."""
+    """Wall time (s) and peak RSS (MiB) of `cdae-em run` in a child process (benchmarks.measure)."""
+    from benchmarks.measure import run_measured
+
     out = ds_dir / "run_job"
     cmd = [sys.executable, "-m", "cdae_em", "run", "--i", str(star), "--o", str(out), "--K", str(k),
            "--j", str(j), "--overwrite", "--k", str(cfg.k), "--epochs", str(cfg.epochs), "--finetune-subset", str(cfg.finetune_subset),
            "--iter", str(cfg.classify_iter), "--log-level", "WARNING"]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=str(ds_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"cdae-em run failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    m = run_measured(cmd, ds_dir, env={**os.environ, "TQDM_DISABLE": "1"})
+    if m.returncode != 0:
+        raise RuntimeError(f"cdae-em run failed ({m.returncode}):\n{m.output[-3000:]}")
+    return m.wall, m.peak_rss_mib
 
 
 def scale_table(cfg: Config, work: Path, j: int) -> list:

@@ -1,0 +1,28 @@
+"""benchmarks.measure: a child's peak memory is its own, not what its parent held when it forked."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.measure import run_measured
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def test_child_peak_is_its_own_not_the_parents():
+    held = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MiB resident here while the child runs
+    m = run_measured([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    assert held.sum() == held.size and m.returncode == 0
+    assert m.peak_rss_mib < 100  # os.wait4's ru_maxrss would say > 400 (inherited over fork)
+
+
+def test_peak_of_a_grandchild_and_the_output():
+    grow = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "'import time, numpy as np; a = np.ones(300 * 2**20, dtype=np.uint8); time.sleep(1.0)']); "
+            "print('done', file=sys.stderr); sys.exit(3)")
+    m = run_measured([sys.executable, "-c", grow])
+    assert m.returncode == 3 and "done" in m.output
+    assert 300 < m.peak_rss_mib < 450  # the grandchild's 300 MiB array, seen from the tree
