@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cdae_em.neighbours import drop_far, nearest_neighbours
+from cdae_em.neighbours import drop_far, nearest_candidates, nearest_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,16 @@ def find_neighbours(features: torch.Tensor, k: int, queries: np.ndarray | torch.
 
 
 def hnsw_search(x: np.ndarray, rows: np.ndarray, k: int, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
-                ef_search: int = HNSW_EF_SEARCH, threads: int | None = None, batch: int = 65536,
+                ef_search: int = HNSW_EF_SEARCH, threads: int | None = None, batch: int = 8192,
                 from_self: bool = HNSW_FROM_SELF, rerank: int = HNSW_RERANK) -> tuple[np.ndarray, np.ndarray]:
     """Approximate neighbours (len(rows), k) of ``x[rows]`` among ``x`` (float32, C order), self
     excluded, nearest first, and their exact Euclidean distances, with a faiss HNSW graph over 8-bit
     scalar codes of ``x``: the ``max(rerank, k) + 1`` candidates it returns are re-ranked by their
-    exact distances. The queries are vectors of the graph, so with ``from_self`` each search starts
-    at the query's own node on the bottom level (``search_level_0``) instead of descending from the
-    top: no hops are spent getting there. Deterministic for a given thread count."""
+    exact distances (``neighbours.nearest_candidates``). The queries are vectors of the graph, so
+    with ``from_self`` each search starts at the query's own node on the bottom level
+    (``search_level_0``) instead of descending from the top: no hops are spent getting there. Fewer
+    than k neighbours found: the row itself at distance 0, which neighbour means treat as no
+    neighbour. Deterministic for a given thread count."""
     import faiss
 
     if threads is not None:
@@ -142,47 +144,21 @@ def hnsw_search(x: np.ndarray, rows: np.ndarray, k: int, m: int = HNSW_M, ef_con
     for start in range(0, len(rows), batch):
         part = rows[start:start + batch]
         q = np.ascontiguousarray(x[part])
-        found = np.empty((len(part), n_found), dtype=np.int64)
         if from_self:
             entry = np.ascontiguousarray(part, dtype=np.int32).reshape(-1, 1)  # storage_idx_t
             entry_d = np.zeros((len(part), 1), dtype=np.float32)
-            coded = np.empty((len(part), n_found), dtype=np.float32)
+            coded = np.empty((len(part), n_found), dtype=np.float32)  # the codes' distances: not used
+            found = np.empty((len(part), n_found), dtype=np.int64)
             index.search_level_0(len(part), faiss.swig_ptr(q), n_found, faiss.swig_ptr(entry),
                                  faiss.swig_ptr(entry_d), faiss.swig_ptr(coded), faiss.swig_ptr(found))
         else:
             found = index.search(q, n_found)[1]
-        found, dist = _rerank(xt, torch.from_numpy(q), torch.from_numpy(found), torch.from_numpy(part), k + 1)
-        keep = _keep(found, part)
-        out[start:start + len(part)] = np.where(found < 0, part[:, None], found)[keep].reshape(len(part), k)
-        out_d[start:start + len(part)] = np.where(found < 0, 0, dist)[keep].reshape(len(part), k)
+        own = torch.from_numpy(part)
+        idx, dist = nearest_candidates(xt, own, torch.from_numpy(found), k)
+        missing = idx < 0
+        out[start:start + len(part)] = torch.where(missing, own[:, None], idx).numpy()
+        out_d[start:start + len(part)] = torch.where(missing, 0.0, dist).numpy()
     return out, out_d
-
-
-def _rerank(x: torch.Tensor, q: torch.Tensor, found: torch.Tensor, rows: torch.Tensor, k: int,
-            chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` candidates in ``found`` (B, c; -1: none) nearest to the queries ``q`` (B, d) by
-    exact Euclidean distance, nearest first, each query's own row ``rows`` first of all, and their
-    distances: (B, k) indices (-1 kept) and (B, k) distances."""
-    idx = np.empty((len(found), k), dtype=np.int64)
-    dist = np.empty((len(found), k), dtype=np.float32)
-    for s in range(0, len(found), chunk):
-        f = found[s:s + chunk]
-        d = (x[f.clamp_min(0)] - q[s:s + chunk, None]).square().sum(-1)
-        d = torch.where(f < 0, torch.inf, d)
-        d = torch.where(f == rows[s:s + chunk, None], -1.0, d)  # self first: dropped by _keep
-        best = d.topk(k, dim=1, largest=False)
-        idx[s:s + chunk] = f.gather(1, best.indices).numpy()
-        dist[s:s + chunk] = best.values.clamp_min(0).sqrt().numpy()
-    return idx, dist
-
-
-def _keep(found: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Mask (B, k + 1) of the results to keep: all but each row's own index (else its last)."""
-    is_self = found == rows[:, None]
-    is_self[~is_self.any(axis=1), -1] = True  # self not found: drop the farthest instead
-    keep = np.ones_like(found, dtype=bool)
-    keep[np.arange(len(found)), is_self.argmax(axis=1)] = False
-    return keep
 
 
 def estimate_recall(x: torch.Tensor, rows: torch.Tensor, approx: torch.Tensor, k: int, sample: int = 1000,

@@ -251,14 +251,22 @@ def nearest_neighbours(
             if best_d.shape[1] > kk:
                 best_d, sel = torch.topk(best_d, kk, dim=1, largest=False)
                 best_i = best_i.gather(1, sel)
-        exact = (q[:, None, :] - x[best_i]).norm(dim=-1)
-        exact = torch.where(best_i == rows[:, None], torch.full_like(exact, torch.inf), exact)
-        exact, order = torch.sort(exact, dim=1)
-        dist_out[r0:r1] = exact[:, :k]
-        idx_out[r0:r1] = best_i.gather(1, order[:, :k])
+        idx_out[r0:r1], dist_out[r0:r1] = nearest_candidates(x, rows, best_i, k)
     if max_distance is not None:
         idx_out, dist_out = drop_far(idx_out, dist_out, qrows, max_distance)
     return idx_out, dist_out
+
+
+def nearest_candidates(x: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, k: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` of ``candidates`` (Q, c: row indices of ``x``, -1 for none) nearest to ``x[rows]``,
+    by Euclidean distance computed directly from the differences (no cancellation), nearest first,
+    each query's own row excluded: (Q, k) indices and distances. Where fewer than ``k`` candidates
+    are left, the index is -1 and the distance inf."""
+    d = (x[rows][:, None, :] - x[candidates.clamp_min(0)]).norm(dim=-1)
+    d = torch.where((candidates == rows[:, None]) | (candidates < 0), torch.full_like(d, torch.inf), d)
+    d, order = torch.sort(d, dim=1)
+    return candidates.gather(1, order[:, :k]), d[:, :k]
 
 
 def drop_far(idx: torch.Tensor, dist: torch.Tensor, rows: torch.Tensor, max_distance: float
