@@ -7,6 +7,12 @@ VmHWM being 14 MB). Instead, each process of the child's tree has its own high-w
 which starts afresh at exec) read from /proc while it runs, every ``poll_s``; the peak is the
 largest of them, i.e. of the largest single process. Growth in the last ``poll_s`` before a
 process exits is missed. Without /proc (not Linux) it falls back to ``ru_maxrss``.
+
+RSS counts file-backed pages too: the shared libraries (~150 MB for torch) and the pages of
+memory-mapped stacks and work arrays that have been read, which the kernel may drop under memory
+pressure and re-read. ``peak_anon_mib`` is the largest anonymous part (RssAnon: heap, arrays,
+tensors), sampled every ``poll_s`` (there is no high-water mark for it, so it is a lower bound):
+what a job cannot give back.
 """
 
 from __future__ import annotations
@@ -24,20 +30,25 @@ from pathlib import Path
 class Measured:
     wall: float  # seconds
     peak_rss_mib: float  # the largest VmHWM of any process of the tree
+    peak_anon_mib: float | None  # the largest RssAnon sampled in any process of the tree (None: no /proc)
     returncode: int
     output: str  # the last 20,000 characters of stdout and stderr
 
 
-def vm_hwm_mib(pid: int) -> float | None:
-    """A process's resident high-water mark (VmHWM) in MiB; None once it has gone."""
+def memory_mib(pid: int) -> tuple[float, float] | None:
+    """A process's resident high-water mark (VmHWM) and its anonymous resident memory now
+    (RssAnon), in MiB; None once it has gone."""
+    fields = {}
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(("VmHWM:", "RssAnon:")):
+                    fields[line.split(":")[0]] = int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         return None
-    return None
+    if "VmHWM" not in fields:
+        return None
+    return fields["VmHWM"], fields.get("RssAnon", 0.0)
 
 
 def descendants(root: int) -> set[int]:
@@ -65,6 +76,7 @@ def run_measured(cmd: list[str], cwd: Path | str | None = None, env: dict | None
     """Run ``cmd`` (stdout and stderr to ``log_file``, else kept for ``Measured.output``) and
     measure it while it runs."""
     peaks: dict[int, float] = {}
+    anon: dict[int, float] = {}
     with open(log_file, "w") if log_file else tempfile.TemporaryFile("w+") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=None if cwd is None else str(cwd), env=env, stdout=out,
@@ -74,9 +86,10 @@ def run_measured(cmd: list[str], cwd: Path | str | None = None, env: dict | None
         def poll() -> None:
             while not done.is_set():
                 for pid in descendants(proc.pid):
-                    hwm = vm_hwm_mib(pid)
-                    if hwm is not None:
-                        peaks[pid] = max(peaks.get(pid, 0.0), hwm)
+                    mem = memory_mib(pid)
+                    if mem is not None:
+                        peaks[pid] = max(peaks.get(pid, 0.0), mem[0])
+                        anon[pid] = max(anon.get(pid, 0.0), mem[1])
                 done.wait(poll_s)
 
         watcher = threading.Thread(target=poll, daemon=True)
@@ -92,4 +105,4 @@ def run_measured(cmd: list[str], cwd: Path | str | None = None, env: dict | None
         out.seek(0)
         text = out.read() if not log_file else Path(log_file).read_text(errors="replace")
     peak = max(peaks.values()) if peaks else usage.ru_maxrss / 1024
-    return Measured(wall, peak, proc.returncode, text[-20000:])
+    return Measured(wall, peak, max(anon.values()) if anon else None, proc.returncode, text[-20000:])

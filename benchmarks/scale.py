@@ -143,14 +143,15 @@ def cmd_knn(args) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # `cdae-em run` and streamed inference, in child processes
 # ----------------------------------------------------------------------------------------------
-def measured(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """Wall time (s) and peak RSS (MiB, the largest single process) of a child command."""
+def measured(cmd: list[str], cwd: Path) -> tuple[float, float, float | None]:
+    """Wall time (s), peak RSS and peak anonymous RSS (MiB, the largest single process; see
+    benchmarks.measure) of a child command."""
     from benchmarks.measure import run_measured
 
     m = run_measured(cmd, cwd, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)})
     if m.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{m.output[-3000:]}")
-    return m.wall, m.peak_rss_mib
+    return m.wall, m.peak_rss_mib, m.peak_anon_mib
 
 
 def free_port() -> int:
@@ -178,13 +179,14 @@ def cmd_run(args) -> list[dict]:
             threads = max(1, args.j // procs)  # the same cores in all: 2 processes x 1 thread on 2 cores
             shutil.rmtree(out, ignore_errors=True)  # a rerun of the same job would resume, not measure
             log(f"cdae-em run, {n:,} particles, {procs} process(es) x {threads} thread(s) ...")
-            wall, rss = measured(launcher(procs) + ["run", "--i", str(ds.star), "--o", str(out), "--K", str(ds.n_views),
+            wall, rss, anon = measured(launcher(procs) + ["run", "--i", str(ds.star), "--o", str(out), "--K", str(ds.n_views),
                                                     "--j", str(threads), "--overwrite", "--log-level", "WARNING"],
                                  ds.dir)
             summary = json.loads((out / "summary.json").read_text())
             tm = summary["timings"]
             rows.append({"n": n, "processes": procs, "threads": threads, "wall": wall, "denoise": tm.get("denoise"),
                          "classify": tm.get("classify"), "outputs": tm.get("outputs"), "peak_rss_mib": rss,
+                         "peak_anon_mib": anon,
                          "work_gb": summary["denoise"].get("work_bytes", 0) / 1e9,
                          "classes": _labels(out)})
             # against the 1-process run of this size, from this command or an earlier one
@@ -214,10 +216,10 @@ def cmd_inference(args) -> list[dict]:
     out = sim / "denoise_job"
     shutil.rmtree(out, ignore_errors=True)
     log(f"streamed inference of {n:,} particles ...")
-    wall, rss = measured(launcher(1) + ["denoise", "--i", str(sim / "particles.star"), "--o", str(out), "--no-finetune",
+    wall, rss, anon = measured(launcher(1) + ["denoise", "--i", str(sim / "particles.star"), "--o", str(out), "--no-finetune",
                                         "--no-check", "--j", str(args.j), "--overwrite", "--log-level", "WARNING"], sim)
     summary = json.loads((out / "summary.json").read_text())
-    row = {"n": n, "wall": wall, "peak_rss_mib": rss, "images_per_s": n / summary["timings"]["denoise"],
+    row = {"n": n, "wall": wall, "peak_rss_mib": rss, "peak_anon_mib": anon, "images_per_s": n / summary["timings"]["denoise"],
            "work_gb": summary["denoise"].get("work_bytes", 0) / 1e9}
     log(f"  {row}")
     return [row]
@@ -262,11 +264,13 @@ def report(results: dict) -> str:
              "wall times as measured on the machine named under each table, which was shared with other jobs "
              "(expect +-30%).", ""]
     if results.get("knn"):
+        from cdae_em import knn
+        threshold = round(knn.APPROX_S_PER_VECTOR / knn.EXACT_S_PER_PAIR, -3)
         lines += ["## kNN (k = 30, 32-d features)", "",
                   "All-pairs: every vector's 30 nearest neighbours among all (what fine-tuning on every particle "
                   "would need). `cdae-em` itself asks only for its fine-tuning subset's neighbours (4,000 queries "
                   "by default), exactly, and switches to the approximate index when `cdae_em.knn`'s cost "
-                  "model says it is faster (from ~30,000 queries on) and faiss-cpu is installed. Recall: the "
+                  f"model says it is faster (from ~{threshold:,.0f} queries on) and faiss-cpu is installed. Recall: the "
                   "fraction of the exact 30 neighbours found, on 2,000 random queries. 'proxy': Gaussian-mixture vectors fitted to the real features.", "",
                   "| vectors | data | method | queries | seconds | recall@30 | how |", "|---|---|---|---|---|---|---|"]
         for r in sorted(results["knn"], key=lambda r: (r["n"], r["data"], r["method"])):
@@ -276,13 +280,17 @@ def report(results: dict) -> str:
     if results.get("run"):
         lines += ["## `cdae-em run` (64 px, defaults, realistic protocol: 2XHE, 12 views, SNR 0.05)", "",
                   "Two processes: `torchrun --nproc_per_node 2`, one thread each, on the same two cores as one "
-                  "process with two threads. Peak RSS: the largest single process.", "",
+                  "process with two threads. Peak RSS: the largest single process (VmHWM). It counts file-backed "
+                  "pages too: torch's libraries and the pages of the memory-mapped stacks and work arrays read so "
+                  "far, which the kernel can drop and re-read. Anonymous: the largest heap/array part (RssAnon, "
+                  "sampled every 0.2 s), what the job cannot give back; n/a where not measured.", "",
                   "| particles | processes x threads | wall s | denoise s | classify s | outputs s | peak RSS MiB | "
-                  "largest .cdae_work GB | same classes as 1 process | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "anonymous MiB | largest .cdae_work GB | same classes as 1 process | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(results["run"], key=lambda r: (r["n"], r["processes"])):
             lines.append(f"| {r['n']:,} | {r['processes']} x {r['threads']} | {fmt(r['wall'])} | {fmt(r['denoise'])} | "
                          f"{fmt(r['classify'])} | {fmt(r['outputs'])} | {fmt(r['peak_rss_mib'], 0)} | "
-                         f"{fmt(r['work_gb'], 2)} | {same_classes(r)} | {r.get('note', '')} |")
+                         f"{fmt(r.get('peak_anon_mib'), 0)} | {fmt(r['work_gb'], 2)} | {same_classes(r)} | {r.get('note', '')} |")
         lines += ["", f"Machine: {results['machine'].get('run', '?')}", ""]
     if results.get("inference"):
         lines += ["## Streamed inference (`cdae-em denoise --no-finetune --no-check`, 64 px)", "",

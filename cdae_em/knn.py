@@ -8,7 +8,7 @@ plus Q log N to search. Measured on the 2-core development CPU (32-d PCA feature
 vectors and grows as N^2 (hours at 10^6), HNSW about a minute at 10^5 and minutes at 10^6 at
 recall >= 0.95. Fine-tuning only needs the neighbours of its subset (Q = 4,000 by default), for
 which exact search stays cheap even at 10^6 particles (~20 s): ``method="auto"`` switches to the
-index only when its cost model says it is faster (from ~30,000 queries on) and faiss is installed.
+index only when its cost model says it is faster (from ~20,000 queries on) and faiss is installed.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 # Cost model of "auto" (seconds on the 2-core development CPU, 32-d features, k = 30, measured by
 # ``python -m benchmarks.scale knn``, docs/scale.md): exact search costs EXACT_S_PER_PAIR per
 # query x vector; the approximate index APPROX_S_PER_VECTOR per indexed vector (building) plus
-# APPROX_S_PER_QUERY per query. Only the ratios matter: the index pays from about
-# APPROX_S_PER_VECTOR / EXACT_S_PER_PAIR = 30,000 queries on, whatever N.
+# APPROX_S_PER_QUERY per query (the 8-bit index at 10^6 vectors: build 103 s, search 168 s). Only
+# the ratios matter: the index pays from about APPROX_S_PER_VECTOR / EXACT_S_PER_PAIR = 20,000
+# queries on, whatever N.
 EXACT_S_PER_PAIR = 5e-9
-APPROX_S_PER_VECTOR = 1.5e-4
-APPROX_S_PER_QUERY = 2e-4
+APPROX_S_PER_VECTOR = 1.0e-4
+APPROX_S_PER_QUERY = 1.7e-4
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 40  # 24 builds 1.5x faster but loses recall (0.959 -> 0.921 at 10^6, efSearch 96)
 HNSW_EF_SEARCH = 96  # >= k + 1; more is slower and more accurate (0.947 -> 0.959 recall from 80 to 96 at 10^6)

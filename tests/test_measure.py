@@ -26,3 +26,16 @@ def test_peak_of_a_grandchild_and_the_output():
     m = run_measured([sys.executable, "-c", grow])
     assert m.returncode == 3 and "done" in m.output
     assert 300 < m.peak_rss_mib < 450  # the grandchild's 300 MiB array, seen from the tree
+    assert 300 < m.peak_anon_mib < 450  # an array: anonymous memory
+
+
+def test_mapped_file_pages_are_resident_but_not_anonymous(tmp_path):
+    # a child that reads a 200 MiB memory-mapped file: its RSS counts the pages, RssAnon does not
+    path = tmp_path / "stack.bin"
+    np.ones(200 * 2**20, dtype=np.uint8).tofile(path)
+    read = (f"import time, numpy as np; m = np.memmap({str(path)!r}, dtype=np.uint8, mode='r'); "
+            "assert int(m.sum()) == m.size; time.sleep(1.0)")
+    m = run_measured([sys.executable, "-c", read])
+    assert m.returncode == 0, m.output
+    assert m.peak_rss_mib > 200
+    assert m.peak_anon_mib < 100

@@ -17,7 +17,8 @@ def test_report_renders_every_section():
         "knn": [{"n": 100000, "data": "features", "method": "exact (torch, tiled)", "queries": 100000,
                  "seconds": 48.0, "recall": 1.0, "note": "measured"}],
         "run": [{"n": 2000, "processes": 1, "threads": 2, "wall": 100.0, "denoise": 60.0, "classify": 30.0,
-                 "outputs": 5.0, "peak_rss_mib": 900.0, "work_gb": 0.1, "same_classes_as_1": True},
+                 "outputs": 5.0, "peak_rss_mib": 900.0, "peak_anon_mib": 612.0, "work_gb": 0.1,
+                 "same_classes_as_1": True},
                 {"n": 2000, "processes": 2, "threads": 1, "wall": 100.0, "denoise": 60.0, "classify": 30.0,
                  "outputs": 5.0, "peak_rss_mib": 900.0, "work_gb": 0.1, "same_classes_as_1": True,
                  "note": "an older build"}],
@@ -29,4 +30,6 @@ def test_report_renders_every_section():
     assert "| 100,000 | features | exact (torch, tiled)" in text and "| 2,000 | 2 x 1 |" in text
     assert text.split("| 2,000 | 2 x 1 |")[1].splitlines()[0].rstrip().endswith("| yes | an older build |")  # same classes, note
     assert text.split("| 2,000 | 1 x 2 |")[1].splitlines()[0].rstrip().endswith("| (reference) |  |")  # not compared with itself
+    assert "| 900 | 612 | 0.10 | (reference)" in text  # the anonymous peak next to the RSS
+    assert "| 900 | n/a | 0.10 | yes" in text  # a row measured before the anonymous peak was
     assert "Pending: no GPU" in text  # CPU smoke rows are not a GPU table
