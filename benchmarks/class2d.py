@@ -126,7 +126,10 @@ def collect(method: str, case: Path) -> dict:
         star, stack = last_iteration(out, "run_it*_data.star"), last_iteration(out, "run_it*_classes.mrcs")
     with mrcfile.open(stack, permissive=True) as m:
         averages = np.array(m.data, dtype=np.float32)
-    return {"labels": read_labels(star), "averages": averages}
+    stages = {}  # cdae-em's time per stage (its summary.json); RELION has one stage
+    if method in ("run", "classify"):
+        stages = json.loads((out / "job" / "summary.json").read_text()).get("timings", {})
+    return {"labels": read_labels(star), "averages": averages, "stages": stages}
 
 
 def score(result: dict, case: Path, clean: np.ndarray, px: float) -> dict:
@@ -158,7 +161,7 @@ def score(result: dict, case: Path, clean: np.ndarray, px: float) -> dict:
         aligned = apply_alignment(avg, psi, origin).numpy()[0]
         aligned = (aligned - aligned[mask > 0.5].mean()) * mask  # the average masked (zero outside), not the truth
         res.append(frc_resolution(frc(aligned[None], clean[v][None]), px))
-    return {"f1": s["hungarian_f1"], "ari": s["ari"], "frc_res_a": float(np.mean(res)),
+    return {"f1": s["hungarian_f1"], "ari": s["ari"], "frc_res_a": float(np.mean(res)), "stages": result["stages"],
             "wall_s": result["wall_s"], "rss_mib": result["rss_mib"], "command": result["command"]}
 
 
@@ -225,6 +228,13 @@ def write_report(results: dict, ceilings: dict, path: Path, args) -> None:
              md_table(["protein", "SNR", "F1 cdae-em / RELION", "higher F1", "wall s cdae-em / RELION", "time ratio",
                        "ceiling F1"], summary_rows(results, ceilings)),
              "", "## All results", "", md_table(header, rows), "",
+             "## Where `cdae-em`'s time goes", "",
+             "Seconds per stage as the job's summary.json records them (denoise: contrast check, inference, "
+             "denoised stacks; classify: invariant features, initial classes, alignment rounds and "
+             "merge-and-split moves; outputs: class averages, STAR files, gallery); wall: the whole process, "
+             "start-up and imports included.", "",
+             md_table(["protein", "SNR", "method", "denoise s", "classify s", "outputs s", "wall s"], stage_rows(results)),
+             "",
              "## Ceiling: the particles assigned to the true views", "",
              "Each particle (phase-flipped) aligned to every clean, CTF-free view and given the best one: about what "
              "a classifier that knew the true views would reach. A reference point, not a strict bound: class "
@@ -237,6 +247,19 @@ def write_report(results: dict, ceilings: dict, path: Path, args) -> None:
                         f"{c['most_alike_views'][0]} and {c['most_alike_views'][1]} ({c['most_alike']:.3f})"]
                        for key, c in sorted(ceilings.items())]), ""]
     path.write_text("\n".join(text))
+
+
+def stage_rows(results: dict) -> list:
+    """Per data set and cdae-em command: seconds per stage (rows scored before stages were kept: none)."""
+    rows = []
+    for key in sorted(results, key=lambda k: (k.split("|")[0], float(k.split("|")[1]), METHODS.index(k.split("|")[2]))):
+        protein, snr, method = key.split("|")
+        stages = results[key].get("stages") or {}
+        if method in ("run", "classify") and stages:
+            rows.append([protein, snr, LABELS[method], *(f"{stages[s]:.0f}" if s in stages else "-"
+                                                         for s in ("denoise", "classify", "outputs")),
+                         f"{results[key]['wall_s']:.0f}"])
+    return rows
 
 
 def summary_rows(results: dict, ceilings: dict) -> list:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.class2d import ceiling
+from benchmarks.class2d import ceiling, write_report
 from cdae_em.geometry import euler_to_matrix, even_views
 from cdae_em.simulate import SimulationSettings, load_source, simulate
 
@@ -24,3 +24,18 @@ def test_ceiling_finds_the_true_views_and_the_most_alike_pair(tmp_path):
     low = ceiling(tmp_path, twin)
     assert low["f1"] < 0.9 and low["most_alike_views"] == [1, 2]
     assert low["most_alike"] > 0.97 and low["most_alike"] > high["most_alike"]  # rotation by bilinear interpolation
+
+
+def test_report_shows_where_cdae_em_time_goes(tmp_path):
+    common = {"n": 1200, "k": 8, "f1": 0.9, "ari": 0.8, "rss_mib": 900.0, "frc_res_a": 8.0, "invocation": "x",
+              "command": "cmd"}
+    results = {"2XHE|0.05|run": {**common, "wall_s": 83.0, "stages": {"denoise": 30.2, "classify": 44.6, "outputs": 1.5}},
+               "2XHE|0.05|classify": {**common, "wall_s": 48.0},  # scored before stage times were kept
+               "2XHE|0.05|relion": {**common, "f1": 0.7, "wall_s": 205.0, "stages": {}}}
+    path = tmp_path / "class2d.md"
+    write_report(results, {}, path, None)
+    text = path.read_text()
+    table = text.split("## Where `cdae-em`'s time goes")[1]
+    assert "| 2XHE | 0.05 | `cdae-em run` (defaults) | 30 | 45 | 2 | 83 |" in table
+    assert "classify` (raw" not in table and "RELION" not in table.split("##")[0]
+    assert "| 2XHE | 0.05 | 0.900 / 0.700 | cdae-em | 83 / 205 | 0.40 | - |" in text
