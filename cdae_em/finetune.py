@@ -103,7 +103,7 @@ def finetune(model: Cascade, inputs: np.ndarray, work: Path, settings: DenoiseSe
             (work / f"block{j}_before.npy").unlink()
         train = TrainSettings(**{**asdict(settings.train), "seed": settings.seed + j})
         record = {"block": j, "particles": len(rows),
-                  "epochs": train_block(block, _Rows(x, rows), targets, train, device, desc=f"block {j}: fine-tune",
+                  "epochs": train_block(block, _Rows(Streamed(x), rows), targets, train, device, desc=f"block {j}: fine-tune",
                                         should_stop=should_stop)}
         nxt = shared_work_array(work / f"block{j}.npy", n, box)
         run_block(block, x, nxt, device, settings.batch_size, f"block {j}: denoise", should_stop)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from cdae_em.atomic import atomic_path, partial_name
 from cdae_em.errors import InputError
-from cdae_em.memory import RELEASE_BYTES, release
+from cdae_em.memory import RELEASE_BYTES, mapped_bytes, release
 from cdae_em.star import ParticleTable
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class ImageSource:
                 out[a:b] = sections
             else:
                 out[order[a:b]] = sections
-        self._unreleased = getattr(self, "_unreleased", 0) + out.nbytes
+        self._unreleased = getattr(self, "_unreleased", 0) + mapped_bytes(out.nbytes, len(breaks) + 1)
         if self._unreleased >= RELEASE_BYTES:  # keep the resident set flat (cdae_em.memory)
             release(*self.mapped())
             self._unreleased = 0

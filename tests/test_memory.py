@@ -1,0 +1,72 @@
+"""Resident memory of reads through memory maps stays bounded, random reads included (cdae_em.memory)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from cdae_em.memory import FAULT_BYTES, RELEASE_BYTES, Streamed, mapped_bytes, runs_of
+from cdae_em.stacks import ImageSource
+from cdae_em.star import read_particles
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+N, BOX = 8192, 64  # a 128 MiB float32 array
+
+
+def rss_file_mib() -> float:
+    """This process's file-backed resident memory (RssFile)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssFile:")) / 1024
+
+
+def test_runs_of_and_mapped_bytes():
+    assert runs_of(slice(0, 10)) == 1 and runs_of(7) == 1
+    assert runs_of(np.array([3, 4, 5, 9, 10, 20])) == 3
+    assert runs_of(np.array([], dtype=int)) == 0
+    assert runs_of(np.array([True, True, False, True])) == 2
+    assert mapped_bytes(100, 3) == 100 + 3 * FAULT_BYTES
+
+
+def random_batches(seed: int = 0, batches: int = 8, size: int = 128) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(N, size, replace=False)) for _ in range(batches)]
+
+
+def test_random_rows_through_streamed_stay_flat(tmp_path):
+    # 8 x 128 random 16 KB rows ask for 16 MiB; on kernels that map whole large folios per fault
+    # they would make most of the 128 MiB file resident unless each read is counted by its runs
+    path = tmp_path / "work.npy"
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(N, BOX, BOX))
+    for start in range(0, N, 1024):
+        array[start:start + 1024] = np.arange(start, start + 1024, dtype=np.float32)[:, None, None]
+    array.flush()
+    del array
+    streamed = Streamed(np.load(path, mmap_mode="r"))
+    before, grown = rss_file_mib(), 0.0
+    for rows in random_batches():
+        batch = streamed[rows]
+        assert np.array_equal(batch[:, 0, 0], rows.astype(np.float32))
+        grown = max(grown, rss_file_mib() - before)
+    assert grown < 1.5 * RELEASE_BYTES / 2**20
+
+
+def test_random_rows_of_a_stack_stay_flat(particle_project):
+    import mrcfile
+
+    path = particle_project.root / "Extract" / "big.mrcs"
+    path.parent.mkdir(parents=True)
+    with mrcfile.new_mmap(path, shape=(N, BOX, BOX), mrc_mode=2, overwrite=True) as mrc:
+        for start in range(0, N, 1024):
+            mrc.data[start:start + 1024] = np.arange(start, start + 1024, dtype=np.float32)[:, None, None]
+        mrc.voxel_size = 1.77
+    star = particle_project.write_star("particles.star", [f"{i + 1:06d}@Extract/big.mrcs" for i in range(N)])
+    with ImageSource(read_particles(star), project_dir=particle_project.root) as source:
+        before, grown = rss_file_mib(), 0.0
+        for rows in random_batches(seed=1):
+            batch = source.read(rows)
+            assert np.array_equal(batch[:, 0, 0], rows.astype(np.float32))
+            grown = max(grown, rss_file_mib() - before)
+    assert grown < 1.5 * RELEASE_BYTES / 2**20
