@@ -28,7 +28,7 @@ from cdae_em import distributed
 from cdae_em.cascade import Cascade
 from cdae_em.prepare import BatchPreparer, resolve_phase_flip
 from cdae_em.errors import InputError
-from cdae_em.memory import Releaser, release
+from cdae_em.memory import Releaser, Streamed
 from cdae_em.preprocess import equalise_histogram, particle_mask
 from cdae_em.selfcheck import check_rows, choose_polarity, finetuning_helped
 from cdae_em.stacks import ImageSource, StackWriter
@@ -344,8 +344,7 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
                      "phase_flipped": settings.phase_flip,
                      "weights": str(settings.weights or "default"), "weights_metadata": meta.get("command")}
     check = np.setdiff1d(check_rows(len(inputs), settings.seed), blank)
-    check_images = torch.from_numpy(np.array(inputs[check])).to(device)
-    release(inputs)  # random rows map whole large folios of the work array (cdae_em.memory)
+    check_images = torch.from_numpy(Streamed(inputs)[check]).to(device)  # random rows: read a group at a time
     sign, summary["selfcheck"] = choose_polarity(model, check_images, settings, device, should_stop)
     sign, summary["selfcheck"] = distributed.broadcast((sign, summary["selfcheck"]))  # every rank as rank 0
     model.set_polarity(sign)

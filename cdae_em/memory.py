@@ -9,7 +9,7 @@ with the number of particles although the program holds only a batch.
 Random reads map far more than they ask for: a page fault on a file mapping may map a whole large
 folio of the page cache (recent Linux kernels with ext4, xfs; up to 2 MiB here). 256 random 16 KB
 rows of a 500 MB work array mapped 300 MB; so reads count ``FAULT_BYTES`` per run of consecutive
-rows towards ``RELEASE_BYTES`` (``mapped_bytes``).
+rows towards ``RELEASE_BYTES`` (``mapped_bytes``), and random rows are read a group at a time.
 """
 
 from __future__ import annotations
@@ -83,6 +83,17 @@ class Streamed:
         return len(self.array)
 
     def __getitem__(self, rows):
-        out = np.array(self.array[rows])
-        self._releaser.step(mapped_bytes(out.nbytes, runs_of(rows)))
+        if isinstance(rows, (slice, int, np.integer)):
+            out = np.array(self.array[rows])
+            self._releaser.step(mapped_bytes(out.nbytes))
+            return out
+        rows = np.asarray(rows).ravel()
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        out = np.empty((len(rows),) + tuple(self.shape[1:]), dtype=self.dtype)
+        group = RELEASE_BYTES // FAULT_BYTES  # random rows read between two releases: what they map stays bounded
+        for start in range(0, len(rows), group):
+            part = rows[start:start + group]
+            out[start:start + len(part)] = self.array[part]
+            self._releaser.step(mapped_bytes(out[start:start + len(part)].nbytes, runs_of(part)))
         return out

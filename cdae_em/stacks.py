@@ -93,6 +93,7 @@ class ImageSource:
         self.table = table
         self.project_dir = Path(project_dir if project_dir is not None else os.getcwd()).absolute()
         self._open: OrderedDict[int, mrcfile.mrcmemmap.MrcMemmap] = OrderedDict()
+        self._unreleased = 0  # bytes read (and possibly mapped) since the maps were last released
         if column not in table.particles.columns:
             raise InputError(table.path, f"no {column} column in the particle table")
         names = table.particles[column]
@@ -215,10 +216,10 @@ class ImageSource:
                 out[a:b] = sections
             else:
                 out[order[a:b]] = sections
-        self._unreleased = getattr(self, "_unreleased", 0) + mapped_bytes(out.nbytes, len(breaks) + 1)
-        if self._unreleased >= RELEASE_BYTES:  # keep the resident set flat (cdae_em.memory)
-            release(*self.mapped())
-            self._unreleased = 0
+            self._unreleased += mapped_bytes(sections.nbytes)  # what this run may have mapped
+            if self._unreleased >= RELEASE_BYTES:  # keep the resident set flat (cdae_em.memory)
+                release(*self.mapped())
+                self._unreleased = 0
         finite = np.isfinite(out).all(axis=(1, 2))
         if not finite.all():
             k = int(np.flatnonzero(~finite)[0])
