@@ -87,13 +87,14 @@ class Streamed:
             out = np.array(self.array[rows])
             self._releaser.step(mapped_bytes(out.nbytes))
             return out
-        rows = np.asarray(rows).ravel()
+        rows = np.asarray(rows)
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
+        index_shape, rows = rows.shape, rows.ravel()
         out = np.empty((len(rows),) + tuple(self.shape[1:]), dtype=self.dtype)
         group = RELEASE_BYTES // FAULT_BYTES  # random rows read between two releases: what they map stays bounded
         for start in range(0, len(rows), group):
             part = rows[start:start + group]
             out[start:start + len(part)] = self.array[part]
             self._releaser.step(mapped_bytes(out[start:start + len(part)].nbytes, runs_of(part)))
-        return out
+        return out.reshape(index_shape + tuple(self.shape[1:]))

@@ -84,3 +84,12 @@ def test_random_rows_of_a_stack_stay_flat(particle_project):
                 assert np.array_equal(batch[:, 0, 0], rows.astype(np.float32))
 
         assert peak_growth(read) < 1.5 * RELEASE_BYTES / 2**20
+
+
+def test_streamed_indexes_like_the_array():
+    a = np.arange(100 * 3, dtype=np.float32).reshape(100, 3)
+    streamed = Streamed(a)
+    for index in (np.array([[1, 2], [50, 3]]), np.array([5, 6, 90]), a[:, 0] > 250, slice(3, 7), 4,
+                  np.array([], dtype=int), np.arange(40)):
+        got = streamed[index]
+        assert got.shape == a[index].shape and np.array_equal(got, a[index])
