@@ -3,6 +3,7 @@ and docs/benchmarks.md itself, from the results of ``benchmarks.tables``."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -142,6 +143,19 @@ def grid(d: dict) -> str:
     return ", ".join(f"{float(k):g}: {v:.2f} dB" for k, v in d.items())
 
 
+def scale_section(cfg: Config) -> str:
+    """The scale tables of docs/scale.json (``python -m benchmarks.scale``: kNN at 10^5-10^6 vectors,
+    `cdae-em run` at 2,000-32,000 particles in 1 and 2 processes, streamed inference), as they are
+    also in docs/scale.md; empty in the tiny mode or before any was measured."""
+    from benchmarks.scale import RESULTS, report
+
+    if cfg.mode == "tiny" or not RESULTS.exists():
+        return ""
+    body = report(json.loads(RESULTS.read_text())).split("\n", 1)[1].replace("\n## ", "\n### ")
+    return ("## Scale at 2,000-32,000 particles and kNN at 10^5-10^6 vectors\n\nFrom docs/scale.json, measured by "
+            "`python -m benchmarks.scale` (its own commands; the same tables as [scale.md](scale.md)):\n" + body + "\n")
+
+
 def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, figs) -> None:
     """The Markdown report at ``path`` from the results ``r`` (and benchmarks/commentary.md)."""
     cmd = "python -m benchmarks.run" + {"quick": " --quick", "tiny": " --tiny", "full": ""}[cfg.mode]
@@ -201,6 +215,7 @@ def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, f
                      f"{r['threads']} threads; wall time and peak RSS of the child process (benchmarks.measure).\n\n"
                      + md_table(["particles", "wall s", "denoise s", "classify s", "peak RSS MiB", "ms / particle",
                                  "simulation s", "settings"], r["scale"]) + "\n")
+    parts.append(scale_section(cfg))
     if figs:
         parts.append("## Figures\n\n" + "\n\n".join(f"![{f.stem}]({f.name})" for f in figs) + "\n")
     path.write_text("\n".join(parts))

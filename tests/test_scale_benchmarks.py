@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from benchmarks import gpu, scale
 
 
@@ -33,3 +35,19 @@ def test_report_renders_every_section():
     assert "| 900 | 612 | 0.10 | (reference)" in text  # the anonymous peak next to the RSS
     assert "| 900 | n/a | 0.10 | yes" in text  # a row measured before the anonymous peak was
     assert "Pending: no GPU" in text  # CPU smoke rows are not a GPU table
+
+
+def test_benchmarks_report_carries_the_scale_tables():
+    from benchmarks.config import config
+    from benchmarks.report import scale_section
+
+    assert scale_section(config("tiny")) == ""  # the smoke test's report stays small
+    section = scale_section(config("quick"))
+    if not scale.RESULTS.exists():
+        assert section == ""
+        return
+    assert section.startswith("## Scale at 2,000-32,000 particles")
+    assert "### `cdae-em run`" in section and "\n## " not in section  # scale.md's sections nested under it
+    results = json.loads(scale.RESULTS.read_text())
+    for row in results.get("run", []):
+        assert f"| {row['n']:,} | {row['processes']} x {row['threads']} |" in section
