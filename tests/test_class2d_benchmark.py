@@ -29,7 +29,8 @@ def test_ceiling_finds_the_true_views_and_the_most_alike_pair(tmp_path):
 def test_report_shows_where_cdae_em_time_goes(tmp_path):
     common = {"n": 1200, "k": 8, "f1": 0.9, "ari": 0.8, "rss_mib": 900.0, "frc_res_a": 8.0, "invocation": "x",
               "command": "cmd"}
-    results = {"2XHE|0.05|run": {**common, "wall_s": 83.0, "stages": {"denoise": 30.2, "classify": 44.6, "outputs": 1.5}},
+    results = {"2XHE|0.05|run": {**common, "wall_s": 83.0, "stages": {"denoise": 30.2, "classify": 44.6, "outputs": 1.5},
+                                 "rss_method": "vmhwm"},
                "2XHE|0.05|classify": {**common, "wall_s": 48.0},  # scored before stage times were kept
                "2XHE|0.05|relion": {**common, "f1": 0.7, "wall_s": 205.0, "stages": {}}}
     path = tmp_path / "class2d.md"
@@ -39,3 +40,5 @@ def test_report_shows_where_cdae_em_time_goes(tmp_path):
     assert "| 2XHE | 0.05 | `cdae-em run` (defaults) | 30 | 45 | 2 | 83 |" in table
     assert "classify` (raw" not in table and "RELION" not in table.split("##")[0]
     assert "| 2XHE | 0.05 | 0.900 / 0.700 | cdae-em | 83 / 205 | 0.40 | - |" in text
+    all_rows = text.split("## All results")[1]
+    assert "| 83 | 900 | 8.0 |" in all_rows and "| 48 | <= 900 | 8.0 |" in all_rows  # wait4 rows: upper bounds
