@@ -201,11 +201,16 @@ def find_relion(arg: str | None) -> Path | None:
     return Path(found).parent if found else None
 
 
+def in_order(results: dict) -> list[str]:
+    """The result keys ("protein|snr|method") by protein, SNR and method, as every table lists them."""
+    return sorted(results, key=lambda k: (k.split("|")[0], float(k.split("|")[1]), METHODS.index(k.split("|")[2])))
+
+
 def write_report(results: dict, ceilings: dict, path: Path, args) -> None:
     header = ["protein", "SNR", "particles (K)", "method", "F1", "ARI", "wall s", "peak RSS MiB",
               "class avg FRC0.5 A"]
     rows = []
-    for key in sorted(results, key=lambda k: (k.split("|")[0], float(k.split("|")[1]), METHODS.index(k.split("|")[2]))):
+    for key in in_order(results):
         protein, snr, method = key.split("|")
         r = results[key]
         rows.append([protein, snr, f"{r['n']} ({r['k']})", LABELS[method], f"{r['f1']:.3f}", f"{r['ari']:.3f}",
@@ -261,7 +266,7 @@ def rss_cell(r: dict) -> str:
 def stage_rows(results: dict) -> list:
     """Per data set and cdae-em command: seconds per stage (rows scored before stages were kept: none)."""
     rows = []
-    for key in sorted(results, key=lambda k: (k.split("|")[0], float(k.split("|")[1]), METHODS.index(k.split("|")[2]))):
+    for key in in_order(results):
         protein, snr, method = key.split("|")
         stages = results[key].get("stages") or {}
         if method in ("run", "classify") and stages:
@@ -274,7 +279,7 @@ def stage_rows(results: dict) -> list:
 def summary_rows(results: dict, ceilings: dict) -> list:
     """Per data set: `cdae-em run` next to RELION Class2D (classic EM), where both were run."""
     rows = []
-    for key in sorted(results, key=lambda k: (k.split("|")[0], float(k.split("|")[1]))):
+    for key in in_order(results):
         protein, snr, method = key.split("|")
         peer = results.get(f"{protein}|{snr}|relion")
         if method != "run" or peer is None:
