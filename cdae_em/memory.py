@@ -95,6 +95,7 @@ class Streamed:
         group = RELEASE_BYTES // FAULT_BYTES  # random rows read between two releases: what they map stays bounded
         for start in range(0, len(rows), group):
             part = rows[start:start + group]
-            out[start:start + len(part)] = self.array[part]
-            self._releaser.step(mapped_bytes(out[start:start + len(part)].nbytes, runs_of(part)))
+            piece = out[start:start + len(part)]
+            piece[...] = self.array[part]
+            self._releaser.step(mapped_bytes(piece.nbytes, runs_of(part)))
         return out.reshape(index_shape + tuple(self.shape[1:]))
