@@ -208,6 +208,16 @@ def _half_spectrum_norm(f: torch.Tensor) -> torch.Tensor:
     return total.clamp_min(0).sqrt() / m
 
 
+def _parseval_weights(m: int, device: torch.device) -> torch.Tensor:
+    """Weights (m, m // 2 + 1) that make sum(w |F|^2) / m^2 the squared norm of a real image with
+    rfft2 F, DC excluded (as ``_half_spectrum_norm``)."""
+    w = torch.full((m, m // 2 + 1), 2.0, device=device)
+    w[:, 0] = 1.0
+    w[:, -1] = 1.0
+    w[0, 0] = 0.0
+    return w
+
+
 def align_to_references(
     images: Images,
     references: torch.Tensor,
@@ -219,6 +229,8 @@ def align_to_references(
     progress: bool = False,
     mask_radius: float | None = None,
     band: float | None = 0.25,
+    ctf: Images | None = None,
+    rescore: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exhaustive alignment of every image against K references: (class index, psi, origin, score).
 
@@ -227,15 +239,23 @@ def align_to_references(
     rotated by -psi is computed by FFT; the best (reference, psi, shift) wins. This search uses
     only frequencies below ``band`` cycles/pixel (default 0.25, where the signal is at low SNR;
     None: all): the CC maps are then computed at box * 2 * band points, 4x cheaper at 0.25, with
-    shifts on a 2 px grid. The winner's shift is then taken from its full-resolution CC map within
-    that grid step of the coarse peak (sub-pixel by a parabola), and psi is refined by a parabola
-    through the neighbouring psi scores (the psi grid is 180 / round(180 / psi_step) degrees).
+    shifts on a 2 px grid. The ``rescore`` references that match best there (each at its best psi;
+    1: the band's winner alone) are then compared at full resolution, where the best score wins:
+    the shift from the full-resolution CC map within that grid step of the coarse peak (sub-pixel
+    by a parabola), psi refined by a parabola through the neighbouring psi scores (the psi grid is
+    180 / round(180 / psi_step) degrees). Views that differ only in fine detail are told apart there.
     The K * n_psi / 2 rotated references' FFTs are computed
     once; psi + 180 reuses them (a 180 degree rotation turns the correlation into a convolution).
     CC maps are computed in chunks of at most ``memory_mb``. The references are masked after
     rotation (radius ``mask_radius``, default estimated from the references with
     ``estimate_particle_radius``). ``images`` may be a numpy memmap; it is read ``batch_size`` rows
     at a time. The score is the full-resolution normalised CC. Returns tensors on the compute device.
+
+    ``ctf`` (rows as ``images``; (N, box, box // 2 + 1) on the rfft2 grid) makes the search
+    CTF-aware for phase-flipped images x = |CTF| * projection + noise: each image is compared with
+    the references multiplied by its own |CTF|, score = <x, |CTF| r> / (|x| ||CTF| r|), the
+    least-squares match (computed as the image weighted by |CTF| against r).
+    Without it, frequencies where the CTF is near zero (pure noise) count as much as the others.
     """
     dev = device_of(images, device)
     n, box = images.shape[0], images.shape[-1]
@@ -256,6 +276,9 @@ def align_to_references(
     del rotated
     rot_coarse = _crop_spectrum(rot_fft, m)
     coarse_norm = _half_spectrum_norm(rot_coarse).clamp_min(1e-12)
+    if ctf is not None:  # per image and row, ||CTF| r_row| = sqrt(sum_f w_f |CTF_f|^2 |R_f|^2) / m
+        coarse_power = (rot_coarse.abs().square() * _parseval_weights(m, dev)).flatten(1)
+        full_weights = _parseval_weights(box, dev)
     rows = k * n_half
     per_row = m * (m // 2 + 1) * 8 * 2 + m * m * 4 * 2 + len(coarse_disc) * 4
     chunk = max(1, int(memory_mb * 2**20 // (per_row * max(1, min(batch_size, n)))))
@@ -265,14 +288,19 @@ def align_to_references(
         b = len(x)
         xf = torch.fft.rfft2(x)
         xf[:, 0, 0] = 0  # zero mean
+        xc_norm = _half_spectrum_norm(_crop_spectrum(xf, m)).clamp_min(1e-12)
+        xnorm = _half_spectrum_norm(xf).clamp_min(1e-12)
+        if ctf is not None:  # <x, |CTF| r> = <|CTF| x, r>
+            amp = batch_rows(ctf, slice(start, start + b), dev)
+            xf = xf * amp
+            ref_norms = (_crop_spectrum(amp, m).square().flatten(1) @ coarse_power.T).clamp_min(1e-24).sqrt() / m
         xc = _crop_spectrum(xf, m)
-        xc_norm = _half_spectrum_norm(xc).clamp_min(1e-12)
         scores = torch.empty((b, 2, rows), device=dev)
         where = torch.empty((b, 2, rows), dtype=torch.long, device=dev)
         for c0 in range(0, rows, chunk):
             c1 = min(c0 + chunk, rows)
             rf = rot_coarse[None, c0:c1]
-            norm = xc_norm[:, None] * coarse_norm[None, c0:c1]
+            norm = xc_norm[:, None] * (coarse_norm[None, c0:c1] if ctf is None else ref_norms[:, c0:c1])
             # flip 0: cc(t) = sum_u ref_rot(u) x(u + t); flip 1 (psi + 180): ref_rot(-u), a convolution
             for f, product in enumerate((rf.conj() * xc[:, None], rf * xc[:, None])):
                 maps = torch.fft.irfft2(product).flatten(2)[:, :, coarse_disc]
@@ -281,28 +309,42 @@ def align_to_references(
                 where[:, f, c0:c1] = w
         # scores over a full psi circle per reference: (b, k, 2 * n_half)
         circle = scores.reshape(b, 2, k, n_half).permute(0, 2, 1, 3).reshape(b, k, 2 * n_half)
-        best = circle.flatten(1).argmax(dim=1)
-        ref_idx, p = best // (2 * n_half), best % (2 * n_half)
-        flip, half_idx = p // n_half, p % n_half
-        row = ref_idx * n_half + half_idx
         bi = torch.arange(b, device=dev)
-        psi = (p.float() + _circular_parabola(circle[bi, ref_idx], p)) * step
-        # the winner's full-resolution CC map, searched within one coarse step of the coarse peak
-        rf = rot_fft[row]
-        product = torch.where(flip[:, None, None] == 1, rf * xf, rf.conj() * xf)
-        maps = torch.fft.irfft2(product)
-        w = where[bi, flip, row]
-        near = ((grid.disc_tx[None] - factor * coarse_tx[w][:, None]) ** 2
-                + (grid.disc_ty[None] - factor * coarse_ty[w][:, None]) ** 2) <= factor**2 + 1e-6
-        values = torch.where(near, maps.flatten(1)[:, grid.disc], torch.full_like(near, -torch.inf, dtype=maps.dtype))
-        peak, j = values.max(dim=1)
-        flat = grid.disc[j]
-        tx, ty = _subpixel(_peak_neighbourhood(maps, flat), flat, box)
-        out_ref.append(ref_idx)
-        out_psi.append(torch.remainder(psi, 360.0))
-        out_origin.append(-torch.stack([tx, ty], dim=1))
-        xnorm = _half_spectrum_norm(xf).clamp_min(1e-12)
-        out_score.append(peak / (xnorm * rot_norm[row].clamp_min(1e-12)))
+        # each reference at its best coarse pose; the ``rescore`` best of them are compared with
+        # the image at full resolution (their CC maps searched within one coarse step of the coarse
+        # peak) and the best full-resolution score wins
+        pose = circle.argmax(dim=2)  # (b, k)
+        ranked = circle.gather(2, pose[..., None])[..., 0].topk(min(rescore, k), dim=1).indices
+        best = (torch.full((b,), -torch.inf, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
+                torch.zeros(b, device=dev), torch.zeros((b, 2), device=dev))
+        for ref_idx in ranked.T:
+            p = pose[bi, ref_idx]
+            flip, half_idx = p // n_half, p % n_half
+            row = ref_idx * n_half + half_idx
+            psi = (p.float() + _circular_parabola(circle[bi, ref_idx], p)) * step
+            rf = rot_fft[row]
+            product = torch.where(flip[:, None, None] == 1, rf * xf, rf.conj() * xf)
+            maps = torch.fft.irfft2(product)
+            w = where[bi, flip, row]
+            near = ((grid.disc_tx[None] - factor * coarse_tx[w][:, None]) ** 2
+                    + (grid.disc_ty[None] - factor * coarse_ty[w][:, None]) ** 2) <= factor**2 + 1e-6
+            values = torch.where(near, maps.flatten(1)[:, grid.disc], torch.full_like(near, -torch.inf, dtype=maps.dtype))
+            peak, j = values.max(dim=1)
+            flat = grid.disc[j]
+            tx, ty = _subpixel(_peak_neighbourhood(maps, flat), flat, box)
+            if ctf is None:
+                ref_norm = rot_norm[row]
+            else:
+                ref_norm = (amp.square() * full_weights * rf.abs().square()).sum(dim=(-2, -1)).sqrt() / box
+            score = peak / (xnorm * ref_norm.clamp_min(1e-12))
+            better = score > best[0]
+            best = (torch.where(better, score, best[0]), torch.where(better, ref_idx, best[1]),
+                    torch.where(better, torch.remainder(psi, 360.0), best[2]),
+                    torch.where(better[:, None], -torch.stack([tx, ty], dim=1), best[3]))
+        out_score.append(best[0])
+        out_ref.append(best[1])
+        out_psi.append(best[2])
+        out_origin.append(best[3])
     if n == 0:
         z = torch.zeros(0, device=dev)
         return torch.zeros(0, dtype=torch.long, device=dev), z, torch.zeros((0, 2), device=dev), z

@@ -8,7 +8,11 @@
 3. ``n_iter`` rounds of multi-reference alignment: every particle aligned to every reference
    (rotation on a psi grid, shift by FFT cross-correlation), assigned to the best one, references
    re-averaged from the aligned particles. Coarse to fine: all rounds but the last ``fine_rounds``
-   search at twice the psi step and a lower frequency band. Empty classes are re-seeded with the worst-fitting
+   search at twice the psi step and a lower frequency band; the ``rescore`` references that match a
+   particle best within the band are then compared with it at full resolution, where views that
+   differ only in fine detail are told apart. In the fine rounds of CTF phase-flipped particles,
+   each is compared with the references multiplied by its |CTF| (``ctf_aware``), and the
+   references are CTF-corrected averages. Empty classes are re-seeded with the worst-fitting
    particles of the largest class.
 4. After the coarse rounds, up to ``split_merge`` merge-and-split moves (``cdae_em.splitmerge``): the
    two most alike classes merged, the most heterogeneous one split, a few coarse rounds, and the
@@ -37,8 +41,10 @@ from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 from cdae_em import distributed
 from cdae_em.align import (align_pairs, align_to_references, apply_alignment, estimate_particle_radius,
                            shift_in_raw_frame)
+from cdae_em.ctf import frequency_grid
 from cdae_em.neighbours import reduced_invariant_features
 from cdae_em.errors import InputError
+from cdae_em.polar import batch_rows
 from cdae_em.preprocess import particle_mask
 from cdae_em.progress import report
 from cdae_em.splitmerge import explained_energy, propose
@@ -63,11 +69,15 @@ class ClassifySettings:
     settled: float = 0.01  # coarse rounds end early once fewer than this fraction of particles change class
     coarse_band: float = 0.1875
     fine_band: float = 0.25
+    rescore: int = 4  # the references matching best within the band compared at full resolution (1: none)
     # merge-and-split moves tried after the coarse rounds (0: none); each is kept only if it helps,
     # and the first that does not ends them (see cdae_em.splitmerge)
     split_merge: int = 3
     move_rounds: int = 4  # coarse rounds after a move, before it is judged
     center_classes: bool = True  # shift each class average's centre of mass to the box centre (RELION's --center_classes)
+    # with the particles' |CTF| (phase-flipped images), the fine rounds compare each particle with the
+    # references multiplied by its |CTF| (the coarse rounds and moves compare plain images)
+    ctf_aware: bool = True
 
 
 @dataclass
@@ -128,31 +138,64 @@ class _Masked:
 
 
 def class_means(images, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray, n_classes: int,
-                device: torch.device, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class means of the aligned images (K, box, box) and the class counts (K,)."""
+                device: torch.device, batch_size: int = 256, ctf=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class means of the aligned images (K, box, box) and the class counts (K,).
+
+    With ``ctf`` (|CTF| of phase-flipped ``images``, row for row; see ``cdae_em.ctf.CtfAmplitudes``)
+    the CTF-corrected least-squares averages instead: per frequency sum |CTF| x / (sum CTF^2 + WIENER n),
+    CTF^2 averaged over rings so that it turns with the images (exact without astigmatism)."""
     box = images.shape[-1]
     sums = torch.zeros((n_classes, box, box), device=device)
     counts = np.bincount(labels, minlength=n_classes)
+    if ctf is not None:
+        rings, n_rings, per_ring = _rings(box, device)
+        power = torch.zeros((n_classes, n_rings), device=device)
     lo, hi = distributed.shard(len(images))  # each rank its rows; the sums are added over ranks
     for start in range(lo, hi, batch_size):
         rows = slice(start, min(start + batch_size, hi))
-        x = apply_alignment(_rows(images, rows, device), torch.as_tensor(psi[rows], device=device, dtype=torch.float32),
+        x, classes = _rows(images, rows, device), torch.as_tensor(labels[rows], device=device)
+        if ctf is not None:
+            amp = batch_rows(ctf, rows, device)
+            x = torch.fft.irfft2(torch.fft.rfft2(x) * amp, s=(box, box))
+            ring_power = torch.zeros((len(x), n_rings), device=device).index_add_(1, rings, amp.square().flatten(1))
+            power.index_add_(0, classes, ring_power / per_ring)
+        x = apply_alignment(x, torch.as_tensor(psi[rows], device=device, dtype=torch.float32),
                             torch.as_tensor(origin[rows], device=device, dtype=torch.float32))
-        sums.index_add_(0, torch.as_tensor(labels[rows], device=device), x)
+        sums.index_add_(0, classes, x)
     sums = distributed.all_reduce_sum(sums)
-    means = sums / torch.as_tensor(np.maximum(counts, 1), device=device, dtype=torch.float32)[:, None, None]
+    n = torch.as_tensor(np.maximum(counts, 1), device=device, dtype=torch.float32)[:, None, None]
+    if ctf is None:
+        return (sums / n).cpu().numpy(), counts
+    power = distributed.all_reduce_sum(power)
+    den = power[:, rings].reshape(n_classes, box, box // 2 + 1) + WIENER * n
+    means = torch.fft.irfft2(torch.fft.rfft2(sums) / den, s=(box, box))
     return means.cpu().numpy(), counts
+
+
+WIENER = 0.1  # the CTF-corrected averages' regulariser, per particle (CTF^2 is at most 1)
+
+
+def _rings(box: int, device: torch.device) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Ring index of every rfft2 frequency (flattened), the number of rings, and frequencies per ring."""
+    fy, fx = frequency_grid(box, device)
+    rings = torch.round(torch.sqrt(fy**2 + fx**2) * box).long().flatten()
+    n_rings = int(rings.max()) + 1
+    return rings, n_rings, torch.bincount(rings, minlength=n_rings).float()
 
 
 def classify(images, settings: ClassifySettings, device: torch.device,
              should_stop: Callable[[], None] | None = None,
-             initial_labels: np.ndarray | None = None, work: Path | None = None) -> Classification:
+             initial_labels: np.ndarray | None = None, work: Path | None = None, ctf=None) -> Classification:
     """Classify ``images`` (N, box, box; an array or memmap) into ``settings.n_classes`` classes.
 
     ``initial_labels`` (N,) replaces step 1 (e.g. classes found on other images of the same
     particles); alignment and re-assignment then run on ``images``. With a ``work`` directory the
     invariant features of step 1 go to a memory-mapped array there (removed after the PCA), so
-    that resident memory does not grow with N.
+    that resident memory does not grow with N. ``ctf``: the |CTF| of phase-flipped ``images``
+    (``cdae_em.ctf.CtfAmplitudes``); with ``settings.ctf_aware`` the fine rounds compare each
+    particle with the references multiplied by its |CTF|, their references CTF-corrected averages.
+    (From a rough start the coarse rounds do better on plain images, whose strong low frequencies
+    the |CTF| would weaken.) The returned references are plain averages either way.
     """
     n, box = len(images), images.shape[-1]
     k = settings.n_classes
@@ -160,9 +203,10 @@ def classify(images, settings: ClassifySettings, device: torch.device,
         raise InputError(None, f"number of classes K={k} must be between 2 and the number of particles ({n})")
     max_shift = settings.max_shift if settings.max_shift is not None else box / 8
     t0 = time.perf_counter()
+    ctf = ctf if settings.ctf_aware else None
     labels, psi, origin, score = _initial_classes(images, settings, device, max_shift, initial_labels, work)
-    state = _State(labels, psi, origin, score, *class_means(images, labels, psi, origin, k, device, settings.batch_size))
-    rounds = _Rounds(images, settings, device, max_shift, should_stop)
+    rounds = _Rounds(images, settings, device, max_shift, should_stop, ctf)
+    state = rounds.state(labels, psi, origin, score)
     if settings.n_iter > 0:
         n_fine = min(settings.fine_rounds, settings.n_iter)
         state = rounds.run(state, fine=False, limit=settings.n_iter - n_fine)
@@ -174,6 +218,7 @@ def classify(images, settings: ClassifySettings, device: torch.device,
 
     if settings.center_classes:
         origin = _centre_classes(references, labels, psi, origin)
+    if settings.center_classes or ctf is not None:
         references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
     order = np.argsort(-counts, kind="stable")
     rank = np.empty(k, dtype=int)
@@ -196,34 +241,40 @@ class _Rounds:
     """Step 3: rounds of multi-reference alignment on ``images``, with their history."""
 
     def __init__(self, images, settings: ClassifySettings, device: torch.device, max_shift: float,
-                 should_stop: Callable[[], None] | None):
+                 should_stop: Callable[[], None] | None, ctf=None):
         self.images, self.settings, self.device, self.max_shift = images, settings, device, max_shift
-        self.should_stop = should_stop
+        self.should_stop, self.ctf = should_stop, ctf  # used by the fine rounds
         self.history: list[dict] = []
         self.budget = settings.n_iter + settings.split_merge * settings.move_rounds  # for progress only
         report(0, self.budget, "round")
+
+    def state(self, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray, score: np.ndarray, ctf=None) -> _State:
+        """The state of an assignment: its references (CTF-corrected with ``ctf``) and class counts."""
+        return _State(labels, psi, origin, score, *class_means(self.images, labels, psi, origin, self.settings.n_classes,
+                                                                self.device, self.settings.batch_size, ctf))
 
     def run(self, state: _State, fine: bool, limit: int, stage: str = "refine") -> _State:
         """Up to ``limit`` rounds from ``state``'s references; coarse rounds stop once fewer than
         ``settled`` of the particles change class, fine ones once none does."""
         s, images, k = self.settings, self.images, self.settings.n_classes
+        ctf = self.ctf if fine else None
         for _ in range(limit):
             if self.should_stop is not None:
                 self.should_stop()
             ref_idx, p, o, sc = distributed.per_row(
                 align_to_references, images, torch.as_tensor(state.references, device=self.device),
                 psi_step=s.psi_step * (1 if fine else 2), max_shift=self.max_shift, batch_size=s.batch_size,
-                device=self.device, progress=True, band=s.fine_band if fine else s.coarse_band)
+                device=self.device, progress=True, band=s.fine_band if fine else s.coarse_band, ctf=ctf,
+                rescore=s.rescore, rows_too=("ctf",))
             new, score = ref_idx.cpu().numpy(), sc.cpu().numpy()
             changed = float(np.mean(new != state.labels))
             labels = _reseed_empty(new, score, k)
-            psi, origin = p.cpu().numpy(), o.cpu().numpy()
-            state = _State(labels, psi, origin, score, *class_means(images, labels, psi, origin, k, self.device,
-                                                                     s.batch_size))
+            state = self.state(labels, p.cpu().numpy(), o.cpu().numpy(), score, ctf)
             search = "fine" if fine else "coarse"
             self.history.append({"iteration": len(self.history) + 1, "changed": changed,
                                  "mean_score": float(score.mean()), "sizes": state.counts.tolist(), "search": search,
-                                 "stage": stage, "energy": explained_energy(state.references, state.counts)})
+                                 "stage": stage, "ctf": ctf is not None,
+                                 "energy": None if ctf is not None else explained_energy(state.references, state.counts)})
             log.info("classification round %d (%s, %s search): %.1f%% of particles changed class, mean score %.3f",
                      len(self.history), stage, search, 100 * changed, float(score.mean()))
             report(len(self.history), self.budget, "round")

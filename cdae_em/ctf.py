@@ -117,3 +117,27 @@ def phase_flip(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
     Flipping is its own inverse wherever the CTF is not exactly zero, and leaves amplitudes alone.
     """
     return apply_filter(images, torch.sign(ctf))
+
+
+class CtfAmplitudes:
+    """|CTF| of each particle on the rfft2 grid of the working box, as a read-only array-like
+    (``len``, ``shape``, ``[rows]`` -> float32 array (n, box, box // 2 + 1)), computed per read.
+
+    For phase-flipped particles x = |CTF| * projection + noise: the classification weighs them by
+    it again to compare them with CTF-free references (``cdae_em.align.align_to_references``).
+    ``pixel_size`` (per particle or scalar) is that of the working box (after any resizing).
+    """
+
+    def __init__(self, params: CtfParams, pixel_size: np.ndarray | float, box: int):
+        self.params, self.box = params, box
+        self.pixel = np.broadcast_to(np.asarray(pixel_size, dtype=np.float64), (len(params),))
+        self.shape = (len(params), box, box // 2 + 1)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        rows = np.atleast_1d(np.asarray(rows))
+        return ctf_2d(self.params.subset(rows), self.box, self.pixel[rows]).abs().numpy()

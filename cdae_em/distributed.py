@@ -167,15 +167,17 @@ class RowShard:
         return self.images[self.lo + rows]
 
 
-def per_row(fn: Callable, images, *args, **kwargs):
+def per_row(fn: Callable, images, *args, rows_too: tuple[str, ...] = (), **kwargs):
     """``fn(images, ...)`` for a function whose outputs (a tensor or a tuple of tensors) have one
     row per image: each rank runs it on its shard and the rows are gathered, in order, on every
-    rank. One process: ``fn(images, ...)``."""
+    rank. One process: ``fn(images, ...)``. The keyword arguments named in ``rows_too`` (array-likes
+    with a row per image, or None) are sharded as ``images``."""
     if not active():
         return fn(images, *args, **kwargs)
     lo, hi = shard(len(images))
-    view = images[lo:hi] if isinstance(images, torch.Tensor) else RowShard(images, lo, hi)
-    result = fn(view, *args, **kwargs)
+    view = lambda a: a[lo:hi] if isinstance(a, torch.Tensor) else RowShard(a, lo, hi)  # noqa: E731
+    kwargs.update({name: view(kwargs[name]) for name in rows_too if kwargs.get(name) is not None})
+    result = fn(view(images), *args, **kwargs)
     if isinstance(result, tuple):
         return tuple(gather_rows(r) for r in result)
     return gather_rows(result)

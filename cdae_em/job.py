@@ -326,7 +326,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
     if settings.stages == "classify":
         prepare = settings.denoise if settings.denoise.phase_flip else None
         with StarImages(Path(settings.particles), settings.project_dir, prepare=prepare, device=device) as images:
-            result = classify(images, cs, device, should_stop, work=work)
+            result = classify(images, cs, device, should_stop, work=work, ctf=images.ctf)
             box = images.shape[-1]
         refs = result.references
     else:
@@ -346,7 +346,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
                                 work=work).labels
                 with StarImages(Path(settings.particles), settings.project_dir, prepare=settings.denoise,
                                 device=device) as originals:
-                    result = classify(originals, cs, device, should_stop, initial_labels=init, work=work)
+                    result = classify(originals, cs, device, should_stop, initial_labels=init, work=work, ctf=originals.ctf)
             refs, _ = class_means(denoised, result.labels, result.psi, result.origin, settings.n_classes, device,
                                   cs.batch_size)
     labels, psi, origin, score = result.labels, result.psi, result.origin, result.score

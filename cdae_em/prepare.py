@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cdae_em.ctf import CtfParams, ctf_2d, phase_flip
+from cdae_em.ctf import CtfAmplitudes, CtfParams, ctf_2d, phase_flip
 from cdae_em.errors import InputError
 from cdae_em.preprocess import fourier_resize
 from cdae_em.star import ParticleTable
@@ -56,6 +56,12 @@ class BatchPreparer:
             if missing:
                 raise InputError(table.path, f"--phase-flip needs CTF values; missing {', '.join(missing)}")
             self.ctf = CtfParams.from_table(per)
+
+    def amplitudes(self) -> CtfAmplitudes | None:
+        """|CTF| of the prepared (phase-flipped, resized) particles, or None without phase flipping."""
+        if self.ctf is None:
+            return None
+        return CtfAmplitudes(self.ctf, self.pixel * self.box_in / self.box, self.box)
 
     def __call__(self, batch: np.ndarray, rows) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(batch, dtype=np.float32)).to(self.device)

@@ -25,6 +25,8 @@ class StarImages:
         # the originals as the model saw them: phase flip and resizing as in ``prepare``
         self.prepare = None if prepare is None else BatchPreparer(table, prepare, self.source.box, device)
         box = self.prepare.box if self.prepare is not None else self.source.box
+        # |CTF| of phase-flipped images, for CTF-aware classification (None when not phase-flipped)
+        self.ctf = None if self.prepare is None else self.prepare.amplitudes()
         self.shape = (self.source.n, box, box)
         # histogram equalisation inside the particle mask (the paper's step before clustering)
         self.equalise_mask = None

@@ -48,12 +48,14 @@ def test_classify_phase_flips_by_default_and_averages_flipped_particles(ctf_stac
     common = ["--i", star, "--K", 2, "--iter", 1, "--j", 1]
     r = run_cli("classify", *common, "--o", tmp_path / "auto", cwd=ctf_stack)
     assert r.returncode == 0, r.stderr
-    settings = json.loads((tmp_path / "auto" / "summary.json").read_text())["settings"]
-    assert settings["denoise"]["phase_flip"] is True and settings["average_phase_flipped"] is True
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert summary["settings"]["denoise"]["phase_flip"] is True and summary["settings"]["average_phase_flipped"] is True
+    assert [r["ctf"] for r in summary["classify"]] == [r["search"] == "fine" for r in summary["classify"]]  # CTF-aware
     r = run_cli("classify", *common, "--o", tmp_path / "off", "--no-phase-flip", cwd=ctf_stack)
     assert r.returncode == 0, r.stderr
-    settings = json.loads((tmp_path / "off" / "summary.json").read_text())["settings"]
-    assert settings["denoise"]["phase_flip"] is False and settings["average_phase_flipped"] is False
+    summary = json.loads((tmp_path / "off" / "summary.json").read_text())
+    assert summary["settings"]["denoise"]["phase_flip"] is False and summary["settings"]["average_phase_flipped"] is False
+    assert not any(r["ctf"] for r in summary["classify"])
     averages = {name: mrcfile.read(tmp_path / name / "class_averages.mrcs") for name in ("auto", "off")}
     assert all(np.isfinite(a).all() for a in averages.values())
     assert not np.allclose(averages["auto"], averages["off"])
