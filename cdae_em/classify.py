@@ -18,6 +18,12 @@
    two most alike classes merged, the most heterogeneous one split, a few coarse rounds, and the
    move kept only if the k-means objective rose. They undo the local optimum where two views share
    a class while another view is split over two.
+5. With ``ssnr_filter``, steps 3 (coarse rounds) and 4 run a second time from the same start,
+   aligning to the references Wiener-filtered by their SSNR (per Fourier ring, from the FRC of the
+   averages of each class's two halves), and the run with the higher k-means objective goes on to
+   the fine rounds. Filtering keeps the frequencies where a class average is mostly noise from
+   deciding a particle's class, which wins at low SNR; where views differ only in faint detail
+   the plain references do better, and the objective tells which case holds.
 Classes are returned ordered by size (class 1 the largest), with each particle's psi and origin in
 RELION's convention (applying them to the particle brings it onto its class average).
 
@@ -42,6 +48,7 @@ from cdae_em import distributed
 from cdae_em.align import (align_pairs, align_to_references, apply_alignment, estimate_particle_radius,
                            shift_in_raw_frame)
 from cdae_em.ctf import frequency_grid
+from cdae_em.metrics import frc, ssnr_from_frc
 from cdae_em.neighbours import reduced_invariant_features
 from cdae_em.errors import InputError
 from cdae_em.polar import batch_rows
@@ -78,6 +85,10 @@ class ClassifySettings:
     # with the particles' |CTF| (phase-flipped images), the fine rounds compare each particle with the
     # references multiplied by its |CTF| (the coarse rounds and moves compare plain images)
     ctf_aware: bool = True
+    # the coarse rounds and moves run twice from the same start, aligning to the plain references and
+    # to the references Wiener-filtered by their SSNR (from the FRC of each class's two half
+    # averages); the run with the higher k-means objective is kept (see docs/notes.md)
+    ssnr_filter: bool = True
 
 
 @dataclass
@@ -88,6 +99,8 @@ class Classification:
     score: np.ndarray  # (N,) normalised cross-correlation with the class reference
     references: np.ndarray  # (K, box, box) aligned averages of the classified images
     history: list = field(default_factory=list)
+    # with ssnr_filter: the two runs of the coarse rounds, {"ssnr": bool, "energy": objective, "kept": bool}
+    coarse_passes: list = field(default_factory=list)
 
 
 def cluster(features: np.ndarray, n_classes: int, method: str, seed: int = 0, hc_max: int = 5000) -> np.ndarray:
@@ -144,16 +157,25 @@ def class_means(images, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray,
     With ``ctf`` (|CTF| of phase-flipped ``images``, row for row; see ``cdae_em.ctf.CtfAmplitudes``)
     the CTF-corrected least-squares averages instead: per frequency sum |CTF| x / (sum CTF^2 + WIENER n),
     CTF^2 averaged over rings so that it turns with the images (exact without astigmatism)."""
-    box = images.shape[-1]
-    sums = torch.zeros((n_classes, box, box), device=device)
+    sums, power = _class_sums(images, labels, psi, origin, n_classes, device, batch_size, ctf)
     counts = np.bincount(labels, minlength=n_classes)
+    return _averages(sums, power, counts), counts
+
+
+def _class_sums(images, groups: np.ndarray, psi: np.ndarray, origin: np.ndarray, n_groups: int,
+                device: torch.device, batch_size: int, ctf=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per group: the sum of the aligned images (G, box, box; with ``ctf`` each image multiplied by
+    its |CTF| first) and with ``ctf`` the sum of the ring-averaged CTF^2 (G, rings)."""
+    box = images.shape[-1]
+    sums = torch.zeros((n_groups, box, box), device=device)
+    power = None
     if ctf is not None:
         rings, n_rings, per_ring = _rings(box, device)
-        power = torch.zeros((n_classes, n_rings), device=device)
+        power = torch.zeros((n_groups, n_rings), device=device)
     lo, hi = distributed.shard(len(images))  # each rank its rows; the sums are added over ranks
     for start in range(lo, hi, batch_size):
         rows = slice(start, min(start + batch_size, hi))
-        x, classes = _rows(images, rows, device), torch.as_tensor(labels[rows], device=device)
+        x, classes = _rows(images, rows, device), torch.as_tensor(groups[rows], device=device)
         if ctf is not None:
             amp = batch_rows(ctf, rows, device)
             x = torch.fft.irfft2(torch.fft.rfft2(x) * amp, s=(box, box))
@@ -162,14 +184,43 @@ def class_means(images, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray,
         x = apply_alignment(x, torch.as_tensor(psi[rows], device=device, dtype=torch.float32),
                             torch.as_tensor(origin[rows], device=device, dtype=torch.float32))
         sums.index_add_(0, classes, x)
-    sums = distributed.all_reduce_sum(sums)
-    n = torch.as_tensor(np.maximum(counts, 1), device=device, dtype=torch.float32)[:, None, None]
-    if ctf is None:
-        return (sums / n).cpu().numpy(), counts
-    power = distributed.all_reduce_sum(power)
-    den = power[:, rings].reshape(n_classes, box, box // 2 + 1) + WIENER * n
-    means = torch.fft.irfft2(torch.fft.rfft2(sums) / den, s=(box, box))
-    return means.cpu().numpy(), counts
+    return distributed.all_reduce_sum(sums), None if power is None else distributed.all_reduce_sum(power)
+
+
+def _averages(sums: torch.Tensor, power: torch.Tensor | None, counts: np.ndarray) -> np.ndarray:
+    """The averages from ``_class_sums``: plain means, or with ``power`` CTF-corrected ones."""
+    n_groups, box = sums.shape[0], sums.shape[-1]
+    n = torch.as_tensor(np.maximum(counts, 1), device=sums.device, dtype=torch.float32)[:, None, None]
+    if power is None:
+        return (sums / n).cpu().numpy()
+    rings = _rings(box, sums.device)[0]
+    den = power[:, rings].reshape(n_groups, box, box // 2 + 1) + WIENER * n
+    return torch.fft.irfft2(torch.fft.rfft2(sums) / den, s=(box, box)).cpu().numpy()
+
+
+def ssnr_filter(half_a: np.ndarray, half_b: np.ndarray, n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
+    """Per class and Fourier ring, the Wiener weight SSNR / (1 + SSNR) of the class average, its
+    SSNR from the FRC of the averages of its two halves (K, box, box each, of ``n_a``/``n_b``
+    particles): (K, box // 2 + 1). Classes with fewer than 2 particles in a half get the
+    count-weighted mean weight of the others (all ones if there are none)."""
+    k, box = len(half_a), half_a.shape[-1]
+    weights = np.ones((k, box // 2 + 1))
+    valid = (np.asarray(n_a) >= 2) & (np.asarray(n_b) >= 2)
+    for c in np.flatnonzero(valid):
+        ssnr = ssnr_from_frc(frc(half_a[c], half_b[c]))
+        weights[c] = ssnr / (1.0 + ssnr)
+    if valid.any() and not valid.all():
+        size = (np.asarray(n_a) + np.asarray(n_b))[valid].astype(np.float64)
+        weights[~valid] = (weights[valid] * size[:, None]).sum(axis=0) / size.sum()
+    return weights
+
+
+def apply_ring_filter(images: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Each image (K, box, box) multiplied in Fourier space by its weight per ring (K, box // 2 + 1)."""
+    box = images.shape[-1]
+    rings = _rings(box, torch.device("cpu"))[0].clamp(max=weights.shape[1] - 1)
+    w = torch.as_tensor(weights, dtype=torch.float32)[:, rings].reshape(len(images), box, box // 2 + 1)
+    return torch.fft.irfft2(torch.fft.rfft2(torch.as_tensor(images, dtype=torch.float32)) * w, s=(box, box)).numpy()
 
 
 WIENER = 0.1  # the CTF-corrected averages' regulariser, per particle (CTF^2 is at most 1)
@@ -207,13 +258,24 @@ def classify(images, settings: ClassifySettings, device: torch.device,
     labels, psi, origin, score = _initial_classes(images, settings, device, max_shift, initial_labels, work)
     rounds = _Rounds(images, settings, device, max_shift, should_stop, ctf)
     state = rounds.state(labels, psi, origin, score)
+    passes = []
     if settings.n_iter > 0:
         n_fine = min(settings.fine_rounds, settings.n_iter)
-        state = rounds.run(state, fine=False, limit=settings.n_iter - n_fine)
-        if settings.n_iter > n_fine:
-            state = _split_merge(state, rounds, images, settings, device)
+        state = _coarse(rounds, state, images, settings, device, n_fine)
+        if settings.ssnr_filter and settings.n_iter > n_fine:
+            plain, plain_rounds = state, len(rounds.history)
+            rounds.ssnr = True
+            filtered = _coarse(rounds, rounds.state(labels, psi, origin, score), images, settings, device, n_fine)
+            energies = [explained_energy(s.references, s.counts) for s in (plain, filtered)]
+            keep = energies[1] > energies[0]
+            state, rounds.ssnr = (filtered, True) if keep else (plain, False)
+            for i, entry in enumerate(rounds.history):
+                entry["in_result"] = (i >= plain_rounds) == keep
+            passes = [{"ssnr": ssnr, "energy": e, "kept": ssnr == keep} for ssnr, e in zip((False, True), energies)]
+            log.info("coarse rounds on plain / SSNR-filtered references: objective %.5g / %.5g, kept the %s ones",
+                     *energies, "filtered" if keep else "plain")
         state = rounds.run(state, fine=True, limit=n_fine)
-    labels, psi, origin, score, references, counts = state
+    labels, psi, origin, score, references, counts = state[:6]
     history = rounds.history
 
     if settings.center_classes:
@@ -225,7 +287,7 @@ def classify(images, settings: ClassifySettings, device: torch.device,
     rank[order] = np.arange(k)
     log.info("classified %d particles into %d classes in %.1f s", n, k, time.perf_counter() - t0)
     return Classification(labels=rank[labels], psi=psi, origin=origin, score=score,
-                          references=references[order], history=history)
+                          references=references[order], history=history, coarse_passes=passes)
 
 
 class _State(NamedTuple):
@@ -235,6 +297,9 @@ class _State(NamedTuple):
     score: np.ndarray
     references: np.ndarray
     counts: np.ndarray
+    # what the next round aligns to: the references Wiener-filtered by their half-set SSNR
+    # (``ClassifySettings.ssnr_filter``); None: the references as they are
+    filtered: np.ndarray | None = None
 
 
 class _Rounds:
@@ -244,14 +309,28 @@ class _Rounds:
                  should_stop: Callable[[], None] | None, ctf=None):
         self.images, self.settings, self.device, self.max_shift = images, settings, device, max_shift
         self.should_stop, self.ctf = should_stop, ctf  # used by the fine rounds
+        self.ssnr = False  # whether the rounds align to the references filtered by their half-set SSNR
         self.history: list[dict] = []
-        self.budget = settings.n_iter + settings.split_merge * settings.move_rounds  # for progress only
+        coarse = settings.n_iter - min(settings.fine_rounds, settings.n_iter) + settings.split_merge * settings.move_rounds
+        self.budget = settings.n_iter - coarse + coarse * (2 if settings.ssnr_filter else 1)  # for progress only
         report(0, self.budget, "round")
 
     def state(self, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray, score: np.ndarray, ctf=None) -> _State:
-        """The state of an assignment: its references (CTF-corrected with ``ctf``) and class counts."""
-        return _State(labels, psi, origin, score, *class_means(self.images, labels, psi, origin, self.settings.n_classes,
-                                                                self.device, self.settings.batch_size, ctf))
+        """The state of an assignment: its references (CTF-corrected with ``ctf``), class counts and,
+        with ``ssnr_filter``, the references filtered by their half-set SSNR (halves: even and odd rows)."""
+        k = self.settings.n_classes
+        counts = np.bincount(labels, minlength=k)
+        if not self.ssnr:
+            sums, power = _class_sums(self.images, labels, psi, origin, k, self.device, self.settings.batch_size, ctf)
+            return _State(labels, psi, origin, score, _averages(sums, power, counts), counts)
+        halves = labels * 2 + np.arange(len(labels)) % 2
+        sums, power = _class_sums(self.images, halves, psi, origin, 2 * k, self.device, self.settings.batch_size, ctf)
+        n_half = np.bincount(halves, minlength=2 * k).reshape(k, 2)
+        half_means = _averages(sums, power, n_half.ravel())
+        whole = (lambda t: None if t is None else t.reshape(k, 2, *t.shape[1:]).sum(dim=1))
+        references = _averages(whole(sums), whole(power), counts)
+        weights = ssnr_filter(half_means[0::2], half_means[1::2], n_half[:, 0], n_half[:, 1])
+        return _State(labels, psi, origin, score, references, counts, apply_ring_filter(references, weights))
 
     def run(self, state: _State, fine: bool, limit: int, stage: str = "refine") -> _State:
         """Up to ``limit`` rounds from ``state``'s references; coarse rounds stop once fewer than
@@ -262,7 +341,8 @@ class _Rounds:
             if self.should_stop is not None:
                 self.should_stop()
             ref_idx, p, o, sc = distributed.per_row(
-                align_to_references, images, torch.as_tensor(state.references, device=self.device),
+                align_to_references, images,
+                torch.as_tensor(state.references if state.filtered is None else state.filtered, device=self.device),
                 psi_step=s.psi_step * (1 if fine else 2), max_shift=self.max_shift, batch_size=s.batch_size,
                 device=self.device, progress=True, band=s.fine_band if fine else s.coarse_band, ctf=ctf,
                 rescore=s.rescore, rows_too=("ctf",))
@@ -273,7 +353,7 @@ class _Rounds:
             search = "fine" if fine else "coarse"
             self.history.append({"iteration": len(self.history) + 1, "changed": changed,
                                  "mean_score": float(score.mean()), "sizes": state.counts.tolist(), "search": search,
-                                 "stage": stage, "ctf": ctf is not None,
+                                 "stage": stage, "ctf": ctf is not None, "ssnr": self.ssnr, "in_result": True,
                                  "energy": None if ctf is not None else explained_energy(state.references, state.counts)})
             log.info("classification round %d (%s, %s search): %.1f%% of particles changed class, mean score %.3f",
                      len(self.history), stage, search, 100 * changed, float(score.mean()))
@@ -281,6 +361,15 @@ class _Rounds:
             if changed == 0.0 or (not fine and changed < s.settled):
                 break
         return state
+
+
+def _coarse(rounds: _Rounds, state: _State, images, settings: ClassifySettings, device: torch.device,
+            n_fine: int) -> _State:
+    """The coarse rounds from ``state``, then the merge-and-split moves."""
+    state = rounds.run(state, fine=False, limit=settings.n_iter - n_fine)
+    if settings.n_iter > n_fine:
+        state = _split_merge(state, rounds, images, settings, device)
+    return state
 
 
 def _split_merge(state: _State, rounds: _Rounds, images, settings: ClassifySettings, device: torch.device) -> _State:
@@ -293,7 +382,7 @@ def _split_merge(state: _State, rounds: _Rounds, images, settings: ClassifySetti
         if proposal is None:
             break
         references, what = proposal
-        trial = rounds.run(state._replace(references=references), fine=False, limit=settings.move_rounds,
+        trial = rounds.run(state._replace(references=references, filtered=None), fine=False, limit=settings.move_rounds,
                            stage=f"move {move + 1}")
         energy = explained_energy(trial.references, trial.counts)
         kept = energy > base

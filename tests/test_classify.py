@@ -89,3 +89,54 @@ def test_ctf_corrected_class_means_undo_the_ctf_that_plain_means_keep():
     assert counts.tolist() == [n]
     assert error(corrected[0]) < 0.3  # 0.27: WIENER and the mask (applied before the |CTF|) keep it above 0
     assert error(plain[0]) > error(corrected[0]) + 0.05  # 0.35: the test can fail
+
+
+def test_ssnr_filter_keeps_what_the_halves_share_and_drops_what_they_do_not():
+    """Each class's two half averages share the view's low frequencies and hold independent noise
+    above them: the Wiener weight is near 1 where the halves agree and near 0 where they do not, so
+    the filtered reference keeps the view and loses the noise. A class too small to split gets the
+    weights of the others."""
+    from cdae_em.classify import apply_ring_filter, ssnr_filter
+
+    box = 32
+    rng = np.random.default_rng(0)
+    f = np.sqrt(np.fft.fftfreq(box)[:, None] ** 2 + np.fft.rfftfreq(box)[None] ** 2)
+    low = lambda a: np.fft.irfft2(np.fft.rfft2(a) * (f < 0.15), s=(box, box))  # noqa: E731
+    high = lambda a: np.fft.irfft2(np.fft.rfft2(a) * (f > 0.25), s=(box, box))  # noqa: E731
+    view = low(load_source(None, box=box).project(np.eye(3)[None]).numpy()[0])
+    scale = view.std()
+    half_a = np.stack([view + high(rng.normal(0, scale, (box, box))), view])
+    half_b = np.stack([view + high(rng.normal(0, scale, (box, box))), view])
+    weights = ssnr_filter(half_a, half_b, np.array([40, 1]), np.array([40, 1]))
+    assert weights[0, 1:4].min() > 0.95
+    assert weights[0, 9:box // 2].max() < 0.35  # the test can fail: 1 if the noise were shared
+    assert np.array_equal(weights[1], weights[0])  # one particle per half: the others' weights
+    filtered = apply_ring_filter((half_a + half_b)[:1] / 2, weights[:1])[0]
+    error = lambda a: float(np.linalg.norm(a - view) / np.linalg.norm(view))  # noqa: E731
+    assert error(filtered) < 0.5 * error((half_a[0] + half_b[0]) / 2)
+
+
+def test_the_coarse_rounds_run_twice_and_the_higher_objective_goes_on(tmp_path):
+    """With ssnr_filter the coarse rounds and moves run on plain and on SSNR-filtered references from
+    the same start; the run with the higher objective is the one the fine rounds continue, its
+    rounds marked in_result, the other's not. Without it, one run."""
+    from cdae_em.splitmerge import explained_energy
+
+    simulate(load_source(None, box=32), SimulationSettings(n_particles=160, n_views=4, in_plane=True,
+                                                           snrs=[0.1], seed=3), tmp_path)
+    images = mrcfile.read(tmp_path / "particles.mrcs").astype(np.float32)
+    settings = ClassifySettings(n_classes=4, n_iter=4, fine_rounds=1, split_merge=1, move_rounds=1, seed=0)
+    both = classify(images, settings, torch.device("cpu"))
+    plain = classify(images, replace(settings, ssnr_filter=False), torch.device("cpu"))
+    passes = {p["ssnr"]: p for p in both.coarse_passes}
+    assert set(passes) == {False, True} and sum(p["kept"] for p in passes.values()) == 1
+    kept = passes[True]["kept"]
+    assert passes[kept]["energy"] >= passes[not kept]["energy"]
+    coarse = [h for h in both.history if h["search"] == "coarse"]
+    assert {h["ssnr"] for h in coarse} == {False, True}
+    assert all(h["in_result"] == (h["ssnr"] == kept) for h in coarse)
+    assert all(h["in_result"] and h["ssnr"] == kept for h in both.history if h["search"] == "fine")
+    # the plain run is the one a classification without the filter makes
+    assert [h["energy"] for h in coarse if not h["ssnr"]] == [h["energy"] for h in plain.history
+                                                              if h["search"] == "coarse"]
+    assert not plain.coarse_passes and not any(h["ssnr"] for h in plain.history)
