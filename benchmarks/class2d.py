@@ -16,8 +16,10 @@ average against the clean, CTF-free projection of its view (after aligning one o
 averaged over the matched classes.
 
 RELION is found on PATH or with ``--relion-bin`` (``../shared/tools/build-relion.sh`` builds it); without
-it the RELION rows are skipped with a message. Results are cached per (protein, SNR, method) in
-``--work``/results.json, so a run only computes what is missing (``--redo`` recomputes).
+it the RELION rows are skipped with a message. Scores are kept per (protein, SNR, method) in
+docs/class2d.json (``--results``), next to the report and in git, so a run only computes what is missing
+(``--redo`` recomputes) and the report survives a lost ``--work`` directory; ``--rescore`` needs the
+programs' output files there.
 """
 
 from __future__ import annotations
@@ -303,15 +305,18 @@ def main(argv=None) -> int:
     p.add_argument("--relion-bin", default=None, help="directory of relion_refine (default: on PATH)")
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench_class2d")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "class2d.md")
+    p.add_argument("--results", type=Path, default=ROOT / "docs" / "class2d.json",
+                   help="scores of every (protein, SNR, method) measured so far, and the ceilings")
     p.add_argument("--redo", action="store_true", help="recompute cached results")
     p.add_argument("--report", action="store_true", help="only write the report from cached results")
     p.add_argument("--rescore", action="store_true", help="score the cached results again from their output files")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    cache = args.work / "results.json"
-    results = json.loads(cache.read_text()) if cache.exists() else {}
-    ceiling_cache = args.work / "ceilings.json"
-    ceilings = json.loads(ceiling_cache.read_text()) if ceiling_cache.exists() else {}
+    kept = json.loads(args.results.read_text()) if args.results.exists() else {}
+    results, ceilings = kept.get("results", {}), kept.get("ceilings", {})
+
+    def save() -> None:
+        args.results.write_text(json.dumps({"results": results, "ceilings": ceilings}, indent=1, sort_keys=True) + "\n")
     relion = find_relion(args.relion_bin)
     invocation = "python -m benchmarks.class2d " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.rescore:
@@ -322,7 +327,7 @@ def main(argv=None) -> int:
             results[key] = {**r, **score({**collect(method, case), **{k: r[k] for k in ("wall_s", "rss_mib", "command")},
                                           "rss_method": r.get("rss_method", "wait4")},
                                          case, clean_views(protein, args.views, args.box), px)}
-        cache.write_text(json.dumps(results, indent=1))
+        save()
     if not args.report and not args.rescore:
         for protein in args.proteins.split(","):
             for snr in [float(s) for s in args.snrs.split(",")]:
@@ -344,13 +349,13 @@ def main(argv=None) -> int:
                     log(f"{key}: F1 {results[key]['f1']:.3f} ARI {results[key]['ari']:.3f} "
                         f"{results[key]['wall_s']:.0f} s {results[key]['rss_mib']:.0f} MiB "
                         f"FRC {results[key]['frc_res_a']:.1f} A")
-                    cache.write_text(json.dumps(results, indent=1))
+                    save()
     for case_key in sorted({k.rsplit("|", 1)[0] for k in results} - set(ceilings)):
         protein, snr = case_key.split("|")
         log(f"{case_key}: ceiling ...")
         ceilings[case_key] = ceiling(simulate_case(protein, float(snr), args.views, args.per_view, args.box, args.work),
                                      clean_views(protein, args.views, args.box))
-        ceiling_cache.write_text(json.dumps(ceilings, indent=1))
+        save()
     write_report(results, ceilings, args.out, args)
     print(args.out.read_text())
     return 0

@@ -42,3 +42,22 @@ def test_report_shows_where_cdae_em_time_goes(tmp_path):
     assert "| 2XHE | 0.05 | 0.900 / 0.700 | cdae-em | 83 / 205 | 0.40 | - |" in text
     all_rows = text.split("## All results")[1]
     assert "| 83 | 900 | 8.0 |" in all_rows and "| 48 | <= 900 | 8.0 |" in all_rows  # wait4 rows: upper bounds
+
+
+def test_the_report_comes_from_the_kept_scores_alone(tmp_path):
+    """Scores and ceilings live in one JSON file next to the report (docs/class2d.json), so
+    ``--report`` rebuilds the tables without the programs' outputs (an empty work directory)."""
+    import json
+
+    from benchmarks.class2d import main
+
+    row = {"n": 1200, "k": 8, "f1": 0.912, "ari": 0.8, "rss_mib": 900.0, "frc_res_a": 8.0, "invocation": "x",
+           "command": "cmd", "wall_s": 83.0, "stages": {}, "rss_method": "vmhwm"}
+    kept = {"results": {"1FAT|0.05|run": row, "1FAT|0.05|relion": {**row, "f1": 0.383, "wall_s": 200.0}},
+            "ceilings": {"1FAT|0.05": {"f1": 0.863, "ari": 0.7, "most_alike": 0.98, "most_alike_views": [1, 3]}}}
+    scores = tmp_path / "class2d.json"
+    scores.write_text(json.dumps(kept))
+    out = tmp_path / "class2d.md"
+    assert main(["--report", "--results", str(scores), "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    assert "| 1FAT | 0.05 | 0.912 / 0.383 | cdae-em | 83 / 200 | 0.41 | 0.863 |" in out.read_text()
+    assert json.loads(scores.read_text()) == kept
