@@ -261,19 +261,10 @@ def classify(images, settings: ClassifySettings, device: torch.device,
     passes = []
     if settings.n_iter > 0:
         n_fine = min(settings.fine_rounds, settings.n_iter)
-        state = _coarse(rounds, state, images, settings, device, n_fine)
         if settings.ssnr_filter and settings.n_iter > n_fine:
-            plain, plain_rounds = state, len(rounds.history)
-            rounds.ssnr = True
-            filtered = _coarse(rounds, rounds.state(labels, psi, origin, score), images, settings, device, n_fine)
-            energies = [explained_energy(s.references, s.counts) for s in (plain, filtered)]
-            keep = energies[1] > energies[0]
-            state, rounds.ssnr = (filtered, True) if keep else (plain, False)
-            for i, entry in enumerate(rounds.history):
-                entry["in_result"] = (i >= plain_rounds) == keep
-            passes = [{"ssnr": ssnr, "energy": e, "kept": ssnr == keep} for ssnr, e in zip((False, True), energies)]
-            log.info("coarse rounds on plain / SSNR-filtered references: objective %.5g / %.5g, kept the %s ones",
-                     *energies, "filtered" if keep else "plain")
+            state, passes = _coarse_plain_and_filtered(rounds, state, images, settings, device, n_fine)
+        else:
+            state = _coarse(rounds, state, images, settings, device, n_fine)
         state = rounds.run(state, fine=True, limit=n_fine)
     labels, psi, origin, score, references, counts = state[:6]
     history = rounds.history
@@ -311,18 +302,20 @@ class _Rounds:
         self.should_stop, self.ctf = should_stop, ctf  # used by the fine rounds
         self.ssnr = False  # whether the rounds align to the references filtered by their half-set SSNR
         self.history: list[dict] = []
-        coarse = settings.n_iter - min(settings.fine_rounds, settings.n_iter) + settings.split_merge * settings.move_rounds
-        self.budget = settings.n_iter - coarse + coarse * (2 if settings.ssnr_filter else 1)  # for progress only
+        # for progress only: every round once, and the coarse rounds and moves again with ssnr_filter
+        once = settings.n_iter + settings.split_merge * settings.move_rounds
+        n_fine = min(settings.fine_rounds, settings.n_iter)
+        self.budget = once + (once - n_fine if settings.ssnr_filter and settings.n_iter > n_fine else 0)
         report(0, self.budget, "round")
 
     def state(self, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray, score: np.ndarray, ctf=None) -> _State:
         """The state of an assignment: its references (CTF-corrected with ``ctf``), class counts and,
         with ``ssnr_filter``, the references filtered by their half-set SSNR (halves: even and odd rows)."""
         k = self.settings.n_classes
-        counts = np.bincount(labels, minlength=k)
         if not self.ssnr:
-            sums, power = _class_sums(self.images, labels, psi, origin, k, self.device, self.settings.batch_size, ctf)
-            return _State(labels, psi, origin, score, _averages(sums, power, counts), counts)
+            return _State(labels, psi, origin, score,
+                          *class_means(self.images, labels, psi, origin, k, self.device, self.settings.batch_size, ctf))
+        counts = np.bincount(labels, minlength=k)
         halves = labels * 2 + np.arange(len(labels)) % 2
         sums, power = _class_sums(self.images, halves, psi, origin, 2 * k, self.device, self.settings.batch_size, ctf)
         n_half = np.bincount(halves, minlength=2 * k).reshape(k, 2)
@@ -370,6 +363,27 @@ def _coarse(rounds: _Rounds, state: _State, images, settings: ClassifySettings, 
     if settings.n_iter > n_fine:
         state = _split_merge(state, rounds, images, settings, device)
     return state
+
+
+def _coarse_plain_and_filtered(rounds: _Rounds, start: _State, images, settings: ClassifySettings,
+                               device: torch.device, n_fine: int) -> tuple[_State, list[dict]]:
+    """Step 5: the coarse rounds and moves from ``start`` on the plain references, then on the
+    SSNR-filtered ones; the run with the higher k-means objective, and both runs' objectives. The
+    rounds of the other run are marked ``in_result: False`` in the history; the fine rounds that
+    follow align as the kept run did (``rounds.ssnr``)."""
+    plain = _coarse(rounds, start, images, settings, device, n_fine)
+    plain_rounds = len(rounds.history)
+    rounds.ssnr = True
+    filtered = _coarse(rounds, rounds.state(*start[:4]), images, settings, device, n_fine)
+    energies = [explained_energy(s.references, s.counts) for s in (plain, filtered)]
+    keep = energies[1] > energies[0]
+    rounds.ssnr = keep
+    for i, entry in enumerate(rounds.history):
+        entry["in_result"] = (i >= plain_rounds) == keep
+    log.info("coarse rounds on plain / SSNR-filtered references: objective %.5g / %.5g, kept the %s ones",
+             *energies, "filtered" if keep else "plain")
+    passes = [{"ssnr": ssnr, "energy": e, "kept": ssnr == keep} for ssnr, e in zip((False, True), energies)]
+    return (filtered if keep else plain), passes
 
 
 def _split_merge(state: _State, rounds: _Rounds, images, settings: ClassifySettings, device: torch.device) -> _State:
