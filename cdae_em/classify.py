@@ -24,6 +24,13 @@
    the fine rounds. Filtering keeps the frequencies where a class average is mostly noise from
    deciding a particle's class, which wins at low SNR; where views differ only in faint detail
    the plain references do better, and the objective tells which case holds.
+6. With the |CTF| of phase-flipped particles, after the fine rounds, up to ``split_merge`` moves
+   again, each judged after ``fine_rounds`` fine rounds. Views that differ in faint detail (two
+   views correlating at 0.98) are told apart only by the CTF-aware comparison, so a merge of two
+   of them that the coarse rounds made is undone only here. The split follows the members'
+   residuals from their CTF-corrected average weighted by |CTF| (not their defocus), the merge takes
+   the pair that costs the objective least (a small, noisy class that the correlation passes over).
+   Class averages (plain, CTF-corrected, SSNR-filtered) are computed in ``cdae_em.averages``.
 Classes are returned ordered by size (class 1 the largest), with each particle's psi and origin in
 RELION's convention (applying them to the particle brings it onto its class average).
 
@@ -45,13 +52,11 @@ import torch
 from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 
 from cdae_em import distributed
-from cdae_em.align import (align_pairs, align_to_references, apply_alignment, estimate_particle_radius,
-                           shift_in_raw_frame)
-from cdae_em.ctf import frequency_grid
-from cdae_em.metrics import frc, ssnr_from_frc
-from cdae_em.neighbours import reduced_invariant_features
+from cdae_em.align import align_pairs, align_to_references, estimate_particle_radius, shift_in_raw_frame
+from cdae_em.averages import (apply_ring_filter, averages_from_sums, class_means, class_sums, masked_rows,
+                               ssnr_filter)
 from cdae_em.errors import InputError
-from cdae_em.polar import batch_rows
+from cdae_em.neighbours import reduced_invariant_features
 from cdae_em.preprocess import particle_mask
 from cdae_em.progress import report
 from cdae_em.splitmerge import explained_energy, propose
@@ -77,8 +82,8 @@ class ClassifySettings:
     coarse_band: float = 0.1875
     fine_band: float = 0.25
     rescore: int = 4  # the references matching best within the band compared at full resolution (1: none)
-    # merge-and-split moves tried after the coarse rounds (0: none); each is kept only if it helps,
-    # and the first that does not ends them (see cdae_em.splitmerge)
+    # merge-and-split moves tried after the coarse rounds, and with the CTF again after the fine ones
+    # (0: none); each is kept only if it helps, and the first that does not ends them (see cdae_em.splitmerge)
     split_merge: int = 3
     move_rounds: int = 4  # coarse rounds after a move, before it is judged
     center_classes: bool = True  # shift each class average's centre of mass to the box centre (RELION's --center_classes)
@@ -124,21 +129,8 @@ def cluster(features: np.ndarray, n_classes: int, method: str, seed: int = 0, hc
     raise ValueError(f"unknown clustering method {method!r} (kmeans or hierarchical)")
 
 
-def _rows(images, rows, device) -> torch.Tensor:
-    """Images ``rows`` ready to compare: zero mean inside a circular mask, masked.
-
-    Histogram-equalised particles are bright discs on a zero background; without this the disc
-    would dominate every cross-correlation and all classes would look alike.
-    """
-    x = torch.from_numpy(np.asarray(images[rows], dtype=np.float32)).to(device)
-    mask = particle_mask(x.shape[-1], device=device)  # the denoiser's default mask
-    inside = mask > 0.5
-    mean = x[:, inside].mean(dim=1)
-    return (x - mean[:, None, None]) * mask
-
-
 class _Masked:
-    """``images`` read through ``_rows`` (masked, zero mean inside the mask) as an array-like."""
+    """``images`` read through ``averages.masked_rows`` (masked, zero mean inside the mask) as an array-like."""
 
     def __init__(self, images, device):
         self.images, self.device, self.shape = images, device, images.shape
@@ -147,91 +139,7 @@ class _Masked:
         return len(self.images)
 
     def __getitem__(self, rows) -> torch.Tensor:
-        return _rows(self.images, rows, self.device)
-
-
-def class_means(images, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray, n_classes: int,
-                device: torch.device, batch_size: int = 256, ctf=None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class means of the aligned images (K, box, box) and the class counts (K,).
-
-    With ``ctf`` (|CTF| of phase-flipped ``images``, row for row; see ``cdae_em.ctf.CtfAmplitudes``)
-    the CTF-corrected least-squares averages instead: per frequency sum |CTF| x / (sum CTF^2 + WIENER n),
-    CTF^2 averaged over rings so that it turns with the images (exact without astigmatism)."""
-    sums, power = _class_sums(images, labels, psi, origin, n_classes, device, batch_size, ctf)
-    counts = np.bincount(labels, minlength=n_classes)
-    return _averages(sums, power, counts), counts
-
-
-def _class_sums(images, groups: np.ndarray, psi: np.ndarray, origin: np.ndarray, n_groups: int,
-                device: torch.device, batch_size: int, ctf=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per group: the sum of the aligned images (G, box, box; with ``ctf`` each image multiplied by
-    its |CTF| first) and with ``ctf`` the sum of the ring-averaged CTF^2 (G, rings)."""
-    box = images.shape[-1]
-    sums = torch.zeros((n_groups, box, box), device=device)
-    power = None
-    if ctf is not None:
-        rings, n_rings, per_ring = _rings(box, device)
-        power = torch.zeros((n_groups, n_rings), device=device)
-    lo, hi = distributed.shard(len(images))  # each rank its rows; the sums are added over ranks
-    for start in range(lo, hi, batch_size):
-        rows = slice(start, min(start + batch_size, hi))
-        x, classes = _rows(images, rows, device), torch.as_tensor(groups[rows], device=device)
-        if ctf is not None:
-            amp = batch_rows(ctf, rows, device)
-            x = torch.fft.irfft2(torch.fft.rfft2(x) * amp, s=(box, box))
-            ring_power = torch.zeros((len(x), n_rings), device=device).index_add_(1, rings, amp.square().flatten(1))
-            power.index_add_(0, classes, ring_power / per_ring)
-        x = apply_alignment(x, torch.as_tensor(psi[rows], device=device, dtype=torch.float32),
-                            torch.as_tensor(origin[rows], device=device, dtype=torch.float32))
-        sums.index_add_(0, classes, x)
-    return distributed.all_reduce_sum(sums), None if power is None else distributed.all_reduce_sum(power)
-
-
-def _averages(sums: torch.Tensor, power: torch.Tensor | None, counts: np.ndarray) -> np.ndarray:
-    """The averages from ``_class_sums``: plain means, or with ``power`` CTF-corrected ones."""
-    n_groups, box = sums.shape[0], sums.shape[-1]
-    n = torch.as_tensor(np.maximum(counts, 1), device=sums.device, dtype=torch.float32)[:, None, None]
-    if power is None:
-        return (sums / n).cpu().numpy()
-    rings = _rings(box, sums.device)[0]
-    den = power[:, rings].reshape(n_groups, box, box // 2 + 1) + WIENER * n
-    return torch.fft.irfft2(torch.fft.rfft2(sums) / den, s=(box, box)).cpu().numpy()
-
-
-def ssnr_filter(half_a: np.ndarray, half_b: np.ndarray, n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
-    """Per class and Fourier ring, the Wiener weight SSNR / (1 + SSNR) of the class average, its
-    SSNR from the FRC of the averages of its two halves (K, box, box each, of ``n_a``/``n_b``
-    particles): (K, box // 2 + 1). Classes with fewer than 2 particles in a half get the
-    count-weighted mean weight of the others (all ones if there are none)."""
-    k, box = len(half_a), half_a.shape[-1]
-    weights = np.ones((k, box // 2 + 1))
-    valid = (np.asarray(n_a) >= 2) & (np.asarray(n_b) >= 2)
-    for c in np.flatnonzero(valid):
-        ssnr = ssnr_from_frc(frc(half_a[c], half_b[c]))
-        weights[c] = ssnr / (1.0 + ssnr)
-    if valid.any() and not valid.all():
-        size = (np.asarray(n_a) + np.asarray(n_b))[valid].astype(np.float64)
-        weights[~valid] = (weights[valid] * size[:, None]).sum(axis=0) / size.sum()
-    return weights
-
-
-def apply_ring_filter(images: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Each image (K, box, box) multiplied in Fourier space by its weight per ring (K, box // 2 + 1)."""
-    box = images.shape[-1]
-    rings = _rings(box, torch.device("cpu"))[0].clamp(max=weights.shape[1] - 1)
-    w = torch.as_tensor(weights, dtype=torch.float32)[:, rings].reshape(len(images), box, box // 2 + 1)
-    return torch.fft.irfft2(torch.fft.rfft2(torch.as_tensor(images, dtype=torch.float32)) * w, s=(box, box)).numpy()
-
-
-WIENER = 0.1  # the CTF-corrected averages' regulariser, per particle (CTF^2 is at most 1)
-
-
-def _rings(box: int, device: torch.device) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """Ring index of every rfft2 frequency (flattened), the number of rings, and frequencies per ring."""
-    fy, fx = frequency_grid(box, device)
-    rings = torch.round(torch.sqrt(fy**2 + fx**2) * box).long().flatten()
-    n_rings = int(rings.max()) + 1
-    return rings, n_rings, torch.bincount(rings, minlength=n_rings).float()
+        return masked_rows(self.images, rows, self.device)
 
 
 def classify(images, settings: ClassifySettings, device: torch.device,
@@ -266,6 +174,8 @@ def classify(images, settings: ClassifySettings, device: torch.device,
         else:
             state = _coarse(rounds, state, images, settings, device, n_fine)
         state = rounds.run(state, fine=True, limit=n_fine)
+        if ctf is not None:
+            state = _split_merge(state, rounds, images, settings, device, fine=True)
     labels, psi, origin, score, references, counts = state[:6]
     history = rounds.history
 
@@ -302,10 +212,12 @@ class _Rounds:
         self.should_stop, self.ctf = should_stop, ctf  # used by the fine rounds
         self.ssnr = False  # whether the rounds align to the references filtered by their half-set SSNR
         self.history: list[dict] = []
-        # for progress only: every round once, and the coarse rounds and moves again with ssnr_filter
+        # for progress only: every round once, the coarse rounds and moves again with ssnr_filter,
+        # and with the CTF the fine moves
         once = settings.n_iter + settings.split_merge * settings.move_rounds
         n_fine = min(settings.fine_rounds, settings.n_iter)
         self.budget = once + (once - n_fine if settings.ssnr_filter and settings.n_iter > n_fine else 0)
+        self.budget += settings.split_merge * n_fine if ctf is not None else 0
         report(0, self.budget, "round")
 
     def state(self, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray, score: np.ndarray, ctf=None) -> _State:
@@ -317,11 +229,11 @@ class _Rounds:
                           *class_means(self.images, labels, psi, origin, k, self.device, self.settings.batch_size, ctf))
         counts = np.bincount(labels, minlength=k)
         halves = labels * 2 + np.arange(len(labels)) % 2
-        sums, power = _class_sums(self.images, halves, psi, origin, 2 * k, self.device, self.settings.batch_size, ctf)
+        sums, power = class_sums(self.images, halves, psi, origin, 2 * k, self.device, self.settings.batch_size, ctf)
         n_half = np.bincount(halves, minlength=2 * k).reshape(k, 2)
-        half_means = _averages(sums, power, n_half.ravel())
+        half_means = averages_from_sums(sums, power, n_half.ravel())
         whole = (lambda t: None if t is None else t.reshape(k, 2, *t.shape[1:]).sum(dim=1))
-        references = _averages(whole(sums), whole(power), counts)
+        references = averages_from_sums(whole(sums), whole(power), counts)
         weights = ssnr_filter(half_means[0::2], half_means[1::2], n_half[:, 0], n_half[:, 1])
         return _State(labels, psi, origin, score, references, counts, apply_ring_filter(references, weights))
 
@@ -386,27 +298,43 @@ def _coarse_plain_and_filtered(rounds: _Rounds, start: _State, images, settings:
     return (filtered if keep else plain), passes
 
 
-def _split_merge(state: _State, rounds: _Rounds, images, settings: ClassifySettings, device: torch.device) -> _State:
+def _split_merge(state: _State, rounds: _Rounds, images, settings: ClassifySettings, device: torch.device,
+                 fine: bool = False) -> _State:
     """Up to ``settings.split_merge`` merge-and-split moves (``cdae_em.splitmerge``), each kept only
-    if, after ``move_rounds`` coarse rounds from its references, the k-means objective is higher."""
-    base = explained_energy(state.references, state.counts)
+    if, after ``move_rounds`` coarse rounds from its references, the k-means objective (of the plain
+    class averages) is higher. ``fine``: step 6, the moves after the CTF-aware fine rounds: the
+    split from the members' CTF-weighted residuals within the fine band, the merge of the pair
+    that costs the objective least, each move judged after ``fine_rounds`` fine rounds."""
+    k = settings.n_classes
+    if fine:
+        n_rounds, ctf, band, merge_by = min(settings.fine_rounds, settings.n_iter), rounds.ctf, settings.fine_band, "cost"
+    else:
+        n_rounds, ctf, band, merge_by = settings.move_rounds, None, None, "correlation"
+
+    def plain(s: _State) -> tuple[float, np.ndarray]:
+        refs, counts = (class_means(images, s.labels, s.psi, s.origin, k, device, settings.batch_size) if fine
+                        else (s.references, s.counts))
+        return explained_energy(refs, counts), refs
+
+    base, references = plain(state)
     for move in range(settings.split_merge):
-        proposal = distributed.on_main(propose, lambda rows: _rows(images, rows, device), state.labels, state.psi,
-                                       state.origin, state.references, state.counts, seed=settings.seed + move)
+        proposal = distributed.on_main(propose, lambda rows: masked_rows(images, rows, device), state.labels, state.psi,
+                                       state.origin, references, state.counts, seed=settings.seed + move,
+                                       ctf=ctf, band=band, merge_by=merge_by)
         if proposal is None:
             break
-        references, what = proposal
-        trial = rounds.run(state._replace(references=references, filtered=None), fine=False, limit=settings.move_rounds,
-                           stage=f"move {move + 1}")
-        energy = explained_energy(trial.references, trial.counts)
+        new_refs, what = proposal
+        stage = f"{'fine ' if fine else ''}move {move + 1}"
+        trial = rounds.run(state._replace(references=new_refs, filtered=None), fine=fine, limit=n_rounds, stage=stage)
+        energy, trial_refs = plain(trial)
         kept = energy > base
         rounds.history[-1]["move"] = {**what, "energy_before": base, "energy_after": energy, "kept": kept}
-        log.info("move %d: merge classes %d+%d (cc %.3f), split class %d (heterogeneity %.2f): objective %.5g -> %.5g, %s",
-                 move + 1, what["merge"][0] + 1, what["merge"][1] + 1, what["merge_score"], what["split"] + 1,
+        log.info("%s: merge classes %d+%d (cc %.3f), split class %d (heterogeneity %.2f): objective %.5g -> %.5g, %s",
+                 stage, what["merge"][0] + 1, what["merge"][1] + 1, what["merge_score"], what["split"] + 1,
                  what["split_ratio"], base, energy, "kept" if kept else "undone")
         if not kept:
             break
-        state, base = trial, energy
+        state, base, references = trial, energy, trial_refs
     return state
 
 
@@ -454,8 +382,8 @@ def _initial_classes(images, settings: ClassifySettings, device: torch.device, m
     lo, hi = distributed.shard(n)
     for start in range(lo, hi, settings.batch_size):
         rows = slice(start, min(start + settings.batch_size, hi))
-        refs = _rows(images, medoid[labels[rows]], device)
-        p, o, s = align_pairs(_rows(images, rows, device), refs, psi_step=settings.psi_step, max_shift=max_shift,
+        refs = masked_rows(images, medoid[labels[rows]], device)
+        p, o, s = align_pairs(masked_rows(images, rows, device), refs, psi_step=settings.psi_step, max_shift=max_shift,
                               mask_radius=radius)
         psi[rows], origin[rows], score[rows] = p.cpu().numpy(), o.cpu().numpy(), s.cpu().numpy()
     psi, origin, score = (distributed.gather_rows(torch.from_numpy(a[lo:hi])).numpy() for a in (psi, origin, score))

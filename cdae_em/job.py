@@ -66,7 +66,7 @@ class JobSettings:
     align_on: str = "original"  # classes start from the denoised particles; alignment rounds use these
     n_iter: int = 10  # rounds of alignment to class averages and re-assignment (at most; coarse to fine)
     psi_step: float = 5.0  # degrees
-    split_merge: int = 3  # merge-and-split moves tried (each kept only if it helps; 0: none)
+    split_merge: int = 3  # merge-and-split moves tried per stage (each kept only if it helps; 0: none)
     max_shift: float | None = None  # pixels (working box); default box / 8
     average_phase_flipped: bool | None = None  # class averages from CTF phase-flipped originals; None: as the particles
     project_dir: str | None = None  # what relative image paths resolve against (default: cwd)
@@ -306,7 +306,8 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
     """3. classification: of the denoised particles (then alignment rounds on the originals), or
     with ``stages="classify"`` of the input particles as they are. Returns labels, psi, origin,
     score, references and the box the origins are in."""
-    from cdae_em.classify import ClassifySettings, class_means, classify
+    from cdae_em.averages import class_means
+    from cdae_em.classify import ClassifySettings, classify
 
     out = Path(settings.out_dir)
     progress.stage(2, "classify")

@@ -25,7 +25,7 @@ def denoised_agreement(denoised, labels: np.ndarray, psi: np.ndarray, origin: np
     """Mean correlation per class (K,) of the aligned, masked denoised particles with their class's
     average (K, box, box; resized to the particles' box if needed), inside the particle mask."""
     from cdae_em.align import apply_alignment
-    from cdae_em.classify import _rows
+    from cdae_em.averages import masked_rows
     from cdae_em.preprocess import fourier_resize, particle_mask
 
     k, box = len(averages), denoised.shape[-1]
@@ -38,7 +38,7 @@ def denoised_agreement(denoised, labels: np.ndarray, psi: np.ndarray, origin: np
     sums = np.zeros(k)
     for start in range(0, len(denoised), batch_size):
         rows = slice(start, min(start + batch_size, len(denoised)))
-        x = apply_alignment(_rows(denoised, rows, device), torch.as_tensor(psi[rows], device=device, dtype=torch.float32),
+        x = apply_alignment(masked_rows(denoised, rows, device), torch.as_tensor(psi[rows], device=device, dtype=torch.float32),
                             torch.as_tensor(origin[rows], device=device, dtype=torch.float32))[:, mask]
         x = (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, keepdim=True).clamp_min(1e-12)
         lab = torch.as_tensor(labels[rows], device=device)

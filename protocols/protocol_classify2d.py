@@ -70,9 +70,10 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
                       help="Rounds of alignment to the class averages and re-assignment.")
         form.addParam("splitMerge", params.IntParam, default=3, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="Merge-and-split moves",
-                      help="After the coarse rounds: merge the two most alike classes and split the most "
-                           "mixed one, kept only if the classes' squared error falls; undoes two views "
-                           "sharing a class while another view is split over two. 0: none.")
+                      help="After the coarse rounds (and, for particles with CTF, again after the fine "
+                           "rounds): merge the two most alike classes and split the most mixed one, kept "
+                           "only if the classes' squared error falls; undoes two views sharing a class "
+                           "while another view is split over two. 0: none.")
         form.addParam("psiStep", params.FloatParam, default=5.0, validators=[params.Positive],
                       expertLevel=params.LEVEL_ADVANCED, label="In-plane angular step (deg)")
         form.addParam("maxShift", params.FloatParam, default=-1, expertLevel=params.LEVEL_ADVANCED,

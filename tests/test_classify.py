@@ -67,7 +67,7 @@ def test_ctf_corrected_class_means_undo_the_ctf_that_plain_means_keep():
     """Noiseless phase-flipped particles of one view at six defoci are |CTF| times it: their CTF-
     corrected average is closer to the view (up to the regulariser), their plain average is the
     view filtered by the mean |CTF|."""
-    from cdae_em.classify import _rows, class_means
+    from cdae_em.averages import class_means, masked_rows
     from cdae_em.ctf import CtfAmplitudes, CtfParams
 
     box, n = 32, 6
@@ -78,7 +78,7 @@ def test_ctf_corrected_class_means_undo_the_ctf_that_plain_means_keep():
     amp = CtfAmplitudes(params, 3.0, box)
     flipped = torch.fft.irfft2(torch.fft.rfft2(view) * torch.as_tensor(amp[:]), s=(box, box)).numpy()
     zeros = np.zeros(n, np.float32)
-    target = _rows(view.numpy(), [0], torch.device("cpu"))[0].numpy()
+    target = masked_rows(view.numpy(), [0], torch.device("cpu"))[0].numpy()
     args = (np.zeros(n, int), zeros, np.zeros((n, 2), np.float32), 1, torch.device("cpu"))
     corrected, counts = class_means(flipped, *args, ctf=amp)
     plain, _ = class_means(flipped, *args)
@@ -96,7 +96,7 @@ def test_ssnr_filter_keeps_what_the_halves_share_and_drops_what_they_do_not():
     above them: the Wiener weight is near 1 where the halves agree and near 0 where they do not, so
     the filtered reference keeps the view and loses the noise. A class too small to split gets the
     weights of the others."""
-    from cdae_em.classify import apply_ring_filter, ssnr_filter
+    from cdae_em.averages import apply_ring_filter, ssnr_filter
 
     box = 32
     rng = np.random.default_rng(0)
@@ -140,3 +140,18 @@ def test_the_coarse_rounds_run_twice_and_the_higher_objective_goes_on(tmp_path):
     assert [h["energy"] for h in coarse if not h["ssnr"]] == [h["energy"] for h in plain.history
                                                               if h["search"] == "coarse"]
     assert not plain.coarse_passes and not any(h["ssnr"] for h in plain.history)
+
+
+def test_ring_average_keeps_what_turns_with_the_image_and_averages_the_rest():
+    """A |CTF| without astigmatism is the same on each Fourier ring and stays as it is; what differs
+    along a ring (here fx) is replaced by its mean there."""
+    from cdae_em.averages import ring_average, ring_index
+
+    box = 16
+    index, n_rings, _ = ring_index(box, torch.device("cpu"))
+    per_ring = torch.rand(n_rings, generator=torch.Generator().manual_seed(0))
+    radial = per_ring[index].reshape(1, box, box // 2 + 1)
+    assert torch.allclose(ring_average(radial), radial, atol=1e-6)
+    fx = torch.fft.rfftfreq(box)[None, None, :].expand(1, box, box // 2 + 1)
+    assert float((ring_average(fx) - fx).abs().max()) > 0.1  # not the same on a ring: averaged
+    assert torch.allclose(ring_average(radial + fx - ring_average(fx)), radial, atol=1e-6)

@@ -37,9 +37,9 @@ def add_classify_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--iter", type=at_least(0), default=JobSettings.n_iter,
                    help="rounds of alignment and re-assignment (default: %(default)s)")
     g.add_argument("--split-merge", type=at_least(0), default=JobSettings.split_merge,
-                   help="merge-and-split moves tried after the coarse rounds, to undo two views sharing a class "
-                        "while another is split; each is kept only if it lowers the classes' squared error "
-                        "(default: %(default)s; 0: none)")
+                   help="merge-and-split moves tried after the coarse rounds (and, for particles with CTF, again "
+                        "after the fine rounds), to undo two views sharing a class while another is split; each "
+                        "is kept only if it lowers the classes' squared error (default: %(default)s; 0: none)")
     g.add_argument("--psi-step", type=positive_float, default=JobSettings.psi_step,
                    help="in-plane angular step, degrees (default: %(default)s)")
     g.add_argument("--max-shift", type=float, default=JobSettings.max_shift,
