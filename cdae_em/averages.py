@@ -1,6 +1,6 @@
 """Class averages for 2D classification: the aligned particles of each class summed and averaged,
 plain or CTF-corrected (for phase-flipped particles), and the Wiener filter of each average by its
-half-set SSNR.
+half-set SSNR, and the origins that centre each class average (RELION's --center_classes).
 
 All sums stream the images in batches (``distributed``-aware: each rank sums its rows, the sums are
 added over ranks); images are read through ``masked_rows``, as the classification compares them.
@@ -8,15 +8,19 @@ added over ranks); images are read through ``masked_rows``, as the classificatio
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from cdae_em import distributed
-from cdae_em.align import apply_alignment
+from cdae_em.align import apply_alignment, shift_in_raw_frame
 from cdae_em.ctf import frequency_grid
 from cdae_em.metrics import frc, ssnr_from_frc
 from cdae_em.polar import batch_rows
 from cdae_em.preprocess import particle_mask
+
+log = logging.getLogger(__name__)
 
 WIENER = 0.1  # the CTF-corrected averages' regulariser, per particle (CTF^2 is at most 1)
 
@@ -29,14 +33,20 @@ def ring_index(box: int, device: torch.device) -> tuple[torch.Tensor, int, torch
     return rings, n_rings, torch.bincount(rings, minlength=n_rings).float()
 
 
-def ring_average(values: torch.Tensor) -> torch.Tensor:
-    """Values on the rfft2 grid (..., box, box // 2 + 1) averaged over each Fourier ring, on the same
-    grid: what stays the same when the image turns (e.g. a particle's |CTF|; exact without astigmatism)."""
+def ring_means(values: torch.Tensor) -> torch.Tensor:
+    """Values on the rfft2 grid (N, box, box // 2 + 1) averaged over each Fourier ring: (N, rings)."""
     box = values.shape[-2]
     index, n_rings, per_ring = ring_index(box, values.device)
     flat = values.reshape(-1, box * (box // 2 + 1))
     sums = torch.zeros((len(flat), n_rings), device=values.device, dtype=values.dtype).index_add_(1, index, flat)
-    return (sums / per_ring)[:, index].reshape(values.shape)
+    return sums / per_ring
+
+
+def ring_average(values: torch.Tensor) -> torch.Tensor:
+    """Values on the rfft2 grid (..., box, box // 2 + 1) averaged over each Fourier ring, on the same
+    grid: what stays the same when the image turns (e.g. a particle's |CTF|; exact without astigmatism)."""
+    index = ring_index(values.shape[-2], values.device)[0]
+    return ring_means(values)[:, index].reshape(values.shape)
 
 
 def masked_rows(images, rows, device) -> torch.Tensor:
@@ -65,15 +75,14 @@ def class_means(images, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray,
 
 
 def class_sums(images, groups: np.ndarray, psi: np.ndarray, origin: np.ndarray, n_groups: int,
-                device: torch.device, batch_size: int, ctf=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               device: torch.device, batch_size: int, ctf=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per group: the sum of the aligned images (G, box, box; with ``ctf`` each image multiplied by
     its |CTF| first) and with ``ctf`` the sum of the ring-averaged CTF^2 (G, rings)."""
     box = images.shape[-1]
     sums = torch.zeros((n_groups, box, box), device=device)
     power = None
     if ctf is not None:
-        rings, n_rings, per_ring = ring_index(box, device)
-        power = torch.zeros((n_groups, n_rings), device=device)
+        power = torch.zeros((n_groups, ring_index(box, device)[1]), device=device)
     lo, hi = distributed.shard(len(images))  # each rank its rows; the sums are added over ranks
     for start in range(lo, hi, batch_size):
         rows = slice(start, min(start + batch_size, hi))
@@ -81,8 +90,7 @@ def class_sums(images, groups: np.ndarray, psi: np.ndarray, origin: np.ndarray, 
         if ctf is not None:
             amp = batch_rows(ctf, rows, device)
             x = torch.fft.irfft2(torch.fft.rfft2(x) * amp, s=(box, box))
-            ring_power = torch.zeros((len(x), n_rings), device=device).index_add_(1, rings, amp.square().flatten(1))
-            power.index_add_(0, classes, ring_power / per_ring)
+            power.index_add_(0, classes, ring_means(amp.square()))
         x = apply_alignment(x, torch.as_tensor(psi[rows], device=device, dtype=torch.float32),
                             torch.as_tensor(origin[rows], device=device, dtype=torch.float32))
         sums.index_add_(0, classes, x)
@@ -123,3 +131,22 @@ def apply_ring_filter(images: np.ndarray, weights: np.ndarray) -> np.ndarray:
     rings = ring_index(box, torch.device("cpu"))[0].clamp(max=weights.shape[1] - 1)
     w = torch.as_tensor(weights, dtype=torch.float32)[:, rings].reshape(len(images), box, box // 2 + 1)
     return torch.fft.irfft2(torch.fft.rfft2(torch.as_tensor(images, dtype=torch.float32)) * w, s=(box, box)).numpy()
+
+
+def centred_origins(references: np.ndarray, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """Origins that put each class average's centre of mass at the box centre, as 3D work expects.
+
+    The mass is the squared intensity inside the particle mask (either contrast). Shifting the
+    aligned images by -s changes each member's origin o to o - R(psi)^T s (the convention of
+    ``align.apply_alignment``)."""
+    box = references.shape[-1]
+    refs = torch.as_tensor(references, dtype=torch.float64)
+    refs = refs - refs.mean(dim=(-2, -1), keepdim=True)
+    weight = refs.square() * particle_mask(box).double()
+    coords = torch.arange(box, dtype=torch.float64) - box // 2
+    total = weight.sum(dim=(-2, -1)).clamp_min(1e-30)
+    com = torch.stack([(weight.sum(dim=-2) * coords).sum(-1) / total,
+                       (weight.sum(dim=-1) * coords).sum(-1) / total], dim=1)  # (K, 2): x, y
+    raw = shift_in_raw_frame(com[torch.as_tensor(labels)].float(), torch.as_tensor(psi, dtype=torch.float32))
+    log.info("class averages centred: shifts up to %.2f px", float(com.norm(dim=1).max()))
+    return (torch.as_tensor(origin, dtype=torch.float32) - raw).numpy()

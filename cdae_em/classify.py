@@ -52,12 +52,11 @@ import torch
 from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 
 from cdae_em import distributed
-from cdae_em.align import align_pairs, align_to_references, estimate_particle_radius, shift_in_raw_frame
-from cdae_em.averages import (apply_ring_filter, averages_from_sums, class_means, class_sums, masked_rows,
-                               ssnr_filter)
+from cdae_em.align import align_pairs, align_to_references, estimate_particle_radius
+from cdae_em.averages import (apply_ring_filter, averages_from_sums, centred_origins, class_means, class_sums,
+                               masked_rows, ssnr_filter)
 from cdae_em.errors import InputError
 from cdae_em.neighbours import reduced_invariant_features
-from cdae_em.preprocess import particle_mask
 from cdae_em.progress import report
 from cdae_em.splitmerge import explained_energy, propose
 
@@ -180,7 +179,7 @@ def classify(images, settings: ClassifySettings, device: torch.device,
     history = rounds.history
 
     if settings.center_classes:
-        origin = _centre_classes(references, labels, psi, origin)
+        origin = centred_origins(references, labels, psi, origin)
     if settings.center_classes or ctf is not None:
         references, counts = class_means(images, labels, psi, origin, k, device, settings.batch_size)
     order = np.argsort(-counts, kind="stable")
@@ -336,25 +335,6 @@ def _split_merge(state: _State, rounds: _Rounds, images, settings: ClassifySetti
             break
         state, base, references = trial, energy, trial_refs
     return state
-
-
-def _centre_classes(references: np.ndarray, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray) -> np.ndarray:
-    """Origins that put each class average's centre of mass at the box centre, as 3D work expects.
-
-    The mass is the squared intensity inside the particle mask (either contrast). Shifting the
-    aligned images by -s changes each member's origin o to o - R(psi)^T s (the convention of
-    ``align.apply_alignment``)."""
-    box = references.shape[-1]
-    refs = torch.as_tensor(references, dtype=torch.float64)
-    refs = refs - refs.mean(dim=(-2, -1), keepdim=True)
-    weight = refs.square() * particle_mask(box).double()
-    coords = torch.arange(box, dtype=torch.float64) - box // 2
-    total = weight.sum(dim=(-2, -1)).clamp_min(1e-30)
-    com = torch.stack([(weight.sum(dim=-2) * coords).sum(-1) / total,
-                       (weight.sum(dim=-1) * coords).sum(-1) / total], dim=1)  # (K, 2): x, y
-    raw = shift_in_raw_frame(com[torch.as_tensor(labels)].float(), torch.as_tensor(psi, dtype=torch.float32))
-    log.info("class averages centred: shifts up to %.2f px", float(com.norm(dim=1).max()))
-    return (torch.as_tensor(origin, dtype=torch.float32) - raw).numpy()
 
 
 def _initial_classes(images, settings: ClassifySettings, device: torch.device, max_shift: float,

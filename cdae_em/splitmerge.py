@@ -32,6 +32,7 @@ import torch
 
 from cdae_em.align import align_pairs, apply_alignment
 from cdae_em.averages import WIENER, ring_average
+from cdae_em.ctf import frequency_grid
 from cdae_em.polar import batch_rows
 from cdae_em.preprocess import particle_mask
 
@@ -78,8 +79,7 @@ def class_residuals(aligned: torch.Tensor, amp: torch.Tensor | None = None, band
         average = (amp * f).sum(dim=0) / (amp.square().sum(dim=0) + WIENER * len(f))
         residual = amp * (f - amp * average)
     if band is not None:
-        fy = torch.fft.fftfreq(box, device=f.device)[:, None]
-        fx = torch.fft.rfftfreq(box, device=f.device)[None]
+        fy, fx = frequency_grid(box, f.device)
         residual = residual * ((fy**2 + fx**2) <= band**2)
     return torch.fft.irfft2(residual, s=(box, box))
 
