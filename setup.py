@@ -22,6 +22,20 @@ setup(
     "(STAR in, STAR out; RELION External job and Scipion plugin)",
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
+    # PEP 639: an SPDX expression (METADATA's License-Expression) and the licence file in
+    # dist-info. setuptools >= 77 refuses a "License ::" classifier next to an expression, and
+    # with the old free-text `license=` it warns that such classifiers are deprecated.
+    license_expression="GPL-3.0-or-later",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering :: Bio-Informatics",
+    ],
     python_requires=">=3.10",
     packages=["cdae_em", "cdae_em.commands", "cdae_em.data", "cdae_em.protocols", "cdae_em.templates"],
     package_dir={
