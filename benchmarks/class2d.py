@@ -177,7 +177,7 @@ def ceiling(case: Path, clean: np.ndarray) -> dict:
     import torch
 
     from cdae_em.align import align_pairs, align_to_references
-    from cdae_em.denoise import DenoiseSettings
+    from cdae_em.settings import DenoiseSettings
     from cdae_em.metrics import clustering_scores
     from cdae_em.star import read_particles
     from cdae_em.star_images import StarImages

@@ -39,7 +39,8 @@ def measure(box: int, n: int, refs: int, batch: int, device: torch.device) -> di
     from dataclasses import replace
 
     from cdae_em.align import align_to_references
-    from cdae_em.train import TrainSettings, autocast, train_block
+    from cdae_em.train import autocast, train_block
+    from cdae_em.settings import TrainSettings
     from cdae_em.weights import default_weights_path, load_weights
 
     g = torch.Generator().manual_seed(0)

@@ -114,7 +114,8 @@ def table1_for(ds: Dataset, cfg: Config, calib: dict, model, j: int) -> tuple[li
 # ----------------------------------------------------------------------------------------------
 def table2_for(ds: Dataset, cfg: Config, model, denoised: dict, j: int) -> list:
     """Table 2 rows for a data set: clustering scores of every method against the true views."""
-    from cdae_em.classify import ClassifySettings, classify
+    from cdae_em.classify import classify
+    from cdae_em.settings import ClassifySettings
     from cdae_em.metrics import clustering_scores
 
     k = ds.n_views

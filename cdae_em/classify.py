@@ -58,41 +58,10 @@ from cdae_em.averages import (apply_ring_filter, averages_from_sums, centred_ori
 from cdae_em.errors import InputError
 from cdae_em.neighbours import reduced_invariant_features
 from cdae_em.progress import report
+from cdae_em.settings import ClassifySettings
 from cdae_em.splitmerge import explained_energy, propose
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ClassifySettings:
-    n_classes: int
-    method: str = "kmeans"  # "kmeans" or "hierarchical"
-    n_iter: int = 10
-    psi_step: float = 5.0
-    max_shift: float | None = None  # pixels; default box / 8
-    n_components: int = 32
-    hc_max: int = 5000
-    batch_size: int = 256
-    seed: int = 0
-    # coarse to fine: every round but the last ``fine_rounds`` searches psi at twice psi_step and
-    # frequencies below ``coarse_band`` cycles/pixel (about 3x cheaper at the defaults)
-    fine_rounds: int = 2
-    settled: float = 0.01  # coarse rounds end early once fewer than this fraction of particles change class
-    coarse_band: float = 0.1875
-    fine_band: float = 0.25
-    rescore: int = 4  # the references matching best within the band compared at full resolution (1: none)
-    # merge-and-split moves tried after the coarse rounds, and with the CTF again after the fine ones
-    # (0: none); each is kept only if it helps, and the first that does not ends them (see cdae_em.splitmerge)
-    split_merge: int = 3
-    move_rounds: int = 4  # coarse rounds after a move, before it is judged
-    center_classes: bool = True  # shift each class average's centre of mass to the box centre (RELION's --center_classes)
-    # with the particles' |CTF| (phase-flipped images), the fine rounds compare each particle with the
-    # references multiplied by its |CTF| (the coarse rounds and moves compare plain images)
-    ctf_aware: bool = True
-    # the coarse rounds and moves run twice from the same start, aligning to the plain references and
-    # to the references Wiener-filtered by their SSNR (from the FRC of each class's two half
-    # averages); the run with the higher k-means objective is kept (see docs/notes.md)
-    ssnr_filter: bool = True
 
 
 @dataclass

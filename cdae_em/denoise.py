@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,40 +33,13 @@ from cdae_em.preprocess import equalise_histogram, particle_mask
 from cdae_em.selfcheck import check_rows, choose_polarity, finetuning_helped
 from cdae_em.stacks import ImageSource, StackWriter
 from cdae_em.star import ParticleTable, read_particles, write_star
-from cdae_em.train import TrainSettings, autocast
+from cdae_em.train import autocast
+from cdae_em.settings import DenoiseSettings
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = ".cdae_work"
 STACK_CHUNK = 10000  # images per denoised stack file
-
-
-@dataclass
-class DenoiseSettings:
-    """Options of ``cdae-em denoise`` (and the denoising stage of ``cdae-em run``)."""
-
-    weights: str | None = None  # None: the weights shipped with cdae-em
-    # fine-tuning on the user's particles (the paper's step 2). Off by default: with the shipped
-    # weights the held-out check rejected it on every benchmark stack (docs/denoiser.md)
-    finetune: bool = False
-    k: int = 30  # neighbours per particle for the fine-tuning targets (paper: 30)
-    max_distance: float | None = None  # neighbours farther than this (feature units) are dropped
-    finetune_subset: int = 4000  # particles whose kNN targets train each block (all if fewer)
-    n_components: int = 32  # PCA size of the invariant kNN features
-    psi_step: float = 5.0  # degrees, rotational search when aligning neighbours
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=3))
-    # histogram-equalised denoised stacks (the paper's enhancement step). Off: the stacks stay
-    # faithful to the particles; classification equalises for its own use either way
-    equalise: bool = False
-    contrast: str = "auto"  # protein "bright", "dark", or "auto": chosen by the blind-spot check
-    check: bool = True  # blind-spot check of fine-tuning on held-out particles, with fallback
-    mask_diameter: float | None = None  # Angstrom; default: 90% of the box
-    # CTF phase flipping of the particles before denoising and alignment. None (auto): when every
-    # particle has CTF values and the images are not phase-flipped already (see resolve_phase_flip)
-    phase_flip: bool | None = None
-    box: int | None = None  # working box (Fourier crop/pad); default: the input box
-    batch_size: int = 128
-    seed: int = 0
 
 
 def resolve_device(gpu: str | int | None) -> torch.device:

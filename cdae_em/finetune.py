@@ -17,10 +17,12 @@ import torch
 
 from cdae_em.cascade import Cascade
 from cdae_em import distributed
-from cdae_em.denoise import DenoiseSettings, run_block, shared_work_array, work_size
+from cdae_em.denoise import run_block, shared_work_array, work_size
+from cdae_em.settings import DenoiseSettings
 from cdae_em.errors import InputError
 from cdae_em.memory import Streamed
-from cdae_em.train import TrainSettings, train_block
+from cdae_em.train import train_block
+from cdae_em.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,12 @@ the contract's names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,10 +36,11 @@ import numpy as np
 from cdae_em import distributed
 from cdae_em.atomic import atomic_path
 from cdae_em.atomic import write_text as atomic_text
-from cdae_em.denoise import WORK_DIR, DenoiseSettings, remove_work
+from cdae_em.denoise import WORK_DIR, remove_work
 from cdae_em.errors import CdaeError, InputError, OutputError, ResourceError, resource_errors
 from cdae_em.lock import LOCK_FILE, job_lock, make_out_dir, refuse_if_locked  # noqa: F401 (re-exported)
 from cdae_em.progress import JobProgress, ProgressCallback, tracking
+from cdae_em.settings import JobSettings, bound_problem, get, settings_tree  # noqa: F401 (JobSettings re-exported)
 from cdae_em.star_images import StarImages  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -52,42 +52,6 @@ CONTRACT = ("particles.star", "denoised_particles.star", "class_averages.mrcs", 
 
 class JobAborted(CdaeError):
     """Raised (by a ``should_stop`` hook) to stop a job cleanly."""
-
-
-@dataclass
-class JobSettings:
-    """Everything a job needs; every front end fills one in."""
-
-    particles: str  # input particles STAR file
-    out_dir: str
-    n_classes: int
-    denoise: DenoiseSettings = field(default_factory=DenoiseSettings)
-    method: str = "kmeans"  # "kmeans" or "hierarchical"
-    align_on: str = "original"  # classes start from the denoised particles; alignment rounds use these
-    n_iter: int = 10  # rounds of alignment to class averages and re-assignment (at most; coarse to fine)
-    psi_step: float = 5.0  # degrees
-    split_merge: int = 3  # merge-and-split moves tried per stage (each kept only if it helps; 0: none)
-    max_shift: float | None = None  # pixels (working box); default box / 8
-    average_phase_flipped: bool | None = None  # class averages from CTF phase-flipped originals; None: as the particles
-    project_dir: str | None = None  # what relative image paths resolve against (default: cwd)
-    reference_map: str | None = None  # pre-train on this map (an initial model) before fine-tuning
-    pretrain_particles: int = 3000
-    pretrain_epochs: int = 10
-    gpu: str | None = None  # CUDA device id, e.g. "0"; None = CPU
-    threads: int = 1
-    overwrite: bool = False
-    seed: int = 0
-    stages: str = "all"  # "all"; "denoise" (cdae-em denoise); "classify": the particles as they are
-    keep_work: bool = False  # keep OUT/.cdae_work (intermediate arrays) after denoising
-
-    def signature(self) -> str:
-        """A hash of what determines the result (not threads, device or overwrite): a rerun with
-        the same signature resumes; a different one is refused unless ``overwrite``."""
-        d = asdict(self)
-        for key in ("gpu", "threads", "overwrite", "out_dir", "keep_work"):
-            d.pop(key)
-        d["particles"] = str(Path(self.particles).resolve())
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def prepare_output(settings: JobSettings) -> Path:
@@ -119,27 +83,18 @@ def prepare_output(settings: JobSettings) -> Path:
 
 
 def check_settings(settings: JobSettings) -> None:
-    """Refuse numbers no job can run with, as one line naming the option."""
-    d = settings.denoise
-    checks = [
-        (d.batch_size >= 1, f"--batch-size {d.batch_size}: must be at least 1"),
-        (d.k >= 1, f"--neighbours {d.k}: must be at least 1"),
-        (d.finetune_subset >= 1, f"--finetune-subset {d.finetune_subset}: must be at least 1"),
-        (d.train.epochs >= 0, f"--epochs {d.train.epochs}: must be 0 or more"),
-        (d.train.lr > 0, f"--lr {d.train.lr}: must be positive"),
-        (d.box is None or d.box >= 8, f"--box {d.box}: must be at least 8 pixels"),
-        (d.mask_diameter is None or d.mask_diameter > 0, f"--mask-diameter {d.mask_diameter}: must be positive"),
-        (d.max_distance is None or d.max_distance > 0, f"--max-distance {d.max_distance}: must be positive"),
-        (settings.n_iter >= 0, f"--iter {settings.n_iter}: must be 0 or more"),
-        (settings.split_merge >= 0, f"--split-merge {settings.split_merge}: must be 0 or more"),
-        (settings.psi_step > 0, f"--psi-step {settings.psi_step}: must be positive"),
-        (settings.max_shift is None or settings.max_shift >= 0, f"--max-shift {settings.max_shift}: must be 0 or more"),
-        (settings.method in ("kmeans", "hierarchical"), f"--method {settings.method}: expected kmeans or hierarchical"),
-        (settings.stages in ("all", "denoise", "classify"), f"stages {settings.stages!r}: expected all, denoise or classify"),
-    ]
-    for ok, problem in checks:
-        if not ok:
-            raise InputError(None, problem)
+    """Refuse values no job can run with (below an option's bound, not one of its choices), as one
+    line naming the option: front ends that build JobSettings themselves get the command line's checks."""
+    for s in settings_tree():
+        value, o = get(settings, s.path), s.option
+        if value is None:
+            continue
+        if o.minimum is not None and (value <= o.minimum if o.above else value < o.minimum):
+            raise InputError(None, f"{o.name} {value}: {bound_problem(o.minimum, o.above, value)}")
+        if o.choices and value not in o.choices:
+            raise InputError(None, f"{o.name} {value}: expected {' or '.join(o.choices)}")
+    if settings.stages not in ("all", "denoise", "classify"):
+        raise InputError(None, f"stages {settings.stages!r}: expected all, denoise or classify")
 
 
 def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None,
@@ -307,7 +262,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
     with ``stages="classify"`` of the input particles as they are. Returns labels, psi, origin,
     score, references and the box the origins are in."""
     from cdae_em.averages import class_means
-    from cdae_em.classify import ClassifySettings, classify
+    from cdae_em.classify import classify
 
     out = Path(settings.out_dir)
     progress.stage(2, "classify")
@@ -318,11 +273,9 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
         summary["classify"] = json.loads(str(saved["history"]))
         log.info("stage 2/3 classify: already done (resuming)")
         return labels, psi, origin, score, refs, int(saved["box"])
-    log.info("stage 2/3 classify: K=%d by %s", settings.n_classes, settings.method)
+    log.info("stage 2/3 classify: K=%d by %s", settings.n_classes, settings.classify.method)
     t = time.perf_counter()
-    cs = ClassifySettings(n_classes=settings.n_classes, method=settings.method, n_iter=settings.n_iter,
-                          psi_step=settings.psi_step, split_merge=settings.split_merge, max_shift=settings.max_shift,
-                          seed=settings.seed, batch_size=settings.denoise.batch_size)
+    cs = settings.classify
     work = out / WORK_DIR  # the invariant features' work array (memory-mapped, removed after use)
     if settings.stages == "classify":
         prepare = settings.denoise if settings.denoise.phase_flip else None
@@ -343,7 +296,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
                 # Initial classes from the denoised particles' invariant features, then the
                 # alignment rounds on the (phase-flipped, resized) originals, which keep the detail
                 # alignment needs.
-                init = classify(denoised, ClassifySettings(**{**asdict(cs), "n_iter": 0}), device, should_stop,
+                init = classify(denoised, replace(cs, n_iter=0), device, should_stop,
                                 work=work).labels
                 with StarImages(Path(settings.particles), settings.project_dir, prepare=settings.denoise,
                                 device=device) as originals:

@@ -16,7 +16,8 @@ import torch
 from cdae_em.align import apply_alignment
 from cdae_em.figures import gallery, raw_denoised_pairs
 from cdae_em.metrics import half_set_stats, random_halves
-from cdae_em.denoise import DenoiseSettings, star_path_name
+from cdae_em.denoise import star_path_name
+from cdae_em.settings import DenoiseSettings
 from cdae_em.prepare import BatchPreparer
 from cdae_em.stacks import ImageSource, write_stack
 from cdae_em.star import ParticleTable, write_star

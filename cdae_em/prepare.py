@@ -16,7 +16,7 @@ from cdae_em.preprocess import fourier_resize
 from cdae_em.star import ParticleTable
 
 if TYPE_CHECKING:
-    from cdae_em.denoise import DenoiseSettings
+    from cdae_em.settings import DenoiseSettings
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from cdae_em.train import autocast
 
 if TYPE_CHECKING:
     from cdae_em.cascade import Cascade
-    from cdae_em.denoise import DenoiseSettings
+    from cdae_em.settings import DenoiseSettings
 
 log = logging.getLogger(__name__)
 

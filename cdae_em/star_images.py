@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdae_em.denoise import DenoiseSettings
+from cdae_em.settings import DenoiseSettings
 
 
 class StarImages:

@@ -16,20 +16,9 @@ from tqdm import tqdm
 
 from cdae_em.cascade import DAEBlock, standardise
 from cdae_em.progress import report
+from cdae_em.settings import TrainSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainSettings:
-    """How one block is trained. The paper: RMSprop, MSE, 20 epochs."""
-
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "rmsprop"  # or "adam"
-    val_fraction: float = 0.1
-    seed: int = 0
 
 
 def autocast(device: torch.device):

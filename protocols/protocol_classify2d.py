@@ -21,11 +21,35 @@ from pyworkflow.protocol.constants import STEPS_SERIAL
 from pwem.objects import Particle, SetOfAverages, SetOfClasses2D, SetOfParticles
 from pwem.protocols import ProtClassify2D
 
+from cdae_em.settings import RUN, Setting, setting, settings_tree
+
 from . import scipion_convert as convert
 
-METHODS = ["kmeans", "hierarchical"]
+METHODS = list(setting("classify.method").option.choices)
+PHASE_FLIP = ["auto", "yes", "no"]  # the form's choices for a Yes / No / auto setting
+UNSET = {"maxShift": -1, "workingBox": 0}  # what the form holds where the setting is unset (None)
 JOB_DIR = "cdae"  # the job's output directory, under the protocol's extra/
 MIN_CLASSES = 2  # the core refuses fewer
+
+
+def form_default(s: Setting):
+    """A setting's default (or suggested value) as the form holds it: an index for choices, a
+    sentinel for "unset"."""
+    value = s.option.suggested if s.option.required else s.default
+    if s.tristate:
+        return PHASE_FLIP.index("auto" if value is None else "yes" if value else "no")
+    if s.option.choices:
+        return s.option.choices.index(value)
+    if value is None:
+        return UNSET.get(s.option.scipion)
+    return value
+
+
+def _tree(name: str) -> dict:
+    """``default`` and ``help`` of the form parameter ``name``, from the setting it sets."""
+    s = next(s for s in settings_tree(RUN) if s.option.scipion == name)
+    unset = f" {UNSET[name]}: {s.option.unset}." if name in UNSET else ""
+    return dict(default=form_default(s), help=s.option.help[0].upper() + s.option.help[1:] + "." + unset)
 
 
 class outputs(Enum):
@@ -56,29 +80,19 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
                       label="Input particles", important=True,
                       help="Particles to denoise and classify (MRC stacks are read where they "
                            "are; other formats are converted to MRC first).")
-        form.addParam("numberOfClasses", params.IntParam, default=20,
+        form.addParam("numberOfClasses", params.IntParam, **_tree("numberOfClasses"),
                       validators=[params.GE(MIN_CLASSES, "At least 2 classes")],
-                      label="Number of classes", important=True,
-                      help="K, the number of 2D classes (at least 2, at most the number of particles).")
-        form.addParam("method", params.EnumParam, choices=METHODS, default=0,
-                      display=params.EnumParam.DISPLAY_HLIST, label="Initial clustering",
-                      help="Clustering of the rotation/shift-invariant features of the denoised "
-                           "particles that starts the classification: k-means or hierarchical "
-                           "(the paper's two).")
-        form.addParam("numberOfIterations", params.IntParam, default=10,
-                      validators=[params.GE(0)], label="Alignment rounds",
-                      help="Rounds of alignment to the class averages and re-assignment.")
-        form.addParam("splitMerge", params.IntParam, default=3, validators=[params.GE(0)],
-                      expertLevel=params.LEVEL_ADVANCED, label="Merge-and-split moves",
-                      help="After the coarse rounds (and, for particles with CTF, again after the fine "
-                           "rounds): merge the two most alike classes and split the most mixed one, kept "
-                           "only if the classes' squared error falls; undoes two views sharing a class "
-                           "while another view is split over two. 0: none.")
-        form.addParam("psiStep", params.FloatParam, default=5.0, validators=[params.Positive],
+                      label="Number of classes", important=True)
+        form.addParam("method", params.EnumParam, choices=METHODS, **_tree("method"),
+                      display=params.EnumParam.DISPLAY_HLIST, label="Initial clustering")
+        form.addParam("numberOfIterations", params.IntParam, **_tree("numberOfIterations"),
+                      validators=[params.GE(0)], label="Alignment rounds")
+        form.addParam("splitMerge", params.IntParam, **_tree("splitMerge"), validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label="Merge-and-split moves")
+        form.addParam("psiStep", params.FloatParam, **_tree("psiStep"), validators=[params.Positive],
                       expertLevel=params.LEVEL_ADVANCED, label="In-plane angular step (deg)")
-        form.addParam("maxShift", params.FloatParam, default=-1, expertLevel=params.LEVEL_ADVANCED,
-                      label="Largest shift (px)",
-                      help="Largest shift searched, in pixels of the working box; -1: box / 8.")
+        form.addParam("maxShift", params.FloatParam, **_tree("maxShift"), expertLevel=params.LEVEL_ADVANCED,
+                      label="Largest shift (px)")
 
         form.addSection(label="Denoising")
         form.addParam("referenceVolume", params.PointerParam, pointerClass="Volume",
@@ -86,35 +100,22 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
                       help="An initial model of the particle: the cascade is pre-trained on "
                            "simulated projections of it before fine-tuning. Empty: start from "
                            "the pre-trained weights.")
-        form.addParam("weightsFile", params.FileParam, allowsNull=True,
-                      condition="not referenceVolume", label="Pre-trained weights (optional)",
-                      help="A cdae_weights.pt from `cdae-em pretrain`. Empty: the weights that "
-                           "ship with cdae-em.")
-        form.addParam("doFinetune", params.BooleanParam, default=False,
-                      label="Fine-tune on these particles?",
-                      help="Algorithm 1 of the paper: each block is fine-tuned with targets = the "
-                           "aligned mean of each particle's nearest neighbours.")
-        form.addParam("finetuneEpochs", params.IntParam, default=3, condition="doFinetune",
-                      validators=[params.GE(1)], label="Fine-tuning epochs per block",
-                      help="The paper used 20; 3 is usually enough.")
-        form.addParam("neighbours", params.IntParam, default=30, condition="doFinetune",
-                      validators=[params.GE(1)], label="Neighbours (k)",
-                      help="Nearest neighbours whose aligned mean is a particle's fine-tuning "
-                           "target (paper: 30).")
-        form.addParam("finetuneSubset", params.IntParam, default=4000, condition="doFinetune",
+        form.addParam("weightsFile", params.FileParam, allowsNull=True, **_tree("weightsFile"),
+                      condition="not referenceVolume", label="Pre-trained weights (optional)")
+        form.addParam("doFinetune", params.BooleanParam, **_tree("doFinetune"),
+                      label="Fine-tune on these particles?")
+        form.addParam("finetuneEpochs", params.IntParam, **_tree("finetuneEpochs"), condition="doFinetune",
+                      validators=[params.GE(0)], label="Fine-tuning epochs per block")
+        form.addParam("neighbours", params.IntParam, **_tree("neighbours"), condition="doFinetune",
+                      validators=[params.GE(1)], label="Neighbours (k)")
+        form.addParam("finetuneSubset", params.IntParam, **_tree("finetuneSubset"), condition="doFinetune",
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(1)],
-                      label="Fine-tuning particles",
-                      help="Particles whose targets train each block (all if fewer).")
-        form.addParam("doPhaseFlip", params.BooleanParam, default=True,
-                      label="CTF phase flip first?",
-                      help="Phase-flip the particles with their CTF before denoising and alignment, "
-                           "and average them phase-flipped (used when the input particles have CTF "
-                           "information and are not phase-flipped already).")
-        form.addParam("workingBox", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
-                      validators=[params.GE(0)], label="Working box (px)",
-                      help="Fourier-crop (or pad) the particles to this box before denoising; "
-                           "0: the input box. The denoised particles have this box.")
-        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
+                      label="Fine-tuning particles")
+        form.addParam("phaseFlip", params.EnumParam, choices=PHASE_FLIP, **_tree("phaseFlip"),
+                      display=params.EnumParam.DISPLAY_HLIST, label="CTF phase flip first?")
+        form.addParam("workingBox", params.IntParam, **_tree("workingBox"), expertLevel=params.LEVEL_ADVANCED,
+                      validators=[params.GE(0)], label="Working box (px)")
+        form.addParam("seed", params.IntParam, **_tree("seed"), expertLevel=params.LEVEL_ADVANCED,
                       label="Random seed")
 
         form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
@@ -193,8 +194,9 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         denoised = self._createSetOfParticles()
         denoised.copyInfo(inputSet)
         denoised.setSamplingRate(newPixel)
-        if self.doPhaseFlip:
-            denoised.setIsPhaseFlipped(True)
+        # as the job decided it (auto: flipped where the particles had CTF values and were not flipped)
+        flipped = bool(self._readSummary().get("settings", {}).get("denoise", {}).get("phase_flip"))
+        denoised.setIsPhaseFlipped(flipped or inputSet.isPhaseFlipped())
         denoised.copyItems(inputSet, updateItemCallback=self._updateDenoisedParticle)
 
         self._defineOutputs(**{outputs.outputParticles.name: denoised,
@@ -334,31 +336,38 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         return volume.getFileName()
 
     def _getRunArgs(self) -> list[str]:
+        """``cdae-em run`` arguments: the form's settings (each form parameter that sets a setting
+        of the tree, see ``cdae_em.settings``), the input and output, threads and GPUs."""
         args = ["run", "--i", self._getInputStar(), "--o", self._getJobPath(),
-                "--K", self.numberOfClasses.get(), "--method", METHODS[self.method.get()],
-                "--iter", self.numberOfIterations.get(), "--psi-step", self.psiStep.get(),
-                "--split-merge", self.splitMerge.get(),
-                "--j", max(1, self.numberOfThreads.get()), "--seed", self.seed.get(),
-                "--overwrite"]
-        if self.maxShift.get() is not None and self.maxShift.get() >= 0:
-            args += ["--max-shift", self.maxShift.get()]
+                "--j", max(1, self.numberOfThreads.get()), "--overwrite"]
         ref = self._getReferenceVolumeFile()
         if ref is not None:
             args += ["--ref", os.path.abspath(convert.split_format_hint(ref)[0])]
-        elif self.weightsFile.get():
-            args += ["--weights", os.path.abspath(self.weightsFile.get())]
-        if self.doFinetune:
-            args += ["--epochs", self.finetuneEpochs.get(), "--k", self.neighbours.get(),
-                     "--finetune-subset", self.finetuneSubset.get()]
-        else:
-            args.append("--no-finetune")
-        if not self.doPhaseFlip:
-            args.append("--no-phase-flip")  # else cdae-em flips where the particles have CTF values
-        if self.workingBox.get():
-            args += ["--box", self.workingBox.get()]
+        for s in settings_tree(RUN):
+            name = s.option.scipion
+            if name is None or (name == "weightsFile" and ref is not None):
+                continue
+            args += form_args(s, getattr(self, name).get())
         if self.usesGpu():
             args += ["--gpu", ",".join(str(g) for g in self.getGpuList())]  # several: one process each (torchrun)
         return [str(a) for a in args]
+
+
+def form_args(s: Setting, value) -> list:
+    """The command-line arguments that set setting ``s`` to the form's ``value``."""
+    flag, negated = s.option.name, f"--no-{s.option.name[2:]}"
+    if s.tristate:
+        choice = PHASE_FLIP[value]
+        return [] if choice == "auto" else [flag if choice == "yes" else negated]
+    if s.type is bool:
+        return [flag if value else negated]
+    if s.option.choices:
+        return [flag, s.option.choices[value]]
+    if value is None or value == "" or value == UNSET.get(s.option.scipion):
+        return []
+    if s.type is str:
+        value = os.path.abspath(value)  # a file: the job runs in another directory
+    return [flag, value]
 
 
 def job_error(job_dir: str) -> str:

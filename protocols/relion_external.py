@@ -6,27 +6,18 @@ RELION runs it from the project directory as (pipeline_jobs.cpp ``getCommandsExt
         [--in_3dref map.mrc] [--<label> <value>]... --j <threads> <other args>
 
 with stdout and stderr appended to ``External/job012/run.out`` / ``run.err``
-(``RelionJob::prepareFinalCommand``). Parameters (Param label / value in the GUI; ``_`` and ``-``
-are interchangeable, a label with an empty value counts as not given, and unknown arguments are
-logged and ignored):
+(``RelionJob::prepareFinalCommand``). Parameters (Param label / value in the GUI;
+``_`` and ``-`` are interchangeable, a label with an empty value counts as not given, and unknown
+arguments are logged and ignored) are the options of ``cdae-em run``, made from the settings tree
+(``cdae_em.settings``), with the same defaults and checks: the label is the option without its
+dashes (``split_merge``, ``psi_step``, ``neighbours``, ``K``; also ``iterations`` for ``iter``),
+Yes / No for switches, and Yes / No / auto for ``phase_flip`` and ``average_phase_flipped``. Also:
 
-  K                number of classes (required)
-  epochs           fine-tuning epochs per cascade block (default 3)
-  neighbours       neighbours per particle for the fine-tuning targets (default 30; also "k")
-  finetune         Yes / No: fine-tune the shipped weights on these particles (default No)
-  weights          cascade weights file (default: the weights shipped with cdae-em)
   gpu              CUDA devices, e.g. 0, or 0,1,2,3 (also "0:1:2:3"): several run the job as one
                    process per device (torchrun, this node); empty value = first GPU if there is
                    one; not given or "cpu" = CPU
-  method           kmeans or hierarchical (default kmeans)
-  iterations       rounds of alignment and re-assignment, at most (default 10)
-  box              working box: Fourier-crop (bin) the particles to this size
-  phase_flip       Yes / No: CTF phase-flip the particles, for denoising, alignment and the class
-                   averages (default: Yes where the particles have CTF values; phase-flipped class
-                   averages let relion_class_ranker auto-select classes)
+  no_finetune      Yes: the opposite of finetune
   nodes_flavour    3.1, 4 or 5: output-node types of that RELION (default: detected)
-  also: psi_step, max_shift, batch_size, finetune_subset, mask_diameter, lr, seed,
-        pretrain_particles, pretrain_epochs, average_phase_flipped
 
 ``cdae-em-relion --write_template DIR`` writes DIR/job.star, an External job with the executable
 and these parameters filled in, for the GUI's Jobs / Load job settings.
@@ -54,9 +45,8 @@ import traceback
 from pathlib import Path
 
 from cdae_em.protocols import relion_files as rf
-from cdae_em.protocols.relion_args import ArgumentError, build_parser
+from cdae_em.protocols.relion_args import ArgumentError, build_parser, given_settings, template_text
 from cdae_em.protocols.relion_args import gpu_id as _gpu
-from cdae_em.protocols.relion_args import yes_no as _yes_no
 from cdae_em.protocols.relion_progress import Progress, duration, setup_logging, StderrToLog
 
 log = logging.getLogger("cdae_em.relion")
@@ -67,43 +57,17 @@ _REAL_STDERR = sys.stderr
 
 
 def job_settings(args: argparse.Namespace):
-    """RELION's arguments -> the core JobSettings (defaults: DenoiseSettings' and JobSettings')."""
-    from dataclasses import replace
-
-    from cdae_em.denoise import DenoiseSettings
-    from cdae_em.job import JobSettings
+    """RELION's arguments -> the core JobSettings (the settings tree's defaults for the rest)."""
+    from cdae_em.settings import build
 
     if not args.in_parts:
         raise ArgumentError("no input particles: set 'Input particles' (--in_parts) in the External job's I/O tab")
-    if args.K is None:
+    values = given_settings(args)
+    if values.get("classify.n_classes") is None:
         raise ArgumentError("no number of classes: add a parameter with label K and a value, e.g. 20")
-    if args.method is not None and args.method not in ("kmeans", "hierarchical"):
-        raise ArgumentError(f"--method {args.method}: expected kmeans or hierarchical")
-    # defaults: the settings dataclasses' own (those `cdae-em run` shows in its --help)
-    seed = JobSettings.seed if args.seed is None else args.seed
-    given = {name: getattr(args, name) for name in ("k", "weights", "box", "batch_size", "finetune_subset",
-                                                     "mask_diameter") if getattr(args, name) is not None}
-    defaults = DenoiseSettings()
-    train = replace(defaults.train, seed=seed, **{name: getattr(args, name) for name in ("epochs", "lr")
-                                                  if getattr(args, name) is not None})
-    finetune = defaults.finetune
-    if args.finetune is not None:
-        finetune = bool(args.finetune)
-    if args.no_finetune is not None:
-        finetune = not _yes_no(args.no_finetune)
-    phase_flip = None if args.phase_flip is None else bool(args.phase_flip)  # None: auto (CTF values present)
-    denoise = replace(defaults, train=train, finetune=finetune, phase_flip=phase_flip, seed=seed, **given)
-    average_flipped = None if args.average_phase_flipped is None else bool(args.average_phase_flipped)
-    kwargs = {}
-    for name in ("method", "n_iter", "psi_step", "split_merge", "max_shift", "pretrain_particles", "pretrain_epochs"):
-        value = getattr(args, name)
-        if value is not None:
-            kwargs[name] = value
-    return JobSettings(
-        particles=args.in_parts, out_dir=args.o, n_classes=args.K, denoise=denoise,
-        average_phase_flipped=average_flipped, reference_map=args.in_3dref or None, gpu=_gpu(args.gpu),
-        threads=max(1, args.j), overwrite=True, seed=seed, **kwargs,
-    )
+    values.update({"particles": args.in_parts, "out_dir": args.o, "reference_map": args.in_3dref or None,
+                   "gpu": _gpu(args.gpu), "threads": max(1, args.j), "overwrite": True})
+    return build(values)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,13 +129,6 @@ class Watchdog(threading.Thread):
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
-def template_text() -> str:
-    """The External job.star shipped in cdae_em.templates, ready for the GUI's Jobs / Load."""
-    from importlib.resources import files
-
-    return files("cdae_em.templates").joinpath("relion_external_job.star").read_text()
-
-
 def write_template(path: str) -> int:
     """``cdae-em-relion --write_template PATH``: the job.star template at PATH (a .star file) or
     PATH/job.star (RELION 4/5's Jobs / Load job settings lists files named job.star; RELION 3.1
@@ -327,7 +284,7 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
         flipped = bool(summary["settings"]["average_phase_flipped"])  # as the job resolved it
         write_classification_files(out, job, settings.n_classes, pixel, box, diameter, flipped,
                                    rf.star_version(flavour), HalfSetStats.from_json(summary["half_sets"]),
-                                   psi_step=settings.psi_step)
+                                   psi_step=settings.classify.psi_step)
         nodes = rf.write_output_nodes(out, job, flavour)
         sizes = summary.get("class_sizes")
         log.info("done in %s: %d particles in %d classes%s", duration(time.monotonic() - t0),

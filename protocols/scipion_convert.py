@@ -125,6 +125,8 @@ def particles_to_star(particles, star_path: str, convert_dir: str) -> int:
         "rlnImagePixelSize": [pixel],
         "rlnImageSize": [box],
         "rlnImageDimensionality": [2],
+        # the core phase-flips (auto) only particles that are not flipped already
+        "rlnCtfDataArePhaseFlipped": [int(bool(particles.isPhaseFlipped()))],
     })
     write_star(new_particle_table(pd.DataFrame(columns), optics), star_path)
     return len(names)

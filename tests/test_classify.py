@@ -8,7 +8,9 @@ import mrcfile
 import numpy as np
 import torch
 
-from cdae_em.classify import ClassifySettings, classify
+from cdae_em.classify import classify
+
+from cdae_em.settings import ClassifySettings
 from cdae_em.preprocess import translate
 from cdae_em.simulate import SimulationSettings, load_source, simulate
 

@@ -124,7 +124,7 @@ def test_blank_images_are_never_neighbours(tmp_path):
     """The kNN targets are found among the valid rows only (features in memory or in a work array)."""
     import torch
 
-    from cdae_em.denoise import DenoiseSettings
+    from cdae_em.settings import DenoiseSettings
     from cdae_em.finetune import neighbour_targets
 
     rng = np.random.default_rng(0)

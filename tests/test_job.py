@@ -15,7 +15,8 @@ import torch
 from conftest import run_cli
 
 from cdae_em.align import apply_alignment
-from cdae_em.classify import ClassifySettings, classify
+from cdae_em.classify import classify
+from cdae_em.settings import ClassifySettings
 from cdae_em.metrics import clustering_scores
 from cdae_em.simulate import SimulationSettings, load_source, simulate
 

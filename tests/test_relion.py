@@ -4,6 +4,7 @@ with stdout/stderr appended to run.out/run.err (pipeline_jobs.cpp prepareFinalCo
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -335,3 +336,50 @@ def test_bad_parameter_fails_with_reason(sim, tmp_path):
     assert exit_files(project / JOB) == {rf.EXIT_FAILURE}
     err = (project / JOB / "run.err").read_text().strip().splitlines()
     assert len(err) == 1 and "--K" in err[0] and "three" in err[0], err
+
+
+def template_command(sim: Path, *overrides: str) -> list[str]:
+    """The command RELION builds from the shipped template (getCommandsExternalJob: --o, --in_parts,
+    then `--<label> <value>` for each parameter with a label, a bare `--<label>` for an empty value,
+    then --j), with ``overrides`` after the parameters (the later label wins, as in other_args)."""
+    from importlib.resources import files
+
+    template = files("cdae_em.templates").joinpath("relion_external_job.star")
+    opts = starfile.read(str(template), always_dict=True)["joboptions_values"]
+    opts = dict(zip(opts["rlnJobOptionVariable"], opts["rlnJobOptionValue"].astype(str)))
+    command = [EXE, "--o", JOB, "--in_parts", "Extract/job005/particles.star"]
+    for i in range(1, 11):
+        label, value = opts.get(f"param{i}_label", "").strip(), opts.get(f"param{i}_value", "").strip()
+        if label:
+            command += [f"--{label}"] + ([value] if value and value != '""' else [])
+    return command + list(overrides) + ["--j", "1"]
+
+
+def _rewrite_particles(project: Path, drop: tuple[str, ...] = (), flipped: bool = False) -> None:
+    path = project / "Extract/job005/particles.star"
+    star = starfile.read(path, always_dict=True)
+    star["particles"] = star["particles"].drop(columns=[c for c in drop if c in star["particles"]])
+    if flipped:
+        star["optics"]["rlnCtfDataArePhaseFlipped"] = 1
+    starfile.write(star, path, overwrite=True)
+
+
+@pytest.mark.parametrize("case", ["no_ctf", "already_flipped"])
+def test_template_defaults_never_flip_what_they_should_not(sim, tmp_path, case):
+    """With the template's own values (phase_flip auto): particles without CTF values run as they
+    are (not refused), and particles RELION marks as phase-flipped are not flipped again."""
+    project = make_project(tmp_path, sim, "5")
+    if case == "no_ctf":
+        _rewrite_particles(project, drop=("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift"))
+    else:
+        _rewrite_particles(project, flipped=True)
+    command = template_command(sim, "--K", "3", "--iterations", "2", "--weights", str(sim / "weights.pt"))
+    assert "--phase_flip" in command and command[command.index("--phase_flip") + 1] == "auto"
+    assert run_relion(project, command) == 0, (project / JOB / "run.err").read_text()
+    check_outputs(project, "5")
+    summary = json.loads((project / JOB / "summary.json").read_text())
+    assert summary["settings"]["denoise"]["phase_flip"] is False
+    assert summary["settings"]["average_phase_flipped"] is False
+    log = (project / JOB / "run.out").read_text()
+    expected = "no CTF values for every particle" if case == "no_ctf" else "phase-flipped already"
+    assert expected in log

@@ -12,6 +12,7 @@ import starfile
 from cdae_em.protocols import relion_external as rx
 from cdae_em.protocols import relion_files as rf
 from cdae_em.protocols.relion_args import gpu_id
+from cdae_em.settings import build, get
 from test_relion import JOB, JOB_STAR, exit_files
 
 
@@ -23,7 +24,8 @@ def test_relion_parameters_map_onto_the_job():
          "--split_merge", "1", "--pipeline_control", "External/job003/", "--other", "1"])
     assert unknown == ["--pipeline_control", "External/job003/", "--other", "1"]
     s = rx.job_settings(args)
-    assert (s.particles, s.out_dir, s.n_classes, s.method, s.n_iter, s.psi_step, s.split_merge) == (
+    c = s.classify
+    assert (s.particles, s.out_dir, s.n_classes, c.method, c.n_iter, c.psi_step, c.split_merge) == (
         "Select/job002/particles.star", "External/job003/", 12, "hierarchical", 4, 10.0, 1)
     assert (s.denoise.train.epochs, s.denoise.k, s.denoise.box, s.denoise.phase_flip) == (2, 7, None, True)
     # the class averages follow the particles' phase flip (resolved by the job: test_relion31_project)
@@ -57,9 +59,44 @@ def test_template_loads_and_its_parameters_are_understood(tmp_path):
     args, unknown = rx.build_parser().parse_known_args(command)
     assert unknown == []
     s = rx.job_settings(args)
-    assert s.n_classes == 20 and s.denoise.phase_flip is True
+    assert s.n_classes == 20 and s.denoise.phase_flip is None  # auto: flipped only where CTF values say so
+    defaults = build({"particles": "p.star", "out_dir": "External/job001/", "classify.n_classes": 20,
+                      "threads": int(opts["nr_threads"]), "overwrite": True})
+    assert s == defaults  # the template's values are the settings tree's defaults
     assert rx.main(["--write_template", str(tmp_path / "tpl")]) == 0
     assert (tmp_path / "tpl" / "job.star").read_text() == text
+
+
+def test_shipped_template_is_the_one_made_from_the_settings_tree():
+    """templates/relion_external_job.star (what the GUI loads) is what the settings tree makes; after
+    changing a default, write it again with `cdae-em-relion --write_template templates/relion_external_job.star`."""
+    from importlib.resources import files
+
+    shipped = files("cdae_em.templates").joinpath("relion_external_job.star").read_text()
+    assert shipped == rx.template_text()
+
+
+def test_every_run_option_is_a_relion_parameter():
+    """Each option of `cdae-em run` that RELION does not set itself is a parameter label, parsed to
+    the same value with the same checks."""
+    from cdae_em.settings import settings_tree
+
+    own = {"particles", "out_dir", "reference_map", "gpu", "threads", "overwrite", "project_dir", "keep_work"}
+    base = ["--o", "External/job001/", "--in_parts", "p.star", "--K", "5"]
+    for s in settings_tree("run"):
+        if s.path in own:
+            assert not s.option.relion_labels
+            continue
+        label = s.option.relion_labels[0]
+        value = {bool: "Yes", int: "9", float: "2.5", str: (s.option.choices or ("x.pt",))[-1]}[s.type]
+        args, unknown = rx.build_parser().parse_known_args(base + [f"--{label}", value])
+        assert unknown == []
+        expected = {"Yes": True, "9": 9, "2.5": 2.5}.get(value, value)
+        assert get(rx.job_settings(args), s.path) == expected, s.path
+    with pytest.raises(rx.ArgumentError, match="finetune_subset.*at least 1"):
+        rx.build_parser().parse_known_args(base + ["--finetune_subset", "0"])
+    with pytest.raises(rx.ArgumentError, match="expected kmeans or hierarchical"):
+        rx.build_parser().parse_known_args(base + ["--method", "pca"])
 
 
 def _write(path: Path, text: str) -> Path:

@@ -148,8 +148,10 @@ def test_denoise_work_of_other_settings_is_not_reused(tiny, small_weights, tmp_p
     signature (benchmarks, notebooks) do not resume from another setting's blocks either."""
     import torch
 
-    from cdae_em.denoise import DenoiseSettings, denoise
-    from cdae_em.train import TrainSettings
+    from cdae_em.denoise import denoise
+
+    from cdae_em.settings import DenoiseSettings
+    from cdae_em.settings import TrainSettings
 
     s1 = DenoiseSettings(weights=str(small_weights), finetune=True, k=3, finetune_subset=16, batch_size=16,
                          train=TrainSettings(epochs=1))

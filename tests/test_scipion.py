@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -193,6 +194,55 @@ def test_template_loads_into_a_project(project):
         proj.deleteProtocol(prot)
 
 
+def _template_values(text: str) -> dict:
+    """The workflow template's protocols as JSON, each ~label|value|type|alias~ replaced by its value."""
+    import json
+    import re
+
+    body = text[text.index("["):]
+    return {p["object.className"]: p for p in json.loads(re.sub(r"~[^|~]*\|([^|~]*)\|[^|~]*\|[^|~]*~", r"\1", body))}
+
+
+def test_form_and_workflow_template_follow_the_settings_tree(project, monkeypatch):
+    """Every form parameter that sets a cdae-em setting starts at the settings tree's default, the
+    workflow template holds the same values, and the command the protocol runs with its defaults
+    gives the tree's JobSettings. A default changed in the tree alone changes the form."""
+    import inspect
+    from importlib.resources import files
+
+    from cdae_em.cli import build_parser
+    from cdae_em.commands.options import job_settings
+    from cdae_em.protocols.protocol_classify2d import ProtCdaeDenoiseClassify2D, form_default
+    from cdae_em.settings import ClassifySettings, build, settings_tree
+
+    proj, _ = project
+    prot = proj.newProtocol(ProtCdaeDenoiseClassify2D, useGpu=False)
+    named = [s for s in settings_tree("run") if s.option.scipion]
+    assert {s.option.scipion for s in named} >= {"numberOfClasses", "numberOfIterations", "phaseFlip", "doFinetune"}
+    for s in named:
+        assert getattr(prot, s.option.scipion).get() == form_default(s), s.path
+    template = _template_values(files("cdae_em.templates").joinpath("cdae_em_classify2d.json.template").read_text())
+    in_template = template["ProtCdaeDenoiseClassify2D"]
+    for s in named:
+        if s.option.scipion in in_template:
+            assert str(in_template[s.option.scipion]).lower() == str(form_default(s)).lower(), s.path
+    assert "doPhaseFlip" not in in_template
+
+    args = prot._getRunArgs()
+    settings = job_settings(build_parser(only="run").parse_args(args), "run")
+    assert settings == build({"particles": prot._getInputStar(), "out_dir": prot._getJobPath(),
+                              "classify.n_classes": form_default(named[[s.path for s in named].index(
+                                  "classify.n_classes")]), "threads": prot.numberOfThreads.get(), "overwrite": True})
+    assert settings.denoise.phase_flip is None  # auto, as everywhere
+
+    init = ClassifySettings.__init__
+    names = list(inspect.signature(init).parameters)[1:]
+    defaults = list(init.__defaults__)
+    defaults[names.index("n_iter") - (len(names) - len(defaults))] = 7
+    monkeypatch.setattr(init, "__defaults__", tuple(defaults))
+    assert proj.newProtocol(ProtCdaeDenoiseClassify2D).numberOfIterations.get() == 7
+
+
 # --- headless runs --------------------------------------------------------------------------------
 
 def test_validate_rejects_too_many_classes(project, data):
@@ -212,6 +262,10 @@ def test_run_creates_particles_classes_and_averages(project, data):
 
     particles = prot.outputParticles
     assert particles.getSize() == N_PARTICLES
+    # imported from files, the particles have no CTF: the job did not flip them (auto), and the output
+    # says what the job did, not what the form asked
+    summary = json.loads(Path(prot.getSummaryPath()).read_text())
+    assert summary["settings"]["denoise"]["phase_flip"] is False and not particles.isPhaseFlipped()
     assert particles.getSamplingRate() == pytest.approx(8.4)
     first = particles.getFirstItem()
     index, path = first.getLocation()

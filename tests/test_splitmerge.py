@@ -10,7 +10,9 @@ import numpy as np
 import starfile
 import torch
 
-from cdae_em.classify import ClassifySettings, classify
+from cdae_em.classify import classify
+
+from cdae_em.settings import ClassifySettings
 from cdae_em.metrics import clustering_scores
 from cdae_em.simulate import SimulationSettings, load_source, simulate
 from cdae_em.averages import ring_average
@@ -109,7 +111,7 @@ def test_the_split_of_phase_flipped_particles_follows_the_views_not_the_defocus(
 def test_fine_moves_undo_a_merged_and_a_split_view_of_phase_flipped_particles(tmp_path):
     """With the particles' |CTF| the moves also run after the CTF-aware fine rounds: from the stuck
     start, with no coarse rounds at all, they alone reach the views."""
-    from cdae_em.denoise import DenoiseSettings
+    from cdae_em.settings import DenoiseSettings
     from cdae_em.star_images import StarImages
 
     simulate(load_source(None, box=32), SimulationSettings(n_particles=240, n_views=4, in_plane=True, max_shift=1.0,

@@ -4,36 +4,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any, Callable
+
+from cdae_em.settings import bound_problem, setting
 
 log = logging.getLogger(__name__)
 
 
-def at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (so that --batch-size 0 is a usage error)."""
-    def parse(text: str) -> int:
+def bounded(kind: type, minimum: float | None = None, above: bool = False) -> Callable[[str], Any]:
+    """A value parser for ``kind`` (int or float) that refuses values below ``minimum`` (or equal
+    to it, with ``above``) with a message naming the bound."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if minimum is not None and (value <= minimum if above else value < minimum):
+            raise argparse.ArgumentTypeError(bound_problem(minimum, above, value))
         return value
-    parse.__name__ = "int"
+    parse.__name__ = kind.__name__
     return parse
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (so that --batch-size 0 is a usage error)."""
+    return bounded(int, minimum)
+
+
 positive_int = at_least(1)
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
+positive_float = bounded(float, 0, above=True)
 
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
@@ -42,9 +42,7 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_seed_arg(parser: argparse.ArgumentParser) -> None:
-    from cdae_em.job import JobSettings
-
-    parser.add_argument("--seed", type=int, default=JobSettings.seed,
+    parser.add_argument("--seed", type=int, default=setting("seed").default,
                         help="random seed (default: %(default)s); the same seed gives the same result")
 
 

@@ -32,10 +32,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     from cdae_em.commands.evaluate import evaluate, print_table
-    from cdae_em.denoise import DenoiseSettings
-    from cdae_em.job import JobSettings, run_job
+    from cdae_em.job import run_job
+    from cdae_em.settings import ClassifySettings, DenoiseSettings, JobSettings, TrainSettings
     from cdae_em.simulate import SimulationSettings, load_source, simulate
-    from cdae_em.train import TrainSettings
 
     apply_threads(args.j)
     out = Path(args.o)
@@ -43,9 +42,10 @@ def main(args: argparse.Namespace) -> None:
     settings = SimulationSettings(n_particles=args.n, n_views=args.views, in_plane=True, max_shift=2.0, ctf=True,
                                   snrs=[args.snr], seed=args.seed)
     simulate(load_source(None), settings, sim, overwrite=args.overwrite)
-    job = JobSettings(particles=str(sim / "particles.star"), out_dir=str(out / "job"), n_classes=args.views,
+    job = JobSettings(particles=str(sim / "particles.star"), out_dir=str(out / "job"),
                       denoise=DenoiseSettings(train=TrainSettings(epochs=args.epochs, lr=1e-4, seed=args.seed),
                                               seed=args.seed),
+                      classify=ClassifySettings(n_classes=args.views, seed=args.seed),
                       gpu=args.gpu, threads=args.j, overwrite=args.overwrite, seed=args.seed)
     run_job(job)
     result = evaluate(out / "job", sim / "truth.star")
