@@ -10,11 +10,9 @@ kNN features (N x ``n_components`` floats) and the neighbour lists (N x k intege
 from __future__ import annotations
 
 import copy
-import errno
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -33,55 +31,13 @@ from cdae_em.preprocess import equalise_histogram, particle_mask
 from cdae_em.selfcheck import check_rows, choose_polarity, finetuning_helped
 from cdae_em.stacks import ImageSource, StackWriter
 from cdae_em.star import ParticleTable, read_particles, write_star
-from cdae_em.train import autocast
+from cdae_em.inference import run_cascade
+from cdae_em.workarrays import WORK_DIR, remove_work, shared_work_array, work_size
 from cdae_em.settings import DenoiseSettings
 
 log = logging.getLogger(__name__)
 
-WORK_DIR = ".cdae_work"
 STACK_CHUNK = 10000  # images per denoised stack file
-
-
-def resolve_device(gpu: str | int | None) -> torch.device:
-    """``None``/"" -> CPU; "0" -> cuda:0 (an error if CUDA is not available)."""
-    if gpu is None or str(gpu).strip() in ("", "cpu", "-1"):
-        return torch.device("cpu")
-    gpu = str(gpu).split(",")[0].strip()
-    if not torch.cuda.is_available():
-        raise InputError(None, f"--gpu {gpu}: CUDA is not available on this machine (torch {torch.__version__})")
-    return torch.device(f"cuda:{int(gpu)}")
-
-
-def open_work_array(path: Path, n: int, box: int, mode: str = "w+", shape: tuple | None = None) -> np.memmap:
-    """A float32 (n, box, box) ``.npy`` work array (or of ``shape``), memory-mapped. A new one has
-    its disk space reserved at once, so that a full disk is an ``OSError`` (ENOSPC) here rather
-    than a SIGBUS halfway through writing into the map."""
-    array = np.lib.format.open_memmap(path, mode=mode, dtype=np.float32, shape=shape or (n, box, box))
-    if mode == "w+" and hasattr(os, "posix_fallocate"):
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without fallocate
-                del array
-                Path(path).unlink(missing_ok=True)
-                raise OSError(exc.errno, exc.strerror, str(path)) from None
-        finally:
-            os.close(fd)
-    return array
-
-
-def shared_work_array(path: Path, n: int, box: int, shape: tuple | None = None) -> np.memmap:
-    """A new work array that every rank of a distributed run writes its rows into: rank 0 creates
-    it (``open_work_array``), the others open it once it exists. One process: ``open_work_array``."""
-    if not distributed.active():
-        return open_work_array(path, n, box, shape=shape)
-    if distributed.world().main:
-        array = open_work_array(path, n, box, shape=shape)
-        distributed.barrier()
-        return array
-    distributed.barrier()
-    return open_work_array(path, n, box, mode="r+", shape=shape)
 
 
 def prepare_inputs(table: ParticleTable, images: ImageSource, settings: DenoiseSettings, work: Path,
@@ -135,43 +91,6 @@ def _warn_blank(table: ParticleTable, blank: np.ndarray) -> None:
         first = ", ".join(str(r + 1) for r in blank[:10])
         log.warning("%s: %d blank image(s) (all pixels equal) passed through undenoised and left out of "
                     "fine-tuning: row(s) %s%s", table.path, len(blank), first, ", ..." if len(blank) > 10 else "")
-
-
-@torch.no_grad()
-def run_block(block: torch.nn.Module, src: np.ndarray, dst: np.ndarray, device: torch.device, batch_size: int,
-              desc: str, should_stop: Callable[[], None] | None = None) -> None:
-    """dst[i] = block(src[i]) for all i, streamed in batches (in a distributed run, each rank its
-    own rows of the shared ``dst``, and then waits for the others)."""
-    block.eval().to(device)
-    lo, hi = distributed.shard(len(src))
-    pages = Releaser(src, dst)  # resident memory flat in N (cdae_em.memory)
-    for start in tqdm(range(lo, hi, batch_size), desc=desc, unit="batch", leave=False, disable=None):
-        if should_stop is not None:
-            should_stop()
-        x = torch.from_numpy(np.array(src[start:min(start + batch_size, hi)])).to(device)
-        with autocast(device):
-            y = block(x)
-        dst[start:start + len(x)] = y.float().cpu().numpy()
-        pages.step(2 * x.numel() * 4)
-    if isinstance(dst, np.memmap):
-        dst.flush()
-    pages.now()
-    distributed.barrier()
-
-
-def run_cascade(model: Cascade, inputs: np.ndarray, path: Path, device: torch.device, batch_size: int,
-                should_stop: Callable[[], None] | None = None) -> np.ndarray:
-    """All blocks of ``model`` over ``inputs``, into the work array ``path`` (one pass per block)."""
-    x = inputs
-    for j, block in enumerate(model.blocks, start=1):
-        nxt = shared_work_array(path.with_name(f"{path.stem}_{j}.npy"), len(inputs), inputs.shape[-1])
-        run_block(block, x, nxt, device, batch_size, f"block {j}: denoise", should_stop)
-        if j > 1:
-            del x
-            if distributed.world().main:
-                path.with_name(f"{path.stem}_{j - 1}.npy").unlink(missing_ok=True)
-        x = nxt
-    return x
 
 
 def stack_names(out_dir: Path, n: int) -> list[Path]:
@@ -263,36 +182,6 @@ def _work_dir(out: Path, star: str | Path, settings: DenoiseSettings, project_di
             stamp.write_text(key)
     distributed.barrier()
     return work
-
-
-def work_size(out: Path) -> int:
-    """Bytes on disk under ``OUT/.cdae_work`` (allocated blocks, so sparse or reserved arrays count
-    as what they occupy); 0 if there is none."""
-    work = out / WORK_DIR
-    if not work.exists():
-        return 0
-    total = 0
-    for path in work.rglob("*"):
-        try:
-            st = path.stat()
-        except OSError:  # removed meanwhile
-            continue
-        if path.is_file():
-            total += getattr(st, "st_blocks", 0) * 512 or st.st_size
-    return total
-
-
-def remove_work(out: Path) -> None:
-    """Remove ``OUT/.cdae_work`` (its size logged): renamed first, so that a kill halfway never
-    leaves a work directory with some of its files gone."""
-    work = out / WORK_DIR
-    if work.exists():
-        log.info("removing %s (%.2f GB)", work, work_size(out) / 1e9)
-        trash = out / f"{WORK_DIR}.removing"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(work, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    shutil.rmtree(out / f"{WORK_DIR}.removing", ignore_errors=True)
 
 
 def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, device: torch.device,

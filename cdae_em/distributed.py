@@ -23,6 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from cdae_em.errors import CdaeError, InputError
+
 log = logging.getLogger(__name__)
 
 TIMEOUT_MINUTES = 60  # a rank waiting longer than this at a collective gives up (another rank died)
@@ -68,8 +70,6 @@ def local_device(gpu: str | None) -> str | None:
         return None
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if local >= len(ids):
-        from cdae_em.errors import InputError
-
         raise InputError(None, f"--gpu {gpu}: {len(ids)} device(s) for local rank {local}; give one device per process")
     return ids[local]
 
@@ -213,8 +213,6 @@ def on_main(fn: Callable, *args, **kwargs) -> Any:
     if error is not None:
         raise error
     if message is not None:
-        from cdae_em.errors import CdaeError
-
         raise CdaeError(f"rank 0 failed: {message}")
     return result
 
@@ -243,8 +241,6 @@ def relaunch_on_gpus(gpu: str | None, module: str, argv: list[str]) -> int | Non
     ids = gpu_ids(gpu)
     if len(ids) < 2 or launched():
         return None
-    from cdae_em.errors import InputError
-
     if not all(i.isdigit() for i in ids):
         raise InputError(None, f"--gpu {gpu}: expected device numbers such as 0,1,2,3")
     if not torch.cuda.is_available():
@@ -256,3 +252,13 @@ def relaunch_on_gpus(gpu: str | None, module: str, argv: list[str]) -> int | Non
     cmd = launch_command(len(ids), module, argv)
     log.info("running on GPUs %s: %s", ",".join(ids), " ".join(cmd))
     return subprocess.call(cmd)
+
+
+def resolve_device(gpu: str | int | None) -> torch.device:
+    """``None``/"" -> CPU; "0" -> cuda:0 (an error if CUDA is not available)."""
+    if gpu is None or str(gpu).strip() in ("", "cpu", "-1"):
+        return torch.device("cpu")
+    gpu = str(gpu).split(",")[0].strip()
+    if not torch.cuda.is_available():
+        raise InputError(None, f"--gpu {gpu}: CUDA is not available on this machine (torch {torch.__version__})")
+    return torch.device(f"cuda:{int(gpu)}")

@@ -71,3 +71,7 @@ def resource_errors(batch_size: int | None = None, out_dir: str | Path | None = 
         what = "memory" if isinstance(exc, MemoryError) else "GPU memory"
         now = f" (now {batch_size})" if batch_size else ""
         raise ResourceError(f"out of {what}: use a smaller --batch-size{now}, or a smaller --box") from None
+
+
+class JobAborted(CdaeError):
+    """Raised (by a ``should_stop`` hook) to stop a job cleanly."""

@@ -17,7 +17,8 @@ import torch
 
 from cdae_em.cascade import Cascade
 from cdae_em import distributed
-from cdae_em.denoise import run_block, shared_work_array, work_size
+from cdae_em.inference import run_block
+from cdae_em.workarrays import shared_work_array, work_size
 from cdae_em.settings import DenoiseSettings
 from cdae_em.errors import InputError
 from cdae_em.memory import Streamed

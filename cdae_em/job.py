@@ -36,8 +36,8 @@ import numpy as np
 from cdae_em import distributed
 from cdae_em.atomic import atomic_path
 from cdae_em.atomic import write_text as atomic_text
-from cdae_em.denoise import WORK_DIR, remove_work
-from cdae_em.errors import CdaeError, InputError, OutputError, ResourceError, resource_errors
+from cdae_em.workarrays import WORK_DIR, remove_work
+from cdae_em.errors import InputError, OutputError, ResourceError, resource_errors
 from cdae_em.lock import LOCK_FILE, job_lock, make_out_dir, refuse_if_locked  # noqa: F401 (re-exported)
 from cdae_em.progress import JobProgress, ProgressCallback, tracking
 from cdae_em.settings import JobSettings, bound_problem, get, settings_tree  # noqa: F401 (JobSettings re-exported)
@@ -48,10 +48,6 @@ log = logging.getLogger(__name__)
 JOB_DIR = ".cdae_job"  # stage markers and intermediate results, for resuming
 CONTRACT = ("particles.star", "denoised_particles.star", "class_averages.mrcs", "class_averages.star",
             "summary.json", "gallery.png")
-
-
-class JobAborted(CdaeError):
-    """Raised (by a ``should_stop`` hook) to stop a job cleanly."""
 
 
 def prepare_output(settings: JobSettings) -> Path:
@@ -145,7 +141,6 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
              lock: ExitStack) -> dict:
     import torch
 
-    from cdae_em.denoise import resolve_device
     from cdae_em.star import read_particles
 
     t0 = time.perf_counter()
@@ -156,7 +151,7 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     table.pixel_size()  # missing, zero, negative or mixed: refused here
     settings = _resolve_phase_flip(settings, table)
     _check_files(settings, table)
-    device = resolve_device(distributed.local_device(settings.gpu))  # under torchrun: LOCAL_RANK's GPU
+    device = distributed.resolve_device(distributed.local_device(settings.gpu))  # under torchrun: LOCAL_RANK's GPU
     part = distributed.init_from_env(device)
     torch.set_num_threads(max(1, settings.threads))
     out = Path(settings.out_dir)

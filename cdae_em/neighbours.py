@@ -25,6 +25,7 @@ from cdae_em import distributed
 from cdae_em.memory import Releaser, Streamed
 from cdae_em.preprocess import soft_circular_mask
 from cdae_em.progress import report
+from cdae_em.workarrays import shared_work_array
 from cdae_em.align import align_prepared, apply_alignment, estimate_particle_radius
 from cdae_em.polar import AlignmentGrid, Images, batch_rows, device_of, polar_amplitudes, polar_sampler
 
@@ -102,7 +103,6 @@ def feature_array(images, work: Path, radius: float, device: torch.device, chunk
     """The invariant features of ``images`` in the work array ``work/features.npy`` (N, d): each
     rank computes its rows; every rank gets the whole array once all are written. Keeps resident
     memory flat in N (N x ~1,100 float32 at 64 px would be 4.4 GB at 10^6 particles)."""
-    from cdae_em.denoise import shared_work_array
 
     n = len(images)
     d = invariant_features(distributed.RowShard(images, 0, 1), mask_radius=radius, device=device).shape[1]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cdae_em.atomic import write_text
+from cdae_em.errors import CdaeError, JobAborted
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +144,10 @@ _current: ContextVar[JobProgress | None] = ContextVar("cdae_em_progress", defaul
 def tracking(progress: JobProgress) -> Iterator[JobProgress]:
     """Make ``progress`` the one :func:`report` feeds, and record how the block ends: done by the
     caller (:meth:`JobProgress.finish`), or failed/aborted with the exception's message."""
-    from cdae_em.errors import CdaeError
-
     token = _current.set(progress)
     try:
         yield progress
     except CdaeError as exc:
-        from cdae_em.job import JobAborted
-
         progress.fail(str(exc), aborted=isinstance(exc, JobAborted))
         raise
     except KeyboardInterrupt:

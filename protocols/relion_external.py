@@ -87,7 +87,7 @@ class StopCheck:
         return self.terminated or self.abort_file.exists()
 
     def __call__(self) -> None:
-        from cdae_em.job import JobAborted
+        from cdae_em.errors import JobAborted
 
         if self.requested():
             raise JobAborted("stopped by SIGTERM" if self.terminated else "aborted by the user (RELION_JOB_ABORT_NOW)")
@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int:
     """The job and the RELION files; every outcome ends in its exit file and exit code."""
     from cdae_em.errors import CdaeError, is_out_of_memory
-    from cdae_em.job import JobAborted, run_job
+    from cdae_em.errors import JobAborted
+    from cdae_em.job import run_job
     from cdae_em.metrics import HalfSetStats
     from cdae_em.preprocess import default_mask_diameter
     from cdae_em.protocols.relion_class2d import write_classification_files
@@ -316,7 +317,8 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
 def _worker(argv: list[str]) -> int:
     """Rank > 0 of a multi-GPU job: the same job, no RELION files and no exit files (rank 0's);
     stops when rank 0 does (torchrun ends the others) or on RELION_JOB_ABORT_NOW."""
-    from cdae_em.job import JobAborted, run_job
+    from cdae_em.errors import JobAborted
+    from cdae_em.job import run_job
 
     setup_logging("WARNING")
     args, _ = build_parser().parse_known_args(argv)

@@ -170,7 +170,7 @@ def _raise_cuda_oom(*args, **kwargs):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-@pytest.mark.parametrize("where", ["cdae_em.denoise.run_block", "cdae_em.classify.classify",
+@pytest.mark.parametrize("where", ["cdae_em.inference.run_block", "cdae_em.classify.classify",
                                    "cdae_em.outputs.original_class_averages"])
 def test_cuda_out_of_memory_anywhere_in_the_job_is_one_line(sim, small_weights, tmp_path, monkeypatch, where):
     """Raised in the denoiser, the classifier or the averages: a ResourceError naming the fix,

@@ -109,7 +109,7 @@ def test_weights_of_the_wrong_shape_are_refused(tmp_path):
 def test_cuda_matches_cpu():
     """The production inference path (denoise.run_block: bfloat16 autocast on CUDA) against float32
     on the CPU, block by block, with the shipped weights."""
-    from cdae_em.denoise import run_block
+    from cdae_em.inference import run_block
     from cdae_em.train import autocast
 
     mixed = autocast(torch.device("cuda"))

@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     from cdae_em import __version__
-    from cdae_em.denoise import resolve_device
+    from cdae_em.distributed import resolve_device
     from cdae_em.errors import InputError
     from cdae_em.pretrain_data import PairSampler, PairSettings, ProjectionBank, load_structures
     from cdae_em.train import PretrainSettings, pretrain
