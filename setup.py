@@ -37,7 +37,9 @@ setup(
         "Topic :: Scientific/Engineering :: Bio-Informatics",
     ],
     python_requires=">=3.10",
-    packages=["cdae_em", "cdae_em.commands", "cdae_em.data", "cdae_em.protocols", "cdae_em.templates"],
+    packages=["cdae_em", "cdae_em.io", "cdae_em.runtime", "cdae_em.core", "cdae_em.simulate", "cdae_em.denoise",
+              "cdae_em.classify", "cdae_em.job", "cdae_em.commands", "cdae_em.data", "cdae_em.protocols",
+              "cdae_em.templates"],
     package_dir={
         "cdae_em": "cdae_em",
         "cdae_em.protocols": "protocols",
@@ -63,7 +65,7 @@ setup(
         # the benchmark smoke test compares against scikit-image's TV/NLM and BM3D
         "test": ["pytest>=7", "scikit-image>=0.22", "bm3d>=4"],
         "bench": ["scikit-image>=0.22", "bm3d>=4"],
-        # approximate kNN for many queries (cdae_em.knn; exact search is used without it)
+        # approximate kNN for many queries (cdae_em.core.knn; exact search is used without it)
         "scale": ["faiss-cpu>=1.7"],
         # Scipion plugin (plugin name ``cdae_em``). pyworkflow pins numpy==1.26.1, so install this
         # extra in the same pip command as cdae-em: pip install 'cdae-em[scipion]'

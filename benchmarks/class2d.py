@@ -10,7 +10,7 @@ Data: the held-out structures of ``benchmarks/data`` (none was used to train or 
 views with ``--per-view`` particles each on average, random in-plane rotation, shifts up to 2 px, CTF
 (defocus 1-3 um), one SNR per data set, 64 px, the particle's largest diameter 60% of the box.
 
-Scores: Hungarian-matched F1 and ARI against the true views (``cdae_em.metrics.clustering_scores``);
+Scores: Hungarian-matched F1 and ARI against the true views (``cdae_em.core.metrics.clustering_scores``);
 wall time and peak RSS of each program (its largest process, ``benchmarks.measure``); the FRC-0.5 resolution of each matched class
 average against the clean, CTF-free projection of its view (after aligning one onto the other),
 averaged over the matched classes.
@@ -45,7 +45,7 @@ LABELS = {"run": "`cdae-em run` (defaults)", "classify": "`cdae-em classify` (ra
 
 def simulate_case(protein: str, snr: float, views: int, per_view: int, box: int, work: Path, seed: int = 0) -> Path:
     """Simulate (or reuse) one data set; returns its directory (particles.star, clean.mrcs, truth.star)."""
-    from cdae_em.simulate import SimulationSettings, load_source, simulate
+    from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
     path = structure_path(protein)
     out = work / f"{protein}_snr{snr}_{views}x{per_view}_{box}"
@@ -58,7 +58,7 @@ def simulate_case(protein: str, snr: float, views: int, per_view: int, box: int,
 
 def clean_views(protein: str, views: int, box: int) -> np.ndarray:
     """The clean, CTF-free, centred projection of each view (views, box, box), psi = 0."""
-    from cdae_em.simulate import even_views, euler_to_matrix, load_source
+    from cdae_em.simulate.simulator import even_views, euler_to_matrix, load_source
 
     path = structure_path(protein)
     rot, tilt = even_views(views)
@@ -138,10 +138,10 @@ def score(result: dict, case: Path, clean: np.ndarray, px: float) -> dict:
     """F1/ARI against the true views and the class averages' FRC-0.5 resolution to the clean views."""
     import torch
 
-    from cdae_em.align import align_pairs, apply_alignment
-    from cdae_em.metrics import clustering_scores, frc, frc_resolution
-    from cdae_em.preprocess import particle_mask
-    from cdae_em.star import read_particles
+    from cdae_em.core.align import align_pairs, apply_alignment
+    from cdae_em.core.metrics import clustering_scores, frc, frc_resolution
+    from cdae_em.core.preprocess import particle_mask
+    from cdae_em.io.star import read_particles
 
     truth = read_particles(case / "truth.star").particles
     names = [n.replace("@clean.mrcs", "@particles.mrcs") for n in truth["rlnImageName"].astype(str)]
@@ -176,11 +176,11 @@ def ceiling(case: Path, clean: np.ndarray) -> dict:
     aligning one onto the other (near 1: two views that look the same in 2D)."""
     import torch
 
-    from cdae_em.align import align_pairs, align_to_references
+    from cdae_em.core.align import align_pairs, align_to_references
     from cdae_em.settings import DenoiseSettings
-    from cdae_em.metrics import clustering_scores
-    from cdae_em.star import read_particles
-    from cdae_em.star_images import StarImages
+    from cdae_em.core.metrics import clustering_scores
+    from cdae_em.io.star import read_particles
+    from cdae_em.core.star_images import StarImages
 
     views = read_particles(case / "truth.star").particles["rlnClassNumber"].to_numpy().astype(int) - 1
     refs = torch.as_tensor(clean)

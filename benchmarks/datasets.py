@@ -1,4 +1,4 @@
-"""Benchmark data sets: particles simulated by ``cdae_em.simulate`` from the structures shipped in
+"""Benchmark data sets: particles simulated by ``cdae_em.simulate.simulator`` from the structures shipped in
 ``benchmarks/data/`` (see PROVENANCE.md there), under two protocols.
 
 - ``paper``: the CDAE paper's Table 1/2 protocol: 4 fixed views, no in-plane rotation, no shifts,
@@ -64,7 +64,7 @@ def structure_path(protein: str) -> Path:
 
 
 def pixel_size_for(path: Path, box: int, fill: float = FILL) -> float:
-    from cdae_em.structure import centre, read_atoms
+    from cdae_em.simulate.structure import centre, read_atoms
 
     atoms = centre(read_atoms(path))
     radius = float(np.sqrt((atoms.xyz**2).sum(axis=1)).max())
@@ -73,8 +73,8 @@ def pixel_size_for(path: Path, box: int, fill: float = FILL) -> float:
 
 def make_dataset(protein: str, protocol: str, n: int, box: int, work: Path, seed: int = 0) -> Dataset:
     """Simulate (or reuse) one data set under ``work/protein_protocol``."""
-    from cdae_em.simulate import SimulationSettings, load_source, simulate
-    from cdae_em.star import read_particles
+    from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
+    from cdae_em.io.star import read_particles
 
     path = structure_path(protein)
     p = PROTOCOLS[protocol]

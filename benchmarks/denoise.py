@@ -3,7 +3,7 @@ NL-means and TV, in both contrasts, at several SNRs and box sizes. Writes docs/d
 
     python -m benchmarks.denoise [--quick] [--j 2]
 
-Data (``cdae_em.simulate``): the benchmark proteins (benchmarks/data; none of them is among the
+Data (``cdae_em.simulate.simulator``): the benchmark proteins (benchmarks/data; none of them is among the
 structures the shipped weights were pre-trained on), random views, random in-plane rotation, shifts
 up to 2 px (per 64 px), CTF (300 kV, defocus 1-3 um, no phase flip), the particle's largest diameter
 75% of the box, white noise at SNR 0.02 / 0.05 / 0.1; protein bright (as RELION extracts with
@@ -53,7 +53,7 @@ class Case:
 
 def simulate_case(case: Case, work: Path, seed: int = 0) -> tuple[Path, np.ndarray, np.ndarray, float]:
     """The noisy STAR, noisy and clean stacks, and the pixel size of one case (simulated once)."""
-    from cdae_em.simulate import SimulationSettings, load_source, simulate
+    from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
     path = structure_path(case.protein)
     px = pixel_size_for(path, case.box, fill=FILL)
@@ -73,7 +73,7 @@ def correlation(est: np.ndarray, clean: np.ndarray) -> float:
 
 
 def score(est: np.ndarray, clean: np.ndarray, noisy: np.ndarray, pixel: float) -> dict:
-    from cdae_em.metrics import frc, frc_resolution, psnr
+    from cdae_em.core.metrics import frc, frc_resolution, psnr
 
     n = len(est)
     gain = float(psnr(est, clean[:n]).mean() - psnr(noisy[:n], clean[:n]).mean())
@@ -102,8 +102,8 @@ def cdae_denoise(star: Path, out: Path, j: int, extra: list[str]) -> tuple[np.nd
                "--overwrite", "--no-phase-flip", *extra]
         log("$ " + " ".join(shlex.quote(c) for c in cmd[2:]))
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from cdae_em.star import read_particles
-    from cdae_em.stacks import ImageSource
+    from cdae_em.io.star import read_particles
+    from cdae_em.io.stacks import ImageSource
 
     with ImageSource(read_particles(out / "denoised_particles.star")) as src:
         images = np.asarray(src.read(np.arange(src.n)), dtype=np.float32)
@@ -114,8 +114,8 @@ def inference_speed(box: int, j: int, weights: str | None, n: int = 256) -> dict
     """Images per second at ``box`` of the shipped cascade's inference (no fine-tuning) and of
     Topaz-Denoise, timed one after the other on the same images and threads."""
     from benchmarks import topaz_peer
-    from cdae_em.train import autocast
-    from cdae_em.weights import default_weights_path, load_weights
+    from cdae_em.denoise.train import autocast
+    from cdae_em.denoise.weights import default_weights_path, load_weights
 
     torch.set_num_threads(j)
     model, _ = load_weights(weights or default_weights_path())

@@ -43,7 +43,7 @@ SETUPS = [Setup(), Setup(dark=False), Setup(dark=False, fill=0.6), Setup(dark=Fa
 
 
 def simulate(protein: str, s: Setup, n: int, work: Path) -> tuple[np.ndarray, np.ndarray]:
-    from cdae_em.simulate import SimulationSettings, load_source, simulate as sim
+    from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate as sim
 
     path = structure_path(protein)
     out = work / f"{protein}_{'dark' if s.dark else 'bright'}_{s.fill:g}_{s.snr:g}_{int(s.ctf)}_{n}"
@@ -56,8 +56,8 @@ def simulate(protein: str, s: Setup, n: int, work: Path) -> tuple[np.ndarray, np
 
 
 def main() -> None:
-    from cdae_em.metrics import psnr
-    from cdae_em.weights import default_weights_path, load_weights
+    from cdae_em.core.metrics import psnr
+    from cdae_em.denoise.weights import default_weights_path, load_weights
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--weights", help="cascade weights (default: the shipped ones)")

@@ -38,10 +38,10 @@ def timed(fn, device: torch.device) -> float:
 def measure(box: int, n: int, refs: int, batch: int, device: torch.device) -> dict:
     from dataclasses import replace
 
-    from cdae_em.align import align_to_references
-    from cdae_em.train import autocast, train_block
+    from cdae_em.core.align import align_to_references
+    from cdae_em.denoise.train import autocast, train_block
     from cdae_em.settings import TrainSettings
-    from cdae_em.weights import default_weights_path, load_weights
+    from cdae_em.denoise.weights import default_weights_path, load_weights
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(n, box, box, generator=g)

@@ -54,7 +54,7 @@ def cascade_apply(model, images: np.ndarray, upto: int | None, batch_size: int =
 
 def equalise(images: np.ndarray, box: int) -> np.ndarray:
     """The histogram equalisation ``cdae-em denoise`` applies (same mask as ``write_denoised``)."""
-    from cdae_em.preprocess import equalise_histogram, soft_circular_mask
+    from cdae_em.core.preprocess import equalise_histogram, soft_circular_mask
 
     mask = soft_circular_mask(box, radius=0.9 * box / 2 - 2, width=4)
     return np.concatenate([equalise_histogram(torch.from_numpy(np.ascontiguousarray(images[s:s + 512])), mask).numpy()

@@ -164,7 +164,7 @@ def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, f
              f"{r['machine']}.\n"]
     if COMMENTARY.exists() and cfg.mode != "tiny":
         parts.append(COMMENTARY.read_text())
-    parts.append("## Data sets\n\nSimulated with `cdae_em.simulate` from the structures in `benchmarks/data/` "
+    parts.append("## Data sets\n\nSimulated with `cdae_em.simulate.simulator` from the structures in `benchmarks/data/` "
                  "(provenance: `benchmarks/data/PROVENANCE.md`), box "
                  f"{cfg.box}, pixel size chosen so the particle's largest diameter spans 60% of the box.\n\n"
                  "- **paper**: 4 fixed views, no in-plane rotation, no shifts, no CTF, SNR 0.1 (the CDAE paper's protocol);\n"
@@ -183,7 +183,7 @@ def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, f
     if r["table1"]:
         parts.append("## Table 1: denoising\n\n'(quick FT)' after a data set: the CDAE rows used the quick "
                      "fine-tuning settings (`--k 20 --epochs 1 --finetune-subset 80`, 5 classification rounds) instead "
-                     "of the defaults (k 30, 3 epochs, subset 4000). PSNR (`cdae_em.metrics.psnr`, both images standardised, peak = "
+                     "of the defaults (k 30, 3 epochs, subset 4000). PSNR (`cdae_em.core.metrics.psnr`, both images standardised, peak = "
                      "the clean image's range) and FRC resolution (0.5 threshold, `metrics.frc` over the stack) "
                      "against the clean image (for the realistic protocol the clean image includes the CTF); "
                      "(eq) = after the histogram equalisation `cdae-em denoise` applies. Time per 1000 images "
@@ -192,7 +192,7 @@ def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, f
     if r["table2"]:
         parts.append("## Table 2: clustering\n\nK = number of true views. Hungarian = classes matched one-to-one "
                      "with views, macro-averaged; pairs = pair-counting precision/recall/F1. Rows with "
-                     "the classification (`cdae_em.classify`) include the rotation/shift-aware initial features and "
+                     "the classification (`cdae_em.classify.stage`) include the rotation/shift-aware initial features and "
                      "rounds of alignment to class averages; 'alignment only' is that classification on the raw "
                      "particles. These rows call the classification directly: `cdae-em run` as users run it "
                      "(classes from the denoised particles, alignment of the phase-flipped originals) is measured "
@@ -205,7 +205,7 @@ def write_report(path: Path, cfg: Config, args, r: dict, t1_header, t2_header, f
                      + md_table(["threads", "GFLOP/s (2048^2 fp32 mm)"], r["peak"]) + "\n\n"
                      + md_table(["box", "threads", "GFLOP/image (3 blocks)", "images/s", "floor images/s",
                                  "fraction of floor"], r["speed"]) + "\n\n"
-                     "Exact kNN (`nearest_neighbours`, in `cdae_em.neighbours` since the split of align.py, k=30, 32-d features, "
+                     "Exact kNN (`nearest_neighbours`, in `cdae_em.core.neighbours` since the split of align.py, k=30, 32-d features, "
                      f"{r['threads']} threads):\n\n" + md_table(["N", "seconds"], r["knn"]) + "\n\n"
                      "`python -m benchmarks.simulate_speed`:\n\n" + r["simulate_speed"] + "\n")
     if r["scale"]:

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="cdae_bench_")
         work = Path(tmp.name)
-    from cdae_em.weights import default_weights_path, load_weights
+    from cdae_em.denoise.weights import default_weights_path, load_weights
 
     model, _ = load_weights(default_weights_path())
     model.eval()

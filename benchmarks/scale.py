@@ -50,10 +50,10 @@ def real_features(n: int, work: Path, j: int) -> np.ndarray:
     cache = work / f"features_{n}.npy"
     if cache.exists():
         return np.load(cache)
-    from cdae_em.neighbours import invariant_features, reduce_features
-    from cdae_em.simulate import SimulationSettings, load_source, simulate
-    from cdae_em.stacks import ImageSource
-    from cdae_em.star import read_particles
+    from cdae_em.core.neighbours import invariant_features, reduce_features
+    from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
+    from cdae_em.io.stacks import ImageSource
+    from cdae_em.io.star import read_particles
 
     sim = work / f"sim_{n}"
     if not (sim / "simulation.json").exists():
@@ -92,8 +92,8 @@ def proxy_features(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 def knn_rows(x: np.ndarray, label: str, j: int, exact_full: bool) -> list[dict]:
     """Exact and HNSW kNN (k = 30, all vectors as queries) of ``x``: time and recall."""
-    from cdae_em.knn import HNSW_EF_SEARCH, HNSW_M, HNSW_RERANK, find_neighbours
-    from cdae_em.neighbours import nearest_neighbours
+    from cdae_em.core.knn import HNSW_EF_SEARCH, HNSW_M, HNSW_RERANK, find_neighbours
+    from cdae_em.core.neighbours import nearest_neighbours
 
     torch.set_num_threads(j)
     n = len(x)
@@ -199,7 +199,7 @@ def cmd_run(args) -> list[dict]:
 
 
 def _labels(out: Path) -> list[int]:
-    from cdae_em.star import read_particles
+    from cdae_em.io.star import read_particles
 
     return read_particles(out / "particles.star").particles["rlnClassNumber"].astype(int).tolist()
 
@@ -209,7 +209,7 @@ def cmd_inference(args) -> list[dict]:
     n = args.n
     sim = args.work / f"sim_{n}"
     if not (sim / "simulation.json").exists():
-        from cdae_em.simulate import SimulationSettings, load_source, simulate
+        from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
         simulate(load_source(None, box=64), SimulationSettings(n_particles=n, in_plane=True, max_shift=3.0, ctf=True,
                                                                snrs=[0.1], seed=0), sim)
@@ -264,12 +264,12 @@ def report(results: dict) -> str:
              "wall times as measured on the machine named under each table, which was shared with other jobs "
              "(expect +-30%).", ""]
     if results.get("knn"):
-        from cdae_em import knn
+        from cdae_em.core import knn
         threshold = round(knn.APPROX_S_PER_VECTOR / knn.EXACT_S_PER_PAIR, -3)
         lines += ["## kNN (k = 30, 32-d features)", "",
                   "All-pairs: every vector's 30 nearest neighbours among all (what fine-tuning on every particle "
                   "would need). `cdae-em` itself asks only for its fine-tuning subset's neighbours (4,000 queries "
-                  "by default), exactly, and switches to the approximate index when `cdae_em.knn`'s cost "
+                  "by default), exactly, and switches to the approximate index when `cdae_em.core.knn`'s cost "
                   f"model says it is faster (from ~{threshold:,.0f} queries on) and faiss-cpu is installed. Recall: the "
                   "fraction of the exact 30 neighbours found, on 2,000 random queries. 'proxy': Gaussian-mixture vectors fitted to the real features.", "",
                   "| vectors | data | method | queries | seconds | recall@30 | how |", "|---|---|---|---|---|---|---|"]

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cdae_em.geometry import euler_to_matrix, random_views
-from cdae_em.simulate import MapProjector, SimulationSettings, load_source, simulate
-from cdae_em.stacks import write_map
+from cdae_em.core.geometry import euler_to_matrix, random_views
+from cdae_em.simulate.simulator import MapProjector, SimulationSettings, load_source, simulate
+from cdae_em.io.stacks import write_map
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from benchmarks.datasets import Dataset, make_dataset
 # ----------------------------------------------------------------------------------------------
 def score_denoising(est: np.ndarray, clean: np.ndarray, pixel: float) -> tuple[float, float]:
     """Mean PSNR (dB) and FRC 0.5 resolution (Angstrom) of denoised images against the clean ones."""
-    from cdae_em.metrics import frc, frc_resolution, psnr
+    from cdae_em.core.metrics import frc, frc_resolution, psnr
 
     return float(psnr(est, clean).mean()), frc_resolution(frc(M.standardise(est), M.standardise(clean)), pixel)
 
@@ -31,7 +31,7 @@ def score_denoising(est: np.ndarray, clean: np.ndarray, pixel: float) -> tuple[f
 def calibrate_peers(cfg: Config, work: Path) -> dict:
     """Pick TV weight and NLM h (as multiples of the noise sigma) on the default map (4JSV, the
     protein not in the benchmark), paper protocol; the same factors are used everywhere."""
-    from cdae_em.simulate import SimulationSettings, load_source, simulate
+    from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
     out = work / f"calib_{cfg.box}"
     if not (out / "simulation.json").exists():
@@ -41,7 +41,7 @@ def calibrate_peers(cfg: Config, work: Path) -> dict:
     noisy = np.array(mrcfile.open(out / "particles.mrcs", permissive=True).data, dtype=np.float32)
     clean = np.array(mrcfile.open(out / "clean.mrcs", permissive=True).data, dtype=np.float32)
     sigma = M.noise_sigma_standardised(0.1)
-    from cdae_em.metrics import psnr
+    from cdae_em.core.metrics import psnr
 
     tv = {f: float(psnr(M.tv(noisy, sigma, f), clean).mean()) for f in (0.25, 0.5, 1.0, 2.0, 4.0)}
     nlm = {f: float(psnr(M.nlm(noisy, sigma, f), clean).mean()) for f in (0.4, 0.8, 1.2, 1.6)}
@@ -54,8 +54,8 @@ def denoise_finetuned(ds: Dataset, cfg: Config, j: int) -> tuple[np.ndarray, flo
     """`cdae-em denoise` (default settings, fine-tuning on) on the data set; the denoised stack it
     wrote (faithful, not equalised: its default) and the seconds it took."""
     from cdae_em.commands import denoise as cmd
-    from cdae_em.stacks import ImageSource
-    from cdae_em.star import read_particles
+    from cdae_em.io.stacks import ImageSource
+    from cdae_em.io.star import read_particles
 
     parser = argparse.ArgumentParser()
     cmd.add_args(parser)
@@ -114,9 +114,9 @@ def table1_for(ds: Dataset, cfg: Config, calib: dict, model, j: int) -> tuple[li
 # ----------------------------------------------------------------------------------------------
 def table2_for(ds: Dataset, cfg: Config, model, denoised: dict, j: int) -> list:
     """Table 2 rows for a data set: clustering scores of every method against the true views."""
-    from cdae_em.classify import classify
+    from cdae_em.classify.stage import classify
     from cdae_em.settings import ClassifySettings
-    from cdae_em.metrics import clustering_scores
+    from cdae_em.core.metrics import clustering_scores
 
     k = ds.n_views
     flat = M.standardise(ds.noisy).reshape(len(ds.noisy), -1)
@@ -166,7 +166,7 @@ def block_flops(box: int) -> float:
     """FLOPs of one DAE block on one image (torch's FlopCounterMode: conv/matmul multiply-adds x 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cdae_em.cascade import DAEBlock
+    from cdae_em.denoise.cascade import DAEBlock
 
     block = DAEBlock().eval()
     x = torch.randn(4, box, box)
@@ -202,9 +202,9 @@ def speed_table(cfg: Config, model) -> tuple[list, list]:
 def knn_table(cfg: Config) -> list:
     """Seconds of exact kNN (``nearest_neighbours``) per number of particles."""
     try:
-        from cdae_em.neighbours import nearest_neighbours
+        from cdae_em.core.neighbours import nearest_neighbours
     except ImportError:  # before the split of align.py
-        from cdae_em.align import nearest_neighbours
+        from cdae_em.core.align import nearest_neighbours
 
     rows = []
     g = torch.Generator().manual_seed(0)

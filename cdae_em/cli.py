@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.log_level)
     try:
         if command in ("run", "denoise", "classify"):  # --gpu 0,1,2,3: one process per device (torchrun)
-            from cdae_em.distributed import relaunch_on_gpus
+            from cdae_em.runtime.distributed import relaunch_on_gpus
 
             code = relaunch_on_gpus(args.gpu, "cdae_em", argv)
             if code is not None:

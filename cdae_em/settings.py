@@ -170,7 +170,7 @@ class ClassifySettings:
     fine_band: float = 0.25
     rescore: int = 4  # the references matching best within the band compared at full resolution (1: none)
     # merge-and-split moves tried after the coarse rounds, and with the CTF again after the fine ones
-    # (0: none); each is kept only if it helps, and the first that does not ends them (see cdae_em.splitmerge)
+    # (0: none); each is kept only if it helps, and the first that does not ends them (see cdae_em.classify.splitmerge)
     split_merge: int = option(3, flags=("--split-merge",), group="classification", minimum=0, kinds=(RUN, CLASSIFY),
                               scipion="splitMerge",
                               help="merge-and-split moves tried after the coarse rounds (and, for particles with "

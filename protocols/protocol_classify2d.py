@@ -138,7 +138,7 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         self.info(f"wrote {n} particles to {self._getInputStar()}")
 
     def runCdaeStep(self):
-        from cdae_em.progress import STATUS_FILE
+        from cdae_em.runtime.progress import STATUS_FILE
 
         from .scipion_plugin import Plugin
 
@@ -372,7 +372,7 @@ def form_args(s: Setting, value) -> list:
 
 def job_error(job_dir: str) -> str:
     """What went wrong, as the job recorded it in its status.json (empty if it did not get that far)."""
-    from cdae_em.progress import read_status
+    from cdae_em.runtime.progress import read_status
 
     status = read_status(job_dir)
     return (status.error or "") if status is not None and status.state != "running" else ""

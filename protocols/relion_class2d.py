@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cdae_em.atomic import copy_file as atomic_copy
-from cdae_em.metrics import NO_RESOLUTION, HalfSetStats, radial_power
+from cdae_em.io.atomic_write import copy_file as atomic_copy
+from cdae_em.core.metrics import NO_RESOLUTION, HalfSetStats, radial_power
 from cdae_em.protocols.relion_files import ROOT, write_relion_star
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def write_classification_files(out_dir: Path, job: str, n_classes: int, pixel_si
     signal = radial_power(_read_stack(out_dir / "class_averages.mrcs"))  # (K, rings)
     atomic_copy(out_dir / "particles.star", out_dir / f"{ROOT}_data.star")
 
-    from cdae_em.star import read_particles
+    from cdae_em.io.star import read_particles
 
     table = read_particles(out_dir / "particles.star")
     counts = np.bincount(table.particles["rlnClassNumber"].to_numpy(np.int64) - 1, minlength=n_classes)

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cdae-em-relion: no --o job directory given (RELION passes --o External/jobNNN/)", file=sys.stderr)
         return 1
     out = Path(o)
-    from cdae_em import distributed
+    from cdae_em.runtime import distributed
 
     if distributed.env_rank() != 0:  # a further process of a multi-GPU job: rank 0 does the RELION files
         return _worker(argv)
@@ -256,9 +256,9 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
     """The job and the RELION files; every outcome ends in its exit file and exit code."""
     from cdae_em.errors import CdaeError, is_out_of_memory
     from cdae_em.errors import JobAborted
-    from cdae_em.job import run_job
-    from cdae_em.metrics import HalfSetStats
-    from cdae_em.preprocess import default_mask_diameter
+    from cdae_em.job.runner import run_job
+    from cdae_em.core.metrics import HalfSetStats
+    from cdae_em.core.preprocess import default_mask_diameter
     from cdae_em.protocols.relion_class2d import write_classification_files
 
     job = _job_name(args.o)
@@ -318,7 +318,7 @@ def _worker(argv: list[str]) -> int:
     """Rank > 0 of a multi-GPU job: the same job, no RELION files and no exit files (rank 0's);
     stops when rank 0 does (torchrun ends the others) or on RELION_JOB_ABORT_NOW."""
     from cdae_em.errors import JobAborted
-    from cdae_em.job import run_job
+    from cdae_em.job.runner import run_job
 
     setup_logging("WARNING")
     args, _ = build_parser().parse_known_args(argv)

@@ -14,8 +14,8 @@ import os
 import re
 from pathlib import Path
 
-from cdae_em.atomic import partial_name
-from cdae_em.atomic import write_text as atomic_write
+from cdae_em.io.atomic_write import partial_name
+from cdae_em.io.atomic_write import write_text as atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def write_relion_star(path: Path, blocks: dict[str, dict | list[dict]], version:
     loop; every block preceded by ``# version N`` as RELION's MetaDataTable::write does."""
     import pandas as pd
 
-    from cdae_em.star import star_text
+    from cdae_em.io.star import star_text
 
     tables = {name: pd.DataFrame(block) if isinstance(block, list) else block for name, block in blocks.items()}
     head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""

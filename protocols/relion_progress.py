@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from cdae_em.progress import Status
+from cdae_em.runtime.progress import Status
 
 log = logging.getLogger("cdae_em.relion")
 

@@ -21,8 +21,8 @@ from emtable import Table
 import pwem.convert.transformations as tfs
 from pwem.objects import Transform
 
-from cdae_em import stacks
-from cdae_em.star import new_particle_table, write_star
+from cdae_em.io import stacks
+from cdae_em.io.star import new_particle_table, write_star
 
 #: extensions that are MRC files, read by cdae-em directly (Scipion may add ":mrc"/":mrcs" hints)
 MRC_EXTENSIONS = (".mrc", ".mrcs", ".st", ".ali", ".map", ".rec")

@@ -114,8 +114,8 @@ def small_weights(tmp_path_factory):
     """Untrained small cascade weights: for tests of the plumbing (test_cascade tests the learning)."""
     import torch
 
-    from cdae_em.cascade import Cascade
-    from cdae_em.weights import save_weights
+    from cdae_em.denoise.cascade import Cascade
+    from cdae_em.denoise.weights import save_weights
 
     path = tmp_path_factory.mktemp("weights") / "small.pt"
     torch.manual_seed(0)

@@ -57,11 +57,11 @@ def _block_desc(block: int):
 
 
 def install(point: str) -> None:
-    import cdae_em.classify as classify
-    import cdae_em.denoise as denoise
-    import cdae_em.finetune as finetune
-    import cdae_em.job as job
-    import cdae_em.outputs as outputs
+    import cdae_em.classify.stage as classify
+    import cdae_em.denoise.stage as denoise
+    import cdae_em.denoise.finetune as finetune
+    import cdae_em.job.runner as job
+    import cdae_em.job.outputs as outputs
 
     points = {
         "prepare-mid": lambda: _kill_when(denoise.BatchPreparer, "__call__", _nth_call(2)),

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cdae_em.align import align_pairs, align_to_references, apply_alignment, estimate_particle_radius
-from cdae_em.neighbours import aligned_neighbour_means, invariant_features, nearest_neighbours, reduce_features
-from cdae_em.geometry import euler_to_matrix
-from cdae_em.preprocess import soft_circular_mask, translate
-from cdae_em.simulate import load_source
+from cdae_em.core.align import align_pairs, align_to_references, apply_alignment, estimate_particle_radius
+from cdae_em.core.neighbours import aligned_neighbour_means, invariant_features, nearest_neighbours, reduce_features
+from cdae_em.core.geometry import euler_to_matrix
+from cdae_em.core.preprocess import soft_circular_mask, translate
+from cdae_em.simulate.simulator import load_source
 
 BOX = 64
 # an asymmetric particle: blobs of both signs at different radii and angles (no rotational or mirror
@@ -331,7 +331,7 @@ def band_pass(images: torch.Tensor, low: float, high: float) -> torch.Tensor:
 def test_ctf_aware_score_matches_a_phase_flipped_particle_to_its_clean_reference(source):
     """A noiseless phase-flipped particle is |CTF| times its view: compared with the reference
     multiplied by its |CTF| it matches it exactly (score ~1); compared with the bare reference not."""
-    from cdae_em.ctf import CtfAmplitudes, CtfParams
+    from cdae_em.core.ctf import CtfAmplitudes, CtfParams
 
     references = unit(projections(source, [30.0, 200.0], [60.0, 100.0], np.zeros(2)))
     params = CtfParams(defocus_u=np.array([8000.0, 25000.0]), defocus_v=np.array([8000.0, 25000.0]),

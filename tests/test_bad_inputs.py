@@ -16,8 +16,8 @@ import torch
 from conftest import run_cli
 
 from cdae_em.errors import InputError, ResourceError
-from cdae_em.simulate import SimulationSettings, load_source, simulate
-from cdae_em.star import read_particles, write_star
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
+from cdae_em.io.star import read_particles, write_star
 
 CONTRACT = ["particles.star", "denoised_particles.star", "class_averages.mrcs", "class_averages.star",
             "summary.json", "gallery.png"]
@@ -65,7 +65,7 @@ def test_bad_pixel_sizes_are_refused(sim, tmp_path, pixels, words):
 
 def test_pixel_size_per_row_in_a_relion30_table(tmp_path):
     df = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@a.mrcs", "3@a.mrcs"], "rlnImagePixelSize": [1.0, 1.0, 1.3]})
-    from cdae_em.star import ParticleTable
+    from cdae_em.io.star import ParticleTable
 
     path = tmp_path / "p30.star"
     write_star(ParticleTable(path=None, blocks={"": df}, particles_key="", flavour="3.0"), path)
@@ -135,7 +135,7 @@ def test_bad_numbers_in_job_settings_are_refused_by_the_core(tmp_path):
     """Front ends that build JobSettings themselves (RELION, Scipion, notebooks) get the same check."""
     from dataclasses import replace
 
-    from cdae_em.job import run_job
+    from cdae_em.job.runner import run_job
     from cdae_em.settings import ClassifySettings, JobSettings
 
     s = JobSettings("p.star", str(tmp_path / "o"), classify=ClassifySettings(n_classes=3))
@@ -170,14 +170,14 @@ def _raise_cuda_oom(*args, **kwargs):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-@pytest.mark.parametrize("where", ["cdae_em.inference.run_block", "cdae_em.classify.classify",
-                                   "cdae_em.outputs.original_class_averages"])
+@pytest.mark.parametrize("where", ["cdae_em.denoise.inference.run_block", "cdae_em.classify.stage.classify",
+                                   "cdae_em.job.outputs.original_class_averages"])
 def test_cuda_out_of_memory_anywhere_in_the_job_is_one_line(sim, small_weights, tmp_path, monkeypatch, where):
     """Raised in the denoiser, the classifier or the averages: a ResourceError naming the fix,
     whatever front end called run_job; nothing half-written, the lock released."""
     import importlib
 
-    from cdae_em.job import run_job
+    from cdae_em.job.runner import run_job
     from cdae_em.settings import ClassifySettings, DenoiseSettings, JobSettings
 
     module, name = where.rsplit(".", 1)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cdae_em.cascade import Cascade, DAEBlock
+from cdae_em.denoise.cascade import Cascade, DAEBlock
 from cdae_em.errors import InputError
-from cdae_em.metrics import psnr
-from cdae_em.simulate import SimulationSettings, load_source, simulate
-from cdae_em.weights import default_weights_path, load_weights, save_weights
+from cdae_em.core.metrics import psnr
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
+from cdae_em.denoise.weights import default_weights_path, load_weights, save_weights
 
 SMALL = (8, 16, 16)  # small channel counts keep CPU tests fast; the shape of the model is the paper's
 
@@ -109,8 +109,8 @@ def test_weights_of_the_wrong_shape_are_refused(tmp_path):
 def test_cuda_matches_cpu():
     """The production inference path (denoise.run_block: bfloat16 autocast on CUDA) against float32
     on the CPU, block by block, with the shipped weights."""
-    from cdae_em.inference import run_block
-    from cdae_em.train import autocast
+    from cdae_em.denoise.inference import run_block
+    from cdae_em.denoise.train import autocast
 
     mixed = autocast(torch.device("cuda"))
     assert mixed.fast_dtype == torch.bfloat16 and mixed._enabled  # what production runs

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks.class2d import ceiling, write_report
-from cdae_em.geometry import euler_to_matrix, even_views
-from cdae_em.simulate import SimulationSettings, load_source, simulate
+from cdae_em.core.geometry import euler_to_matrix, even_views
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
 
 def test_ceiling_finds_the_true_views_and_the_most_alike_pair(tmp_path):

@@ -8,11 +8,11 @@ import mrcfile
 import numpy as np
 import torch
 
-from cdae_em.classify import classify
+from cdae_em.classify.stage import classify
 
 from cdae_em.settings import ClassifySettings
-from cdae_em.preprocess import translate
-from cdae_em.simulate import SimulationSettings, load_source, simulate
+from cdae_em.core.preprocess import translate
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
 
 def _centre_of_mass(images: np.ndarray) -> np.ndarray:
@@ -40,7 +40,7 @@ def test_class_averages_are_centred_like_relion_center_classes(tmp_path):
 def test_features_in_a_work_directory_give_the_same_classes(tmp_path, monkeypatch):
     """With a work directory the invariant features are a memory-mapped array there (resident memory
     flat in N), removed after the PCA; the classes are the same as with the features in memory."""
-    import cdae_em.neighbours as neighbours
+    import cdae_em.core.neighbours as neighbours
 
     simulate(load_source(None, box=32), SimulationSettings(n_particles=60, n_views=3, in_plane=True,
                                                            snrs=[1.0], seed=3), tmp_path / "sim")
@@ -69,8 +69,8 @@ def test_ctf_corrected_class_means_undo_the_ctf_that_plain_means_keep():
     """Noiseless phase-flipped particles of one view at six defoci are |CTF| times it: their CTF-
     corrected average is closer to the view (up to the regulariser), their plain average is the
     view filtered by the mean |CTF|."""
-    from cdae_em.averages import class_means, masked_rows
-    from cdae_em.ctf import CtfAmplitudes, CtfParams
+    from cdae_em.core.averages import class_means, masked_rows
+    from cdae_em.core.ctf import CtfAmplitudes, CtfParams
 
     box, n = 32, 6
     view = torch.as_tensor(load_source(None, box=box).project(np.eye(3)[None]), dtype=torch.float32)
@@ -98,7 +98,7 @@ def test_ssnr_filter_keeps_what_the_halves_share_and_drops_what_they_do_not():
     above them: the Wiener weight is near 1 where the halves agree and near 0 where they do not, so
     the filtered reference keeps the view and loses the noise. A class too small to split gets the
     weights of the others."""
-    from cdae_em.averages import apply_ring_filter, ssnr_filter
+    from cdae_em.core.averages import apply_ring_filter, ssnr_filter
 
     box = 32
     rng = np.random.default_rng(0)
@@ -122,7 +122,7 @@ def test_the_coarse_rounds_run_twice_and_the_higher_objective_goes_on(tmp_path):
     """With ssnr_filter the coarse rounds and moves run on plain and on SSNR-filtered references from
     the same start; the run with the higher objective is the one the fine rounds continue, its
     rounds marked in_result, the other's not. Without it, one run."""
-    from cdae_em.splitmerge import explained_energy
+    from cdae_em.classify.splitmerge import explained_energy
 
     simulate(load_source(None, box=32), SimulationSettings(n_particles=160, n_views=4, in_plane=True,
                                                            snrs=[0.1], seed=3), tmp_path)
@@ -147,7 +147,7 @@ def test_the_coarse_rounds_run_twice_and_the_higher_objective_goes_on(tmp_path):
 def test_ring_average_keeps_what_turns_with_the_image_and_averages_the_rest():
     """A |CTF| without astigmatism is the same on each Fourier ring and stays as it is; what differs
     along a ring (here fx) is replaced by its mean there."""
-    from cdae_em.averages import ring_average, ring_index
+    from cdae_em.core.averages import ring_average, ring_index
 
     box = 16
     index, n_rings, _ = ring_index(box, torch.device("cpu"))

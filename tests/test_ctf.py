@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from cdae_em.ctf import CtfParams, apply_filter, ctf_2d, electron_wavelength, phase_flip
+from cdae_em.core.ctf import CtfParams, apply_filter, ctf_2d, electron_wavelength, phase_flip
 
 
 def params(n=1, du=20000.0, dv=None, angle=0.0, cs=0.0, q0=0.1, phase=0.0):
@@ -56,9 +56,9 @@ def test_phase_flip_from_star_ctf_columns(tmp_path):
     """CTF columns of a simulated STAR, read back, phase-flip its particles to |CTF| modulation."""
     import mrcfile
 
-    from cdae_em.geometry import euler_to_matrix
-    from cdae_em.simulate import SimulationSettings, load_source, simulate
-    from cdae_em.star import read_particles
+    from cdae_em.core.geometry import euler_to_matrix
+    from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
+    from cdae_em.io.star import read_particles
 
     source = load_source(None, box=32)
     settings = SimulationSettings(n_particles=6, ctf=True, astigmatism=2000.0, snrs=[None], seed=4)

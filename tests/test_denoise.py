@@ -8,7 +8,7 @@ import pytest
 import starfile
 from conftest import run_cli
 
-from cdae_em.simulate import SimulationSettings, load_source, simulate
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_blank_images_are_never_neighbours(tmp_path):
     import torch
 
     from cdae_em.settings import DenoiseSettings
-    from cdae_em.finetune import neighbour_targets
+    from cdae_em.denoise.finetune import neighbour_targets
 
     rng = np.random.default_rng(0)
     images = rng.normal(size=(30, 32, 32)).astype(np.float32)

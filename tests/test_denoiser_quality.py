@@ -11,10 +11,10 @@ import torch
 from conftest import run_cli
 
 from benchmarks.datasets import DATA, pixel_size_for
-from cdae_em.cascade import Cascade
-from cdae_em.metrics import psnr
-from cdae_em.selfcheck import blind_spot_loss
-from cdae_em.simulate import SimulationSettings, load_source, simulate
+from cdae_em.denoise.cascade import Cascade
+from cdae_em.core.metrics import psnr
+from cdae_em.denoise.selfcheck import blind_spot_loss
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
 
 def _blobs(n: int, box: int = 32, seed: int = 0) -> torch.Tensor:

@@ -15,8 +15,8 @@ import pytest
 import starfile
 import torch
 
-from cdae_em import distributed
-from cdae_em.simulate import SimulationSettings, load_source, simulate
+from cdae_em.runtime import distributed
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
 ARGS = ["--K", "3", "--iter", "2", "--epochs", "1", "--finetune-subset", "120", "--neighbours", "5",
         "--batch-size", "32", "--seed", "3"]

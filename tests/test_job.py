@@ -14,11 +14,11 @@ import starfile
 import torch
 from conftest import run_cli
 
-from cdae_em.align import apply_alignment
-from cdae_em.classify import classify
+from cdae_em.core.align import apply_alignment
+from cdae_em.classify.stage import classify
 from cdae_em.settings import ClassifySettings
-from cdae_em.metrics import clustering_scores
-from cdae_em.simulate import SimulationSettings, load_source, simulate
+from cdae_em.core.metrics import clustering_scores
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
 CONTRACT = ["particles.star", "denoised_particles.star", "class_averages.mrcs", "class_averages.star",
             "summary.json", "gallery.png"]

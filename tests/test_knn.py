@@ -1,4 +1,4 @@
-"""kNN at scale (cdae_em.knn): exact search for chosen queries, the HNSW index and its recall."""
+"""kNN at scale (cdae_em.core.knn): exact search for chosen queries, the HNSW index and its recall."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cdae_em import knn
-from cdae_em.knn import choose_method, find_neighbours
-from cdae_em.neighbours import nearest_neighbours
+from cdae_em.core import knn
+from cdae_em.core.knn import choose_method, find_neighbours
+from cdae_em.core.neighbours import nearest_neighbours
 
 
 def clustered(n: int, d: int = 16, seed: int = 0) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The package's import graph: every import (module- or function-level) of every module of
-cdae_em, read from the source. No cycle may exist."""
+cdae_em, read from the source. No cycle may exist, and imports only go down the layers: a module
+imports modules of lower layers, or of its own package."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ from pathlib import Path
 import cdae_em
 
 PACKAGE = Path(cdae_em.__file__).parent
+
+# bottom to top; a module's layer is that of its longest listed prefix (docs/architecture.md)
+LAYERS = [
+    ("cdae_em.errors", "cdae_em.settings", "cdae_em.data"),
+    ("cdae_em.io",),
+    ("cdae_em.runtime",),
+    ("cdae_em.core",),
+    ("cdae_em.simulate", "cdae_em.denoise"),
+    ("cdae_em.classify",),
+    ("cdae_em.job",),
+    ("cdae_em.commands",),
+    ("cdae_em.cli", "cdae_em.data.make_default_map", "cdae_em.data.make_pretrain_structures"),
+    ("cdae_em.__main__",),
+    ("cdae_em.protocols", "cdae_em.templates", "cdae_em.viewers", "cdae_em.bibtex"),  # framework front ends
+]
 
 
 def modules() -> dict[str, Path]:
@@ -82,6 +98,49 @@ def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(layer, the prefix that placed it) of ``module``. The package's own __init__ is a front end:
+    it holds the Scipion plugin hook (and the version, which the graph leaves out)."""
+    if module == "cdae_em":
+        return len(LAYERS) - 1, "cdae_em"
+    best = None
+    for number, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[1])):
+                best = (number, prefix)
+    assert best is not None, f"{module} is in no layer: add its package to LAYERS (and docs/architecture.md)"
+    return best
+
+
+def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
+    """Imports from a module to one of a higher layer, or to another package of the same layer."""
+    found = []
+    for module, edges in graph.items():
+        (mine, home) = layer_of(module)
+        for target, line in edges.items():
+            (theirs, other) = layer_of(target)
+            if theirs > mine or (theirs == mine and other != home):
+                found.append(f"{module} (line {line}) imports {target}")
+    return found
+
+
+def test_every_module_has_a_layer():
+    for module in import_graph():
+        layer_of(module)
+
+
+def test_imports_only_go_down():
+    found = upward_imports(import_graph())
+    assert found == [], "upward imports:\n" + "\n".join(found)
+
+
+def test_an_upward_import_is_found():
+    graph = {"cdae_em.io.star": {"cdae_em.job.runner": 3}, "cdae_em.job.runner": {"cdae_em.io.star": 1},
+             "cdae_em.denoise.stage": {"cdae_em.simulate.simulator": 7}}
+    assert upward_imports(graph) == ["cdae_em.io.star (line 3) imports cdae_em.job.runner",
+                                     "cdae_em.denoise.stage (line 7) imports cdae_em.simulate.simulator"]
 
 
 def test_the_graph_sees_function_level_imports():

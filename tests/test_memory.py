@@ -1,4 +1,4 @@
-"""Resident memory of reads through memory maps stays bounded, random reads included (cdae_em.memory)."""
+"""Resident memory of reads through memory maps stays bounded, random reads included (cdae_em.io.memory)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from cdae_em.memory import FAULT_BYTES, RELEASE_BYTES, Streamed, mapped_bytes, runs_of
-from cdae_em.stacks import ImageSource
-from cdae_em.star import read_particles
+from cdae_em.io.memory import FAULT_BYTES, RELEASE_BYTES, Streamed, mapped_bytes, runs_of
+from cdae_em.io.stacks import ImageSource
+from cdae_em.io.star import read_particles
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

@@ -1,11 +1,11 @@
-"""FRC and the half-set statistics of class averages (cdae_em.metrics)."""
+"""FRC and the half-set statistics of class averages (cdae_em.core.metrics)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cdae_em.metrics import NO_RESOLUTION, HalfSetStats, frc, half_set_stats, radial_power, random_halves
+from cdae_em.core.metrics import NO_RESOLUTION, HalfSetStats, frc, half_set_stats, radial_power, random_halves
 
 
 def test_frc_of_an_image_with_itself_is_one_and_of_independent_noise_is_small():

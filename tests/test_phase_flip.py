@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import starfile
 
-from cdae_em.prepare import resolve_phase_flip
-from cdae_em.simulate import SimulationSettings, load_source, simulate
-from cdae_em.star import read_particles
+from cdae_em.core.prepare import resolve_phase_flip
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
+from cdae_em.io.star import read_particles
 from conftest import run_cli
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from cdae_em.preprocess import fourier_resize, particle_mask, soft_circular_mask, translate
+from cdae_em.core.preprocess import fourier_resize, particle_mask, soft_circular_mask, translate
 
 
 def gaussian(box, sigma, centre=(0.0, 0.0)):
@@ -40,7 +40,7 @@ def test_translate_integer_shift_is_roll_and_subpixel_moves_centroid():
 
 
 def test_histogram_equalisation_is_flat_inside_the_mask():
-    from cdae_em.preprocess import equalise_histogram
+    from cdae_em.core.preprocess import equalise_histogram
 
     gen = torch.Generator().manual_seed(2)
     images = torch.randn((3, 32, 32), generator=gen) ** 3  # a very skewed histogram

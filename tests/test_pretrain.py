@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from cdae_em.pretrain_data import PairSampler, PairSettings, ProjectionBank, load_structures
-from cdae_em.train import PretrainSettings, pretrain
-from cdae_em.weights import load_weights
+from cdae_em.simulate.pretrain_data import PairSampler, PairSettings, ProjectionBank, load_structures
+from cdae_em.denoise.train import PretrainSettings, pretrain
+from cdae_em.denoise.weights import load_weights
 
 SMALL = PairSettings(box=32, views_per_structure=40, seed=1)
 

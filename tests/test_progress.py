@@ -1,4 +1,4 @@
-"""Job progress as data: the callback and OUT/status.json (cdae_em.progress)."""
+"""Job progress as data: the callback and OUT/status.json (cdae_em.runtime.progress)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cdae_em.errors import InputError
-from cdae_em.progress import STATUS_FILE, JobProgress, read_status, report, tracking
+from cdae_em.runtime.progress import STATUS_FILE, JobProgress, read_status, report, tracking
 
 
 def test_status_file_follows_stages_and_counts(tmp_path):

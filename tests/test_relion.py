@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import starfile
 
-from cdae_em.progress import read_status
+from cdae_em.runtime.progress import read_status
 from cdae_em.protocols import relion_files as rf
 
 EXE = shutil.which("cdae-em-relion", path=str(Path(sys.executable).parent)) or shutil.which("cdae-em-relion")
@@ -72,9 +72,9 @@ def sim(tmp_path_factory):
     these tests are about the plumbing, not the denoising."""
     import torch
 
-    from cdae_em.cascade import Cascade
-    from cdae_em.simulate import SimulationSettings, load_source, simulate
-    from cdae_em.weights import save_weights
+    from cdae_em.denoise.cascade import Cascade
+    from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
+    from cdae_em.denoise.weights import save_weights
 
     assert EXE, "cdae-em-relion is not installed (pip install -e .)"
     root = tmp_path_factory.mktemp("relion_sim")
@@ -89,7 +89,7 @@ def make_project(root: Path, sim: Path, flavour: str, repeat: int = 1) -> Path:
     """A RELION project: Extract/job005/particles.star pointing into Extract/job005/Movies/*.mrcs
     (one stack per micrograph, project-relative names), written as that RELION writes it, plus
     what RELION leaves before launching the External job (job.star or default_pipeline.star)."""
-    from cdae_em.star import read_particles, write_star
+    from cdae_em.io.star import read_particles, write_star
 
     project = root / f"project{flavour}"
     movies = project / "Extract/job005/Movies"

@@ -13,14 +13,14 @@ from test_relion import (CONTRACT, EXE, JOB, abort_and_wait, exit_files, make_pr
                          run_relion, sim)
 
 from cdae_em.protocols import relion_files as rf
-from cdae_em.star import read_particles
+from cdae_em.io.star import read_particles
 
 STUCK = textwrap.dedent("""
     import sys, time
     from pathlib import Path
 
-    import cdae_em.classify
-    from cdae_em.atomic import atomic_path
+    import cdae_em.classify.stage
+    from cdae_em.io.atomic_write import atomic_path
     from cdae_em.protocols import relion_external as rx
 
     rx.ABORT_GRACE_S = 1.0
@@ -32,7 +32,7 @@ STUCK = textwrap.dedent("""
             (out / "stuck").touch()
             time.sleep(300)
 
-    cdae_em.classify.classify = stuck
+    cdae_em.classify.stage.classify = stuck
     sys.exit(rx.main(sys.argv[1:]))
 """)
 

@@ -128,7 +128,7 @@ def test_progress_lines_give_an_eta(caplog, monkeypatch):
     line per ETA_EVERY_S at most."""
     import logging
 
-    from cdae_em.progress import JobProgress
+    from cdae_em.runtime.progress import JobProgress
     from cdae_em.protocols import relion_progress
     from cdae_em.protocols.relion_progress import Progress
 
@@ -157,7 +157,7 @@ def test_out_of_memory_is_one_line_in_run_err(tmp_path, monkeypatch, error):
 
     import torch
 
-    import cdae_em.job
+    import cdae_em.job.runner
     from cdae_em.errors import ResourceError
 
     def run_job(*args, **kwargs):
@@ -165,7 +165,7 @@ def test_out_of_memory_is_one_line_in_run_err(tmp_path, monkeypatch, error):
             raise ResourceError("out of GPU memory: use a smaller --batch-size (now 256), or a smaller --box")
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(cdae_em.job, "run_job", run_job)
+    monkeypatch.setattr(cdae_em.job.runner, "run_job", run_job)
     err = io.StringIO()
     monkeypatch.setattr(rx, "_REAL_STDERR", err)
     monkeypatch.chdir(tmp_path)

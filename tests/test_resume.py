@@ -16,7 +16,7 @@ import pytest
 import starfile
 from conftest import run_cli
 
-from cdae_em.simulate import SimulationSettings, load_source, simulate
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -148,7 +148,7 @@ def test_denoise_work_of_other_settings_is_not_reused(tiny, small_weights, tmp_p
     signature (benchmarks, notebooks) do not resume from another setting's blocks either."""
     import torch
 
-    from cdae_em.denoise import denoise
+    from cdae_em.denoise.stage import denoise
 
     from cdae_em.settings import DenoiseSettings
     from cdae_em.settings import TrainSettings
@@ -202,7 +202,7 @@ def test_second_job_into_the_same_directory_is_refused(tiny, small_weights, tmp_
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     from cdae_em.errors import OutputError
-    from cdae_em.job import LOCK_FILE, job_lock
+    from cdae_em.job.runner import LOCK_FILE, job_lock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -15,8 +15,8 @@ import torch
 from test_check_command import CASES, _build, restore_logging  # noqa: F401
 
 from cdae_em import cli
-from cdae_em.simulate import SimulationSettings, load_source, simulate
-from cdae_em.star import read_particles, write_star
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
+from cdae_em.io.star import read_particles, write_star
 
 CONTRACT = ["particles.star", "denoised_particles.star", "class_averages.mrcs", "class_averages.star",
             "summary.json", "gallery.png"]
@@ -152,7 +152,7 @@ def test_odd_but_valid_inputs_run_cleanly(case, sim, small_weights, tmp_path, ca
         flat = table.particles.drop(columns="rlnOpticsGroup").assign(
             rlnImagePixelSize=per["rlnImagePixelSize"], rlnVoltage=per["rlnVoltage"],
             rlnSphericalAberration=per["rlnSphericalAberration"], rlnAmplitudeContrast=per["rlnAmplitudeContrast"])
-        from cdae_em.star import ParticleTable
+        from cdae_em.io.star import ParticleTable
 
         write_star(ParticleTable(path=None, blocks={"": flat}, particles_key="", flavour="3.0"), star)
     elif case == "int16_stack":

@@ -83,7 +83,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     cdae_em("simulate", "--o", root / "sim", "--box", BOX, "--n", N_PARTICLES, "--views", 3,
             "--in-plane", "--snr", 0.5, "--seed", 1)
-    from cdae_em.weights import default_weights_path
+    from cdae_em.denoise.weights import default_weights_path
 
     weights = None
     if not Path(default_weights_path()).exists():
@@ -163,7 +163,7 @@ def test_plugin_protocol_viewer_and_template_are_discovered(scipion):
 
 
 def test_core_stays_free_of_scipion_and_plugin_hook_is_lazy():
-    code = ("import sys, cdae_em, cdae_em.protocols, cdae_em.star, cdae_em.job\n"
+    code = ("import sys, cdae_em, cdae_em.protocols, cdae_em.io.star, cdae_em.job.runner\n"
             "assert 'pwem' not in sys.modules and 'pyworkflow' not in sys.modules, 'Scipion imported'\n"
             "try:\n    cdae_em.NoSuchThing\nexcept AttributeError:\n    pass\n"
             "else:\n    raise SystemExit('no AttributeError')\n")

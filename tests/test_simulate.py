@@ -10,8 +10,8 @@ import pytest
 import starfile
 import torch
 
-from cdae_em.geometry import euler_to_matrix
-from cdae_em.simulate import MapProjector, SimulationSettings, load_source, simulate
+from cdae_em.core.geometry import euler_to_matrix
+from cdae_em.simulate.simulator import MapProjector, SimulationSettings, load_source, simulate
 
 
 def blob_volume(box, centres, sigma):
@@ -54,7 +54,7 @@ def test_projection_of_gaussian_blob_matches_analytic_image():
 
 
 def test_map_and_atom_projections_agree():
-    from cdae_em.structure import Atoms, atoms_to_map, project_atoms
+    from cdae_em.simulate.structure import Atoms, atoms_to_map, project_atoms
 
     rng = np.random.default_rng(3)
     xyz = rng.normal(0, 8.0, (60, 3))
@@ -170,7 +170,7 @@ def test_bad_arguments_fail_in_one_line(tmp_path, args, words):
 
 def test_truth_origins_recentre_particles_the_relion_way(asym_map, tmp_path):
     """Translating a particle by +rlnOrigin (RELION's centring) gives its unshifted projection."""
-    from cdae_em.preprocess import translate
+    from cdae_em.core.preprocess import translate
 
     settings = SimulationSettings(n_particles=12, in_plane=True, max_shift=3.0, snrs=[None], seed=2)
     simulate(load_source(asym_map), settings, tmp_path / "sim")

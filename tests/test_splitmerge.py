@@ -10,16 +10,16 @@ import numpy as np
 import starfile
 import torch
 
-from cdae_em.classify import classify
+from cdae_em.classify.stage import classify
 
 from cdae_em.settings import ClassifySettings
-from cdae_em.metrics import clustering_scores
-from cdae_em.simulate import SimulationSettings, load_source, simulate
-from cdae_em.averages import ring_average
-from cdae_em.ctf import CtfAmplitudes, CtfParams
-from cdae_em.geometry import euler_to_matrix
-from cdae_em.preprocess import particle_mask
-from cdae_em.splitmerge import class_residuals, explained_energy, heterogeneity, two_means_1d
+from cdae_em.core.metrics import clustering_scores
+from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
+from cdae_em.core.averages import ring_average
+from cdae_em.core.ctf import CtfAmplitudes, CtfParams
+from cdae_em.core.geometry import euler_to_matrix
+from cdae_em.core.preprocess import particle_mask
+from cdae_em.classify.splitmerge import class_residuals, explained_energy, heterogeneity, two_means_1d
 
 
 def _stuck_start(tmp_path, n_views=4, n=240, snr=0.3):
@@ -112,7 +112,7 @@ def test_fine_moves_undo_a_merged_and_a_split_view_of_phase_flipped_particles(tm
     """With the particles' |CTF| the moves also run after the CTF-aware fine rounds: from the stuck
     start, with no coarse rounds at all, they alone reach the views."""
     from cdae_em.settings import DenoiseSettings
-    from cdae_em.star_images import StarImages
+    from cdae_em.core.star_images import StarImages
 
     simulate(load_source(None, box=32), SimulationSettings(n_particles=240, n_views=4, in_plane=True, max_shift=1.0,
                                                            ctf=True, snrs=[0.3], seed=5), tmp_path)

@@ -8,10 +8,10 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cdae_em import stacks
+from cdae_em.io import stacks
 from cdae_em.errors import InputError
-from cdae_em.stacks import ImageSource, StackWriter, parse_image_name, read_map, write_map, write_stack
-from cdae_em.star import read_particles
+from cdae_em.io.stacks import ImageSource, StackWriter, parse_image_name, read_map, write_map, write_stack
+from cdae_em.io.star import read_particles
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -8,7 +8,7 @@ import pytest
 import starfile
 
 from cdae_em.errors import InputError
-from cdae_em.star import new_particle_table, read_particles, write_star
+from cdae_em.io.star import new_particle_table, read_particles, write_star
 
 # As written by RELION 3.0 (Extract, then Select)
 RELION30 = """

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cdae_em.errors import InputError
-from cdae_em.geometry import euler_to_matrix
-from cdae_em.structure import Atoms, atoms_to_map, centre, project_atoms, read_atoms
+from cdae_em.core.geometry import euler_to_matrix
+from cdae_em.simulate.structure import Atoms, atoms_to_map, centre, project_atoms, read_atoms
 
 
 def _pdb_line(record: str, serial: int, name: str, alt: str, res: str, chain: str, seq: int,

@@ -14,8 +14,8 @@ import numpy as np
 
 from cdae_em.commands.common import positive_int
 from cdae_em.errors import InputError
-from cdae_em.stacks import ImageSource
-from cdae_em.star import read_particles
+from cdae_em.io.stacks import ImageSource
+from cdae_em.io.star import read_particles
 
 log = logging.getLogger(__name__)
 

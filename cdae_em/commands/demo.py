@@ -32,9 +32,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     from cdae_em.commands.evaluate import evaluate, print_table
-    from cdae_em.job import run_job
+    from cdae_em.job.runner import run_job
     from cdae_em.settings import ClassifySettings, DenoiseSettings, JobSettings, TrainSettings
-    from cdae_em.simulate import SimulationSettings, load_source, simulate
+    from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
     apply_threads(args.j)
     out = Path(args.o)

@@ -37,7 +37,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from cdae_em.job import run_job
+    from cdae_em.job.runner import run_job
 
     settings = job_settings(args, "denoise", stages="denoise")
     apply_threads(settings.threads)

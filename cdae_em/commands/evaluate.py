@@ -32,11 +32,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def evaluate(job: Path, truth_star: Path, max_images: int = 2000) -> dict:
     import numpy as np
 
-    from cdae_em.atomic import write_text
+    from cdae_em.io.atomic_write import write_text
     from cdae_em.errors import InputError
-    from cdae_em.metrics import clustering_scores, frc, frc_resolution, psnr
-    from cdae_em.stacks import ImageSource
-    from cdae_em.star import read_particles
+    from cdae_em.core.metrics import clustering_scores, frc, frc_resolution, psnr
+    from cdae_em.io.stacks import ImageSource
+    from cdae_em.io.star import read_particles
 
     summary_path = job / "summary.json"
     if not job.is_dir():

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def _defaults():
-    from cdae_em.pretrain_data import PairSettings
-    from cdae_em.train import PretrainSettings
+    from cdae_em.simulate.pretrain_data import PairSettings
+    from cdae_em.denoise.train import PretrainSettings
 
     return PairSettings(), PretrainSettings()
 
@@ -85,10 +85,10 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     from cdae_em import __version__
-    from cdae_em.distributed import resolve_device
+    from cdae_em.runtime.distributed import resolve_device
     from cdae_em.errors import InputError
-    from cdae_em.pretrain_data import PairSampler, PairSettings, ProjectionBank, load_structures
-    from cdae_em.train import PretrainSettings, pretrain
+    from cdae_em.simulate.pretrain_data import PairSampler, PairSettings, ProjectionBank, load_structures
+    from cdae_em.denoise.train import PretrainSettings, pretrain
 
     apply_threads(args.j)
     device = resolve_device(args.gpu)
@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> None:
                                 dark_fraction=args.dark_fraction, views_per_structure=args.views, seed=args.seed)
     structures, maps = {}, {}
     if args.map:
-        from cdae_em.simulate import load_source
+        from cdae_em.simulate.simulator import load_source
 
         for path in args.map:
             source = load_source(path)
@@ -119,7 +119,7 @@ def main(args: argparse.Namespace) -> None:
             "seed": args.seed, "torch": torch.__version__, "numpy": np.__version__}
     init = None
     if args.init:
-        from cdae_em.weights import load_weights
+        from cdae_em.denoise.weights import load_weights
 
         init, init_meta = load_weights(args.init)
         meta["init"] = {"path": args.init, "command": init_meta.get("command"), "version": init_meta.get("cdae_em_version")}

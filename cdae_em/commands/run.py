@@ -36,7 +36,7 @@ def job_settings(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> None:
-    from cdae_em.job import run_job
+    from cdae_em.job.runner import run_job
 
     settings = job_settings(args)
     apply_threads(settings.threads)

@@ -66,7 +66,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from cdae_em.simulate import SimulationSettings, load_source, parse_snrs, simulate
+    from cdae_em.simulate.simulator import SimulationSettings, load_source, parse_snrs, simulate
 
     apply_threads(args.j)
     if args.n < 1:

@@ -26,7 +26,7 @@ import mrcfile
 import numpy as np
 
 from cdae_em import __version__
-from cdae_em.structure import atoms_to_map, centre, read_atoms
+from cdae_em.simulate.structure import atoms_to_map, centre, read_atoms
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     source["file_sha256"] = sha256(args.pdb)
     given = sys.argv[1:] if argv is None else argv
     info = {
-        "description": "Gaussian-atom density of an atomic model (cdae_em.structure.atoms_to_map)",
+        "description": "Gaussian-atom density of an atomic model (cdae_em.simulate.structure.atoms_to_map)",
         "source": source,
         "pdb_id": header.get("pdb_id"),
         "title": header.get("title"),

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cdae_em.atomic import atomic_path
-from cdae_em.structure import centre, read_atoms
+from cdae_em.io.atomic_write import atomic_path
+from cdae_em.simulate.structure import centre, read_atoms
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Image processing shared by the stages: CTF, geometry, Fourier resizing and masks, polar transforms, alignment, class averages, metrics, invariant features and kNN, particle preparation, figures."""

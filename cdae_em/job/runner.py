@@ -1,0 +1,349 @@
+"""The one end-to-end entry point shared by every front end: particles STAR in, classes out.
+
+``run_job(JobSettings)`` denoises (with fine-tuning), classifies, averages and writes the output
+contract (the README's table) into ``out_dir``:
+
+| file | what |
+|---|---|
+| particles.star | every input row/block kept, plus rlnClassNumber (1..K), rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst (alignment to the class average, RELION conventions); images = the original particles |
+| denoised_particles.star | same rows; rlnImageName -> denoised stacks, rlnImageOriginalName -> input image |
+| denoised/*.mrcs | denoised images, float32, voxel size set |
+| class_averages.mrcs | K aligned averages of the original particles (class k at index k, classes by size) |
+| class_averages.star | one row per class: rlnReferenceImage (k@class_averages.mrcs), rlnClassNumber, rlnClassDistribution, cdaeParticleCount |
+| class_averages_denoised.mrcs | the same classes averaged from the denoised particles |
+| summary.json, gallery.png | settings, timings, losses, class sizes, half-set FRC/SSNR per class; averages and raw/denoised pairs |
+| status.json | stage, counts, ETA, and the error of a failed run, updated as the job runs (``cdae_em.runtime.progress``) |
+
+Front ends (``cdae-em run``, the RELION External job, the Scipion protocol) only translate their
+inputs into a ``JobSettings`` and the outputs into their framework's objects. ``should_stop`` is
+called often (between batches); to abort, it raises ``JobAborted``; nothing partial is left under
+the contract's names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from cdae_em.runtime import distributed
+from cdae_em.io.atomic_write import atomic_path
+from cdae_em.io.atomic_write import write_text as atomic_text
+from cdae_em.runtime.workarrays import WORK_DIR, remove_work
+from cdae_em.errors import InputError, OutputError, ResourceError, resource_errors
+from cdae_em.job.lock import LOCK_FILE, job_lock, make_out_dir, refuse_if_locked  # noqa: F401 (re-exported)
+from cdae_em.runtime.progress import JobProgress, ProgressCallback, tracking
+from cdae_em.settings import JobSettings, bound_problem, get, settings_tree  # noqa: F401 (JobSettings re-exported)
+from cdae_em.core.star_images import StarImages  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
+
+JOB_DIR = ".cdae_job"  # stage markers and intermediate results, for resuming
+CONTRACT = ("particles.star", "denoised_particles.star", "class_averages.mrcs", "class_averages.star",
+            "summary.json", "gallery.png")
+
+
+def prepare_output(settings: JobSettings) -> Path:
+    """Create/validate the output directory: refuse another job's outputs unless overwrite;
+    returns the job's private directory (stage markers)."""
+    out = Path(settings.out_dir)
+    make_out_dir(out)
+    job_dir = out / JOB_DIR
+    sig_file = job_dir / "signature"
+    previous = sig_file.read_text().strip() if sig_file.exists() else None
+    has_outputs = any((out / name).exists() for name in CONTRACT) or (out / "denoised").exists()
+    signature = settings.signature()
+    if previous != signature and (has_outputs or previous is not None):
+        if not settings.overwrite:
+            raise OutputError(f"{out}: holds the outputs of a different job; choose another output "
+                              "directory or pass --overwrite")
+        log.warning("overwriting the earlier job in %s", out)
+        for name in CONTRACT:
+            (out / name).unlink(missing_ok=True)
+        for name in ("denoised", JOB_DIR, WORK_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+    elif previous == signature:
+        log.info("resuming the job in %s", out)
+    for partial in out.rglob(".*.partial"):  # left by a killed run; never a finished file
+        partial.unlink(missing_ok=True)
+    job_dir.mkdir(exist_ok=True)
+    atomic_text(sig_file, signature + "\n")
+    return job_dir
+
+
+def check_settings(settings: JobSettings) -> None:
+    """Refuse values no job can run with (below an option's bound, not one of its choices), as one
+    line naming the option: front ends that build JobSettings themselves get the command line's checks."""
+    for s in settings_tree():
+        value, o = get(settings, s.path), s.option
+        if value is None:
+            continue
+        if o.minimum is not None and (value <= o.minimum if o.above else value < o.minimum):
+            raise InputError(None, f"{o.name} {value}: {bound_problem(o.minimum, o.above, value)}")
+        if o.choices and value not in o.choices:
+            raise InputError(None, f"{o.name} {value}: expected {' or '.join(o.choices)}")
+    if settings.stages not in ("all", "denoise", "classify"):
+        raise InputError(None, f"stages {settings.stages!r}: expected all, denoise or classify")
+
+
+def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None,
+            on_progress: ProgressCallback | None = None) -> dict:
+    """Run the job's stages (all, or denoise / classify alone), resuming finished ones; returns the
+    summary written to summary.json. The one stage runner of every front end: settings checked,
+    output directory locked and guarded (another job's results are refused unless overwrite),
+    ``should_stop`` polled, running out of memory or disk turned into a one-line ResourceError.
+    Progress (stage, counts, ETA, the error of a failure) goes to ``on_progress`` and OUT/status.json."""
+    check_settings(settings)
+    if settings.stages != "denoise" and settings.n_classes < 2:
+        raise InputError(None, f"number of classes K={settings.n_classes} must be at least 2")
+    main = distributed.env_rank() == 0  # under torchrun: rank 0 alone locks and writes
+    if main:
+        refuse_if_locked(settings.out_dir)  # before status.json is touched: it is the running job's
+    with ExitStack() as lock, tracking(JobProgress(settings.out_dir if main else None, on_progress if main else None)) \
+            as progress, _discard_unfinished_on(ResourceError, Path(settings.out_dir), main), \
+            resource_errors(settings.denoise.batch_size, settings.out_dir):
+        try:
+            summary = _run_job(settings, should_stop, progress, lock)
+        finally:
+            distributed.shutdown()
+        progress.finish()
+        return summary
+
+
+@contextmanager
+def _discard_unfinished_on(error: type[Exception], out: Path, main: bool = True) -> Iterator[None]:
+    """On ``error`` (e.g. a full disk), remove what the run half-wrote (temporary files, work
+    arrays of unfinished stages), keeping finished stages for a rerun to resume from (rank 0)."""
+    try:
+        yield
+    except error:
+        if not main:
+            raise
+        for partial in out.rglob(".*.partial"):
+            partial.unlink(missing_ok=True)
+        work = out / ".cdae_work"
+        if work.exists():
+            for array in work.glob("*.npy"):
+                if array.name != "blank.npy" and not (work / f"{array.stem}.done").exists():
+                    array.unlink(missing_ok=True)
+            shutil.rmtree(work / "denoised", ignore_errors=True)
+        raise
+
+
+def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, progress: JobProgress,
+             lock: ExitStack) -> dict:
+    import torch
+
+    from cdae_em.io.star import read_particles
+
+    t0 = time.perf_counter()
+    table = read_particles(settings.particles)  # fail early on a bad STAR, before touching the output
+    classify_stage = settings.stages in ("all", "classify")
+    if classify_stage and settings.n_classes > len(table):
+        raise InputError(settings.particles, f"K={settings.n_classes} classes but only {len(table)} particles")
+    table.pixel_size()  # missing, zero, negative or mixed: refused here
+    settings = _resolve_phase_flip(settings, table)
+    _check_files(settings, table)
+    device = distributed.resolve_device(distributed.local_device(settings.gpu))  # under torchrun: LOCAL_RANK's GPU
+    part = distributed.init_from_env(device)
+    torch.set_num_threads(max(1, settings.threads))
+    out = Path(settings.out_dir)
+
+    def guard() -> Path:
+        lock.enter_context(job_lock(out))  # inputs checked: only now is the output directory made
+        return prepare_output(settings)
+
+    job_dir = distributed.on_main(guard)
+    timings: dict[str, float] = {}
+    summary: dict = {"cdae_em_job": settings.signature(), "settings": _jsonable(asdict(settings)),
+                     "particles": len(table)}
+
+    if settings.stages in ("all", "denoise"):
+        summary["denoise"] = _denoise_stage(settings, table, job_dir, device, should_stop, progress, timings)
+    if classify_stage:
+        labels, psi, origin, score, refs, box = _classify_stage(settings, job_dir, device, should_stop, progress,
+                                                                 summary, timings)
+
+        # 4. class averages of the original particles and the output STAR files
+        progress.stage(3, "outputs")
+        log.info("stage 3/3 class averages and output files")
+        t = time.perf_counter()
+        from cdae_em.job.outputs import write_outputs
+
+        # one rank writes the outputs (not sharded: one pass over the originals)
+        summary.update(distributed.on_main(write_outputs, settings, table, labels, psi, origin, score, refs, box,
+                                           device, should_stop))
+        timings["outputs"] = round(time.perf_counter() - t, 2)
+    summary["timings"] = {**timings, "total": round(time.perf_counter() - t0, 2)}
+    if part.size > 1:
+        summary["processes"] = part.size
+    if part.main:
+        atomic_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    log.info("job done in %.1f s: %s", time.perf_counter() - t0, out)
+    return summary
+
+
+def _check_files(settings: JobSettings, table) -> None:
+    """What can be checked before the output directory is touched: every stack's header (present,
+    readable, square, one box, enough images), the weights and reference files, CTF values for
+    phase flipping. (Pixel values are checked as they are read.)"""
+    import torch
+
+    from cdae_em.core.prepare import BatchPreparer
+    from cdae_em.io.stacks import ImageSource
+
+    with ImageSource(table, project_dir=settings.project_dir) as images:
+        box = images.box
+    if settings.stages != "classify" and box < 8:
+        raise InputError(settings.particles, f"images of {box} px are too small for the model (at least 8)")
+    for option, path in (("--weights", settings.denoise.weights), ("--ref", settings.reference_map)):
+        if path and not Path(path).is_file():
+            raise InputError(path, f"{option}: file not found")
+    if settings.denoise.phase_flip or settings.average_phase_flipped:
+        BatchPreparer(table, replace(settings.denoise, phase_flip=True), box, torch.device("cpu"))
+
+
+def _resolve_phase_flip(settings: JobSettings, table) -> JobSettings:
+    """Settings with phase flipping decided (auto: where the particles have CTF values); the class
+    averages follow the particles unless asked otherwise."""
+    from cdae_em.core.prepare import resolve_phase_flip
+
+    flip = resolve_phase_flip(table, settings.denoise.phase_flip)
+    average = flip if settings.average_phase_flipped is None else settings.average_phase_flipped
+    return replace(settings, denoise=replace(settings.denoise, phase_flip=flip), average_phase_flipped=average)
+
+
+def _denoise_stage(settings: JobSettings, table, job_dir: Path, device, should_stop, progress: JobProgress,
+                   timings: dict) -> dict:
+    """1. optional pre-training on the user's reference map; 2. denoising (with fine-tuning),
+    resumable per block; returns the denoising summary."""
+    from cdae_em.denoise.stage import denoise
+
+    out = Path(settings.out_dir)
+    denoise_settings = settings.denoise
+    if settings.reference_map:
+        weights = job_dir / "pretrained" / "cdae_weights.pt"
+        if not weights.exists():
+            t = time.perf_counter()
+            distributed.on_main(_pretrain_on_reference, settings, job_dir / "pretrained", device)  # rank 0 alone
+            timings["pretrain"] = round(time.perf_counter() - t, 2)
+        denoise_settings = replace(settings.denoise, weights=str(weights))
+
+    progress.stage(1, "denoise")
+    marker = job_dir / "denoise.json"
+    if marker.exists() and (out / "denoised_particles.star").exists():
+        log.info("stage 1/3 denoise: already done (resuming)")
+        return json.loads(marker.read_text())
+    log.info("stage 1/3 denoise: %d particles", len(table))
+    t = time.perf_counter()
+    result = denoise(settings.particles, out, denoise_settings, device, project_dir=settings.project_dir,
+                     should_stop=should_stop, keep_work=settings.keep_work)
+    timings["denoise"] = round(time.perf_counter() - t, 2)
+    if distributed.world().main:
+        atomic_text(marker, json.dumps(result, default=str))
+    return result
+
+
+def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, progress: JobProgress,
+                    summary: dict, timings: dict) -> tuple:
+    """3. classification: of the denoised particles (then alignment rounds on the originals), or
+    with ``stages="classify"`` of the input particles as they are. Returns labels, psi, origin,
+    score, references and the box the origins are in."""
+    from cdae_em.core.averages import class_means
+    from cdae_em.classify.stage import classify
+
+    out = Path(settings.out_dir)
+    progress.stage(2, "classify")
+    result_file = job_dir / "classes.npz"
+    if result_file.exists():
+        saved = np.load(result_file)
+        labels, psi, origin, score, refs = (saved[k] for k in ("labels", "psi", "origin", "score", "references"))
+        summary["classify"] = json.loads(str(saved["history"]))
+        log.info("stage 2/3 classify: already done (resuming)")
+        return labels, psi, origin, score, refs, int(saved["box"])
+    log.info("stage 2/3 classify: K=%d by %s", settings.n_classes, settings.classify.method)
+    t = time.perf_counter()
+    cs = settings.classify
+    work = out / WORK_DIR  # the invariant features' work array (memory-mapped, removed after use)
+    if settings.stages == "classify":
+        prepare = settings.denoise if settings.denoise.phase_flip else None
+        with StarImages(Path(settings.particles), settings.project_dir, prepare=prepare, device=device) as images:
+            result = classify(images, cs, device, should_stop, work=work, ctf=images.ctf)
+            box = images.shape[-1]
+        refs = result.references
+    else:
+        # the denoised stacks are faithful images unless --equalise: equalise them here for clustering
+        diameter = None
+        if not settings.denoise.equalise:
+            diameter = 0.0 if settings.denoise.mask_diameter is None else settings.denoise.mask_diameter / _pixel_size(out)
+        with StarImages(out / "denoised_particles.star", settings.project_dir, equalise_diameter=diameter) as denoised:
+            box = denoised.shape[-1]
+            if settings.align_on == "denoised":
+                result = classify(denoised, cs, device, should_stop, work=work)
+            else:
+                # Initial classes from the denoised particles' invariant features, then the
+                # alignment rounds on the (phase-flipped, resized) originals, which keep the detail
+                # alignment needs.
+                init = classify(denoised, replace(cs, n_iter=0), device, should_stop,
+                                work=work).labels
+                with StarImages(Path(settings.particles), settings.project_dir, prepare=settings.denoise,
+                                device=device) as originals:
+                    result = classify(originals, cs, device, should_stop, initial_labels=init, work=work, ctf=originals.ctf)
+            refs, _ = class_means(denoised, result.labels, result.psi, result.origin, settings.n_classes, device,
+                                  cs.batch_size)
+    labels, psi, origin, score = result.labels, result.psi, result.origin, result.score
+    summary["classify"] = result.history
+    if distributed.world().main and not settings.keep_work:
+        remove_work(out)
+    if distributed.world().main:
+        with atomic_path(result_file) as tmp, open(tmp, "wb") as f:
+            np.savez(f, labels=labels, psi=psi, origin=origin, score=score, references=refs, box=box,
+                     history=json.dumps(result.history))
+    timings["classify"] = round(time.perf_counter() - t, 2)
+    return labels, psi, origin, score, refs, box
+
+
+def _pretrain_on_reference(settings: JobSettings, out: Path, device) -> None:
+    """Pre-train a cascade on simulated particles of the reference map (``--ref``): the map projected
+    at ``pretrain_particles`` views, ``pretrain_epochs`` passes' worth of optimiser steps for block 1
+    and a third of that for blocks 2 and 3 (see ``cdae_em.denoise.train.pretrain``)."""
+    import dataclasses
+
+    from cdae_em.simulate.pretrain_data import PairSampler, PairSettings, ProjectionBank
+    from cdae_em.simulate.simulator import load_source
+    from cdae_em.io.stacks import ImageSource
+    from cdae_em.io.star import read_particles
+    from cdae_em.denoise.train import PretrainSettings, pretrain
+
+    with ImageSource(read_particles(settings.particles), project_dir=settings.project_dir) as images:
+        box = images.box
+    log.info("pre-training on the reference map %s", settings.reference_map)
+    source = load_source(settings.reference_map)
+    pairs = dataclasses.replace(PairSettings(), box=settings.denoise.box or box,
+                                views_per_structure=settings.pretrain_particles, seed=settings.seed)
+    if source.kind == "atoms":
+        bank = ProjectionBank({settings.reference_map: source.atoms}, pairs)
+    else:
+        bank = ProjectionBank({}, pairs, maps={settings.reference_map: (source.volume, source.pixel_size)})
+    train = PretrainSettings(seed=settings.seed)
+    first = max(1, settings.pretrain_particles * settings.pretrain_epochs // train.batch_size)
+    train = dataclasses.replace(train, steps=(first, max(1, first // 3), max(1, first // 3)))
+    pretrain(PairSampler(bank, pairs), out, train, device, metadata={"command": f"reference map {settings.reference_map}"})
+
+
+def _pixel_size(out: Path) -> float:
+    """Pixel size of the denoised stacks (Angstrom)."""
+    from cdae_em.io.star import read_particles
+
+    return float(read_particles(out / "denoised_particles.star").pixel_size())
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))

@@ -1,0 +1,1 @@
+"""How a job runs: processes and GPUs (torchrun), progress and status.json, shared work arrays."""

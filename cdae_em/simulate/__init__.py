@@ -1,0 +1,1 @@
+"""Simulated particles with known truth: atomic models, projections, the simulator, pre-training pairs."""
