@@ -325,3 +325,16 @@ def build(values: dict[str, Any], **job: Any) -> JobSettings:
         for target in (path, *known[path].option.also):
             settings = _replace(settings, target.split("."), value)
     return settings
+
+
+def from_dict(data: dict, cls: type = JobSettings) -> Any:
+    """The settings tree that ``dataclasses.asdict`` gave ``data`` (e.g. summary.json's "settings")
+    back as dataclasses; keys the tree does not know are ignored (files of other versions)."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kwargs[f.name] = from_dict(value, type(default)) if dataclasses.is_dataclass(default) else value
+    return cls(**kwargs)

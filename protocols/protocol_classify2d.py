@@ -21,6 +21,7 @@ from pyworkflow.protocol.constants import STEPS_SERIAL
 from pwem.objects import Particle, SetOfAverages, SetOfClasses2D, SetOfParticles
 from pwem.protocols import ProtClassify2D
 
+from cdae_em.job.result import JobResult
 from cdae_em.settings import RUN, Setting, setting, settings_tree
 
 from . import scipion_convert as convert
@@ -195,8 +196,7 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         denoised.copyInfo(inputSet)
         denoised.setSamplingRate(newPixel)
         # as the job decided it (auto: flipped where the particles had CTF values and were not flipped)
-        flipped = bool(self._readSummary().get("settings", {}).get("denoise", {}).get("phase_flip"))
-        denoised.setIsPhaseFlipped(flipped or inputSet.isPhaseFlipped())
+        denoised.setIsPhaseFlipped(JobResult.load(job).phase_flipped or inputSet.isPhaseFlipped())
         denoised.copyItems(inputSet, updateItemCallback=self._updateDenoisedParticle)
 
         self._defineOutputs(**{outputs.outputParticles.name: denoised,

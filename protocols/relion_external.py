@@ -277,19 +277,19 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
                  f"GPU {settings.gpu}" if settings.gpu else "CPU", settings.threads,
                  f", pre-training on {settings.reference_map}" if settings.reference_map else "")
         stop()
-        summary = run_job(settings, should_stop=stop, on_progress=stop.progress)
+        result = run_job(settings, should_stop=stop, on_progress=stop.progress)
 
         log.info("writing RELION files (Subset selection, output nodes)")
-        box, pixel = int(summary["box"]), float(summary["pixel_size"])
+        box, pixel = int(result.box), float(result.pixel_size)
         diameter = settings.denoise.mask_diameter or default_mask_diameter(box) * pixel
-        flipped = bool(summary["settings"]["average_phase_flipped"])  # as the job resolved it
+        flipped = result.averages_phase_flipped  # as the job decided it
         write_classification_files(out, job, settings.n_classes, pixel, box, diameter, flipped,
-                                   rf.star_version(flavour), HalfSetStats.from_json(summary["half_sets"]),
+                                   rf.star_version(flavour), HalfSetStats.from_json(result.half_sets),
                                    psi_step=settings.classify.psi_step)
         nodes = rf.write_output_nodes(out, job, flavour)
-        sizes = summary.get("class_sizes")
+        sizes = result.class_sizes
         log.info("done in %s: %d particles in %d classes%s", duration(time.monotonic() - t0),
-                 summary.get("particles", 0), settings.n_classes, f" (sizes {sizes})" if sizes else "")
+                 result.particles, settings.n_classes, f" (sizes {sizes})" if sizes else "")
         for name, kind in nodes:
             log.info("  output node %s (%s)", name, kind)
         _touch(out / rf.EXIT_SUCCESS)

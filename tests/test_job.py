@@ -162,3 +162,24 @@ def test_killed_job_resumes_to_the_same_classes(sim, small_weights, tmp_path):
     b = starfile.read(out / "particles.star")["particles"]
     assert (a["rlnClassNumber"] == b["rlnClassNumber"]).all()
     assert np.allclose(a["rlnAnglePsi"], b["rlnAnglePsi"], atol=1e-3)
+
+
+def test_run_job_returns_what_it_did(sim, small_weights, tmp_path):
+    """The typed result: settings as the job ran them (phase flip decided), the files it wrote,
+    class sizes; the same as a front end in another process loads from the job directory."""
+    from cdae_em.job.result import CONTRACT as FILES
+    from cdae_em.job.result import JobResult
+    from cdae_em.job.runner import run_job
+    from cdae_em.settings import build
+
+    settings = build({"particles": str(sim / "particles.star"), "out_dir": str(tmp_path / "job"),
+                      "classify.n_classes": 4, "classify.n_iter": 1, "denoise.weights": str(small_weights)})
+    assert settings.denoise.phase_flip is None  # auto
+    result = run_job(settings)
+    assert isinstance(result, JobResult)
+    assert result.phase_flipped and result.averages_phase_flipped  # the particles have CTF values
+    assert result.settings.classify == settings.classify and result.settings.denoise.weights == str(small_weights)
+    assert set(result.files) == set(FILES) and result.out_dir == tmp_path / "job"
+    assert sum(result.class_sizes) == result.particles == 120 and result.box == 32
+    assert "selfcheck" in result.denoise and result.timings["total"] > 0
+    assert JobResult.load(tmp_path / "job") == result

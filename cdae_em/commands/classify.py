@@ -31,5 +31,5 @@ def main(args: argparse.Namespace) -> None:
 
     settings = job_settings(args, "classify", stages="classify")
     apply_threads(settings.threads)
-    summary = run_job(settings)
-    log.info("class sizes: %s", summary["class_sizes"])
+    result = run_job(settings)
+    log.info("class sizes: %s", result.class_sizes)

@@ -41,5 +41,5 @@ def main(args: argparse.Namespace) -> None:
 
     settings = job_settings(args, "denoise", stages="denoise")
     apply_threads(settings.threads)
-    summary = run_job(settings)
-    log.info("summary: %s", json.dumps({k: v for k, v in summary["denoise"].items() if k != "finetune"}))
+    result = run_job(settings)
+    log.info("summary: %s", json.dumps({k: v for k, v in result.denoise.items() if k != "finetune"}))

@@ -38,6 +38,7 @@ from cdae_em.io.atomic_write import atomic_path
 from cdae_em.io.atomic_write import write_text as atomic_text
 from cdae_em.runtime.workarrays import WORK_DIR, remove_work
 from cdae_em.errors import InputError, OutputError, ResourceError, resource_errors
+from cdae_em.job.result import CONTRACT, SUMMARY, JobResult
 from cdae_em.job.lock import LOCK_FILE, job_lock, make_out_dir, refuse_if_locked  # noqa: F401 (re-exported)
 from cdae_em.runtime.progress import JobProgress, ProgressCallback, tracking
 from cdae_em.settings import JobSettings, bound_problem, get, settings_tree  # noqa: F401 (JobSettings re-exported)
@@ -46,9 +47,6 @@ from cdae_em.core.star_images import StarImages  # noqa: F401 (re-exported)
 log = logging.getLogger(__name__)
 
 JOB_DIR = ".cdae_job"  # stage markers and intermediate results, for resuming
-CONTRACT = ("particles.star", "denoised_particles.star", "class_averages.mrcs", "class_averages.star",
-            "summary.json", "gallery.png")
-
 
 def prepare_output(settings: JobSettings) -> Path:
     """Create/validate the output directory: refuse another job's outputs unless overwrite;
@@ -94,9 +92,9 @@ def check_settings(settings: JobSettings) -> None:
 
 
 def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None,
-            on_progress: ProgressCallback | None = None) -> dict:
-    """Run the job's stages (all, or denoise / classify alone), resuming finished ones; returns the
-    summary written to summary.json. The one stage runner of every front end: settings checked,
+            on_progress: ProgressCallback | None = None) -> JobResult:
+    """Run the job's stages (all, or denoise / classify alone), resuming finished ones; returns what
+    it did and where it put it (``JobResult``; summary.json holds the same). The one stage runner of every front end: settings checked,
     output directory locked and guarded (another job's results are refused unless overwrite),
     ``should_stop`` polled, running out of memory or disk turned into a one-line ResourceError.
     Progress (stage, counts, ETA, the error of a failure) goes to ``on_progress`` and OUT/status.json."""
@@ -110,11 +108,11 @@ def run_job(settings: JobSettings, should_stop: Callable[[], None] | None = None
             as progress, _discard_unfinished_on(ResourceError, Path(settings.out_dir), main), \
             resource_errors(settings.denoise.batch_size, settings.out_dir):
         try:
-            summary = _run_job(settings, should_stop, progress, lock)
+            result = _run_job(settings, should_stop, progress, lock)
         finally:
             distributed.shutdown()
         progress.finish()
-        return summary
+        return result
 
 
 @contextmanager
@@ -138,7 +136,7 @@ def _discard_unfinished_on(error: type[Exception], out: Path, main: bool = True)
 
 
 def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, progress: JobProgress,
-             lock: ExitStack) -> dict:
+             lock: ExitStack) -> JobResult:
     import torch
 
     from cdae_em.io.star import read_particles
@@ -185,9 +183,9 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     if part.size > 1:
         summary["processes"] = part.size
     if part.main:
-        atomic_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+        atomic_text(out / SUMMARY, json.dumps(summary, indent=2, default=str))
     log.info("job done in %.1f s: %s", time.perf_counter() - t0, out)
-    return summary
+    return JobResult.from_summary(_jsonable(summary), out)
 
 
 def _check_files(settings: JobSettings, table) -> None:
