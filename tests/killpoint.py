@@ -1,10 +1,16 @@
 """Run ``cdae-em ARGS`` in this process and SIGKILL it at a named point of the job (a test helper).
 
     python tests/killpoint.py POINT run --i ... --o ...
+    python tests/killpoint.py --stop POINT run --i ... --o ...
+    python tests/killpoint.py --stop POINT --relion --o External/job001/ --in_parts ...
 
 POINT is one of KILL_POINTS: a stage boundary (the stage before it is finished, the next one not
 started) or the middle of a stage. The kill is a real ``kill -9`` of the job's own process: no
 ``finally``, no atexit, nothing cleaned up, as when a cluster scheduler or the OOM killer ends a job.
+With ``--stop`` the process stops itself there (SIGSTOP) instead, so that a test can act on a job
+held at a known point (kill it from outside, start a second job, ask for an abort) and then
+continue it (SIGCONT) or not: no test depends on how fast the job runs. ``--relion`` runs the RELION
+External job wrapper (``cdae-em-relion``) instead of ``cdae-em``.
 """
 
 from __future__ import annotations
@@ -15,9 +21,30 @@ import signal
 import sys
 
 
+MODE = {"signal": signal.SIGKILL}
+
+
 def _die() -> None:
+    """At the point: SIGKILL (the default), or SIGSTOP with --stop (the job goes on if continued)."""
     sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdout.flush()
+    os.kill(os.getpid(), MODE["signal"])
+
+
+def wait_stopped(pid: int, timeout: float = 300.0) -> None:
+    """Wait until process ``pid`` is stopped (state T): it reached its --stop point."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        if state in ("T", "t"):
+            return
+        if state == "Z":
+            raise RuntimeError(f"process {pid} ended before its stop point")
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} did not reach its stop point in {timeout} s")
 
 
 def _kill_when(module, name: str, when) -> None:
@@ -86,7 +113,15 @@ KILL_POINTS = ["prepare-mid", "prepared", "block1-mid", "block1-done", "block2-m
                "block3-done", "write-mid", "denoised", "classify-mid", "classified", "averages-mid", "summary"]
 
 if __name__ == "__main__":
-    install(sys.argv[1])
+    argv = sys.argv[1:]
+    if argv[0] == "--stop":
+        MODE["signal"] = signal.SIGSTOP
+        argv = argv[1:]
+    install(argv[0])
+    if argv[1] == "--relion":
+        from cdae_em.protocols.relion_external import main as relion_main
+
+        sys.exit(relion_main(argv[2:]))
     from cdae_em.cli import main
 
-    main(sys.argv[2:])
+    main(argv[1:])

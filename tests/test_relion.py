@@ -289,16 +289,22 @@ def test_relion4_project_with_finetuning(sim, tmp_path):
 
 
 def test_abort_mid_run(sim, tmp_path):
-    """RELION_JOB_ABORT_NOW created while the job runs: it stops within seconds, removes the file,
-    creates RELION_JOB_EXIT_ABORTED, exits 2 and leaves no outputs behind."""
-    project = make_project(tmp_path, sim, "4", repeat=20)
+    """RELION_JOB_ABORT_NOW created while the job runs (held in the middle of reading the particles,
+    whatever the machine's speed, and let go once the file is there): it stops within seconds,
+    removes the file, creates RELION_JOB_EXIT_ABORTED, exits 2 and leaves no outputs behind."""
+    import signal
+
+    from killpoint import wait_stopped
+
+    project = make_project(tmp_path, sim, "4")
     job = project / JOB
-    proc = run_relion(project, relion_args(sim, "--batch_size", "16"), wait=False)
-    deadline = time.monotonic() + 120
-    while "stage 1/3" not in (job / "run.out").read_text():
-        assert proc.poll() is None, "the job ended before it could be aborted"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    args = [sys.executable, str(Path(__file__).parent / "killpoint.py"), "--stop", "prepare-mid", "--relion",
+            *relion_args(sim, "--batch_size", "16")[1:]]
+    proc = run_relion(project, args, wait=False)
+    wait_stopped(proc.pid)
+    assert "stage 1/3" in (job / "run.out").read_text()
+    (job / rf.ABORT_NOW).touch()
+    proc.send_signal(signal.SIGCONT)
     abort_and_wait(job, proc)
     for name in CONTRACT + list(rf.RELION_FILES):
         assert not (job / name).exists(), name

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mrcfile
@@ -20,7 +20,7 @@ from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from killpoint import KILL_POINTS  # noqa: E402
+from killpoint import KILL_POINTS, wait_stopped  # noqa: E402
 
 CONTRACT = ["particles.star", "denoised_particles.star", "class_averages.mrcs", "class_averages.star",
             "summary.json", "gallery.png"]
@@ -99,19 +99,22 @@ def test_killed_at_every_stage_boundary_and_mid_stage_resumes_to_the_same_result
     assert_same_result(whole, out)
 
 
+def stopped_at(point: str, *args, log: Path | None = None) -> subprocess.Popen:
+    """``cdae-em ARGS`` started in another process and held (SIGSTOP) at the named kill point."""
+    with open(log or os.devnull, "w") as err:  # a file, not a pipe: a full pipe would block the job
+        proc = subprocess.Popen([sys.executable, str(HERE / "killpoint.py"), "--stop", point, *map(str, args)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    wait_stopped(proc.pid)
+    return proc
+
+
 def test_killed_from_outside_after_block2_resumes(tiny, small_weights, whole, tmp_path):
-    """The issue's report as a user sees it: `kill -9` from another process as soon as
-    .cdae_work/block2.done appears, then the same command again."""
+    """The issue's report as a user sees it: `kill -9` from another process once block 2 is
+    fine-tuned (the job held there, whatever the machine's speed), then the same command again."""
     out = tmp_path / "job"
     args = job_args(tiny, small_weights)
-    proc = subprocess.Popen([sys.executable, "-m", "cdae_em", "run", "--o", str(out), *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / ".cdae_work" / "block2.done"
-    deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    if proc.poll() is not None:
-        pytest.skip("the job finished before it could be killed")
+    proc = stopped_at("block2-done", "run", "--o", out, *args)
+    assert (out / ".cdae_work" / "block2.done").exists()
     proc.kill()
     proc.wait()
     assert (out / ".cdae_lock").exists()  # left by the killed job: a stale lock, taken over below
@@ -182,19 +185,16 @@ def test_second_job_into_the_same_directory_is_refused(tiny, small_weights, tmp_
     """Two jobs started into one --o: the second is refused at once, the first finishes untouched."""
     out = tmp_path / "job"
     args = ["run", "--o", out, *job_args(tiny, small_weights)]
-    first = subprocess.Popen([sys.executable, "-m", "cdae_em", *map(str, args)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / ".cdae_job" / "signature").exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert first.poll() is None, "the first job ended too soon"
+    first = stopped_at("prepared", *args, log=tmp_path / "first.log")  # held with its lock taken
+    assert (out / ".cdae_job" / "signature").exists()
     lock = (out / ".cdae_lock").read_text()
     assert lock.startswith(f"{first.pid}@")
     second = run_cli(*args)
     assert second.returncode == 1 and "Traceback" not in second.stderr
     assert "another cdae-em job" in second.stderr and str(first.pid) in second.stderr
-    _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err
+    first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    err = (tmp_path / "first.log").read_text()
     assert "no longer runs" not in err
     assert all((out / name).exists() for name in CONTRACT)
     assert not (out / ".cdae_lock").exists()
