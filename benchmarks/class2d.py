@@ -180,11 +180,11 @@ def ceiling(case: Path, clean: np.ndarray) -> dict:
     from cdae_em.settings import DenoiseSettings
     from cdae_em.core.metrics import clustering_scores
     from cdae_em.io.star import read_particles
-    from cdae_em.core.star_images import StarImages
+    from cdae_em.core.prepare import prepared_images
 
     views = read_particles(case / "truth.star").particles["rlnClassNumber"].to_numpy().astype(int) - 1
     refs = torch.as_tensor(clean)
-    with StarImages(case / "particles.star", None, prepare=DenoiseSettings(phase_flip=True),
+    with prepared_images(case / "particles.star", None, prepare=DenoiseSettings(phase_flip=True),
                     device=torch.device("cpu")) as images:
         assigned = align_to_references(images, refs, psi_step=5.0, max_shift=clean.shape[-1] / 8)[0].numpy()
     s = clustering_scores(views, assigned)

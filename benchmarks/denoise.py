@@ -102,10 +102,9 @@ def cdae_denoise(star: Path, out: Path, j: int, extra: list[str]) -> tuple[np.nd
                "--overwrite", "--no-phase-flip", *extra]
         log("$ " + " ".join(shlex.quote(c) for c in cmd[2:]))
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from cdae_em.io.star import read_particles
-    from cdae_em.io.stacks import ImageSource
+    from cdae_em.io.images import ImageSource
 
-    with ImageSource(read_particles(out / "denoised_particles.star")) as src:
+    with ImageSource(out / "denoised_particles.star") as src:
         images = np.asarray(src.read(np.arange(src.n)), dtype=np.float32)
     return images, json.loads((out / "summary.json").read_text())
 

@@ -52,8 +52,7 @@ def real_features(n: int, work: Path, j: int) -> np.ndarray:
         return np.load(cache)
     from cdae_em.core.neighbours import invariant_features, reduce_features
     from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
-    from cdae_em.io.stacks import ImageSource
-    from cdae_em.io.star import read_particles
+    from cdae_em.io.images import ImageSource
 
     sim = work / f"sim_{n}"
     if not (sim / "simulation.json").exists():
@@ -62,7 +61,7 @@ def real_features(n: int, work: Path, j: int) -> np.ndarray:
                                                                snrs=[0.1], seed=0), sim)
     log(f"features of {n} particles ...")
     torch.set_num_threads(j)
-    with ImageSource(read_particles(sim / "particles.star")) as images:
+    with ImageSource(sim / "particles.star") as images:
         class Rows:
             shape = (images.n, images.box, images.box)
 

@@ -54,8 +54,7 @@ def denoise_finetuned(ds: Dataset, cfg: Config, j: int) -> tuple[np.ndarray, flo
     """`cdae-em denoise` (default settings, fine-tuning on) on the data set; the denoised stack it
     wrote (faithful, not equalised: its default) and the seconds it took."""
     from cdae_em.commands import denoise as cmd
-    from cdae_em.io.stacks import ImageSource
-    from cdae_em.io.star import read_particles
+    from cdae_em.io.images import ImageSource
 
     parser = argparse.ArgumentParser()
     cmd.add_args(parser)
@@ -68,7 +67,7 @@ def denoise_finetuned(ds: Dataset, cfg: Config, j: int) -> tuple[np.ndarray, flo
     if not star.exists():
         cmd.main(args)
     seconds = time.perf_counter() - t0
-    with ImageSource(read_particles(star)) as src:
+    with ImageSource(star) as src:
         return np.asarray(src.read(np.arange(src.n)), dtype=np.float32), seconds
 
 

@@ -21,7 +21,7 @@ from emtable import Table
 import pwem.convert.transformations as tfs
 from pwem.objects import Transform
 
-from cdae_em.io import stacks
+from cdae_em.io import images
 from cdae_em.io.star import new_particle_table, write_star
 
 #: extensions that are MRC files, read by cdae-em directly (Scipion may add ":mrc"/":mrcs" hints)
@@ -150,7 +150,7 @@ def resolve_image_path(path: str, star_dir: str, project_dir: str) -> str:
 
 def parse_image_name(name: str) -> tuple[int, str]:
     """``"3@x.mrcs"`` -> (3, ``"x.mrcs"``) (Scipion's 1-based index); ``"x.mrc"`` -> (1, ...)."""
-    index, path = stacks.parse_image_name(name)
+    index, path = images.parse_image_name(name)
     return index + 1, path
 
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from cdae_em.io.memory import FAULT_BYTES, RELEASE_BYTES, Streamed, mapped_bytes, runs_of
-from cdae_em.io.stacks import ImageSource
-from cdae_em.io.star import read_particles
+from cdae_em.io.images import ImageSource
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -76,7 +75,7 @@ def test_random_rows_of_a_stack_stay_flat(particle_project):
             mrc.data[start:start + 1024] = np.arange(start, start + 1024, dtype=np.float32)[:, None, None]
         mrc.voxel_size = 1.77
     star = particle_project.write_star("particles.star", [f"{i + 1:06d}@Extract/big.mrcs" for i in range(N)])
-    with ImageSource(read_particles(star), project_dir=particle_project.root) as source:
+    with ImageSource(star, project_dir=particle_project.root) as source:
 
         def read() -> None:
             for rows in random_batches(seed=1):

@@ -112,7 +112,7 @@ def test_fine_moves_undo_a_merged_and_a_split_view_of_phase_flipped_particles(tm
     """With the particles' |CTF| the moves also run after the CTF-aware fine rounds: from the stuck
     start, with no coarse rounds at all, they alone reach the views."""
     from cdae_em.settings import DenoiseSettings
-    from cdae_em.core.star_images import StarImages
+    from cdae_em.core.prepare import prepared_images
 
     simulate(load_source(None, box=32), SimulationSettings(n_particles=240, n_views=4, in_plane=True, max_shift=1.0,
                                                            ctf=True, snrs=[0.3], seed=5), tmp_path)
@@ -120,7 +120,7 @@ def test_fine_moves_undo_a_merged_and_a_split_view_of_phase_flipped_particles(tm
     stuck = np.select([views <= 1, views == 2], [0, 1], 3)
     stuck[(views == 2) & (np.cumsum(views == 2) % 2 == 0)] = 2
     settings = ClassifySettings(n_classes=4, n_iter=2, fine_rounds=2, seed=0, ssnr_filter=False)  # fine rounds only
-    with StarImages(tmp_path / "particles.star", None, prepare=DenoiseSettings(phase_flip=True)) as images:
+    with prepared_images(tmp_path / "particles.star", None, prepare=DenoiseSettings(phase_flip=True)) as images:
         without = classify(images, replace(settings, split_merge=0), torch.device("cpu"), initial_labels=stuck,
                            ctf=images.ctf)
         moved = classify(images, settings, torch.device("cpu"), initial_labels=stuck, ctf=images.ctf)

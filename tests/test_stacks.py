@@ -8,9 +8,10 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cdae_em.io import stacks
+from cdae_em.io import images as stacks_images
 from cdae_em.errors import InputError
-from cdae_em.io.stacks import ImageSource, StackWriter, parse_image_name, read_map, write_map, write_stack
+from cdae_em.io.stacks import StackWriter, read_map, write_map, write_stack
+from cdae_em.io.images import ImageSource, parse_image_name
 from cdae_em.io.star import read_particles
 
 
@@ -32,7 +33,7 @@ def test_parse_image_name_rejects_bad_index(name):
 def test_shuffled_multi_stack_reads_exact_images(particle_project, monkeypatch):
     star, expected = particle_project.standard()
     monkeypatch.chdir(particle_project.root)  # RELION runs jobs from the project directory
-    with ImageSource(read_particles(star)) as source:
+    with ImageSource(star) as source:
         assert (source.n, source.box, len(source.stacks)) == (len(expected), 16, 5)
         assert source.voxel_size == pytest.approx(1.77)
         for batch_size in (1, 7, 1000):
@@ -55,7 +56,7 @@ def test_big_endian_stack_and_unsupported_mode(particle_project):
     with mrcfile.new(particle_project.root / "cx.mrcs", data=images.astype(np.complex64)) as mrc:
         mrc.set_image_stack()
     star = particle_project.write_star("be.star", ["3@be.mrcs", "1@be.mrcs"])
-    source = ImageSource(read_particles(star), project_dir=particle_project.root)
+    source = ImageSource(star, project_dir=particle_project.root)
     np.testing.assert_array_equal(source.read([0, 1]), images[[2, 0]])
     star = particle_project.write_star("cx.star", ["1@cx.mrcs"])
     _expect_input_error(star, particle_project.root, "cx.mrcs", "unsupported MRC mode 4")
@@ -68,7 +69,7 @@ def test_sorted_stack_reads_as_slices(particle_project):
         particle_project.add_stack(f"Extract/s{s}.mrcs", s, 20)
         names += [f"{i + 1}@Extract/s{s}.mrcs" for i in range(20)]
     star = particle_project.write_star("particles.star", names)
-    source = ImageSource(read_particles(star), project_dir=particle_project.root)
+    source = ImageSource(star, project_dir=particle_project.root)
     expected = np.stack([particle_project.image(s, i) for s in range(3) for i in range(20)])
     np.testing.assert_array_equal(source.read(np.arange(60)), expected)
     np.testing.assert_array_equal(source.read(np.arange(59, -1, -1)), expected[::-1])
@@ -76,9 +77,9 @@ def test_sorted_stack_reads_as_slices(particle_project):
 
 
 def test_open_stacks_are_bounded(particle_project, monkeypatch):
-    monkeypatch.setattr(stacks, "MAX_OPEN_STACKS", 2)
+    monkeypatch.setattr(stacks_images, "MAX_OPEN_STACKS", 2)
     star, expected = particle_project.standard()
-    source = ImageSource(read_particles(star), project_dir=particle_project.root)
+    source = ImageSource(star, project_dir=particle_project.root)
     for start, images in source.batches(3):
         np.testing.assert_array_equal(images, expected[start : start + 3])
         assert len(source._open) <= 2
@@ -91,23 +92,23 @@ def test_paths_resolve_against_project_then_star_dir(particle_project, tmp_path,
     particle_project.add_stack("Select/job010/local.mrcs", 7, 3)
     star = particle_project.write_star("Select/job010/local.star", ["2@local.mrcs", "1@local.mrcs"])
     monkeypatch.chdir(tmp_path)
-    source = ImageSource(read_particles(star))
+    source = ImageSource(star)
     assert source.stacks == [particle_project.root / "Select/job010/local.mrcs"]
     np.testing.assert_array_equal(source.read([0, 1]), np.stack([particle_project.image(7, i) for i in (1, 0)]))
     # the project dir wins when both have the file
     particle_project.add_stack("local.mrcs", 8, 3)
-    source = ImageSource(read_particles(star), project_dir=particle_project.root)
+    source = ImageSource(star, project_dir=particle_project.root)
     assert source.stacks == [particle_project.root / "local.mrcs"]
     assert source.read([0])[0, 0, 0] == particle_project.image(8, 1)[0, 0]
     # absolute paths are used as they are
     absolute = particle_project.add_stack("elsewhere/abs.mrcs", 9, 2)
     star = particle_project.write_star("abs.star", [f"2@{absolute}"])
-    np.testing.assert_array_equal(ImageSource(read_particles(star)).read([0])[0], particle_project.image(9, 1))
+    np.testing.assert_array_equal(ImageSource(star).read([0])[0], particle_project.image(9, 1))
 
 
 def _expect_input_error(star, project_dir, *needles):
     with pytest.raises(InputError) as err:
-        ImageSource(read_particles(star), project_dir=project_dir).read(np.arange(len(read_particles(star))))
+        ImageSource(star, project_dir=project_dir).read(np.arange(len(read_particles(star))))
     message = str(err.value)
     for needle in needles:
         assert needle in message, message
@@ -188,7 +189,7 @@ def test_write_stack_then_read_back_through_star(particle_project):
     images = np.stack([particle_project.image(3, i) for i in range(5)])
     write_stack(particle_project.root / "w.mrcs", images, pixel_size=1.5)
     star = particle_project.write_star("w.star", [f"{i}@w.mrcs" for i in (5, 1)])
-    source = ImageSource(read_particles(star), project_dir=particle_project.root)
+    source = ImageSource(star, project_dir=particle_project.root)
     np.testing.assert_array_equal(source.read([0, 1]), images[[4, 0]])
     assert source.voxel_size == pytest.approx(1.5)
 
@@ -215,3 +216,32 @@ def test_bad_maps(tmp_path):
     (tmp_path / "junk.mrc").write_bytes(b"junk" * 300)
     with pytest.raises(InputError, match="junk.mrc"):
         read_map(tmp_path / "junk.mrc")
+
+
+def test_one_source_for_a_star_file_a_table_or_a_bare_stack(particle_project):
+    """ImageSource takes a STAR file, a particle table or an MRC stack; pixel size and CTF values
+    come with it; ``[rows]`` applies a transform, ``read`` gives the images as stored."""
+    star, expected = particle_project.standard()
+    root = particle_project.root
+    with ImageSource(star, project_dir=root) as a, ImageSource(read_particles(star), project_dir=root) as b:
+        np.testing.assert_array_equal(a[:], b.read(np.arange(b.n)))
+        np.testing.assert_array_equal(a[3], expected[[3]])
+        assert a.shape == (len(expected), 16, 16) and a.pixel_size == pytest.approx(1.77)
+        ctf = a.ctf_values()
+        assert list(ctf.columns)[:3] == ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"] and len(ctf) == len(expected)
+        assert a.ctf is None  # no transform: nothing phase-flipped
+    write_stack(root / "bare.mrcs", expected[:5], 2.5)
+    with ImageSource(root / "bare.mrcs") as bare:  # every section a particle, at the header's pixel size
+        assert len(bare) == 5 and bare.pixel_size == pytest.approx(2.5) and bare.ctf_values() is None
+        np.testing.assert_array_equal(bare[[4, 0]], expected[[4, 0]])
+
+    class Binned:
+        box = 8
+
+        def __call__(self, images, rows):
+            return images[:, ::2, ::2]
+
+    with ImageSource(star, project_dir=root, transform=Binned()) as binned:
+        assert binned.shape == (len(expected), 8, 8) and binned.box == 16
+        np.testing.assert_array_equal(binned[[1, 2]], expected[[1, 2]][:, ::2, ::2])
+        assert binned.read([1]).shape == (1, 16, 16)

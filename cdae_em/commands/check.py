@@ -14,7 +14,7 @@ import numpy as np
 
 from cdae_em.commands.common import positive_int
 from cdae_em.errors import InputError
-from cdae_em.io.stacks import ImageSource
+from cdae_em.io.images import ImageSource
 from cdae_em.io.star import read_particles
 
 log = logging.getLogger(__name__)

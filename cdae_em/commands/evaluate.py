@@ -35,7 +35,7 @@ def evaluate(job: Path, truth_star: Path, max_images: int = 2000) -> dict:
     from cdae_em.io.atomic_write import write_text
     from cdae_em.errors import InputError
     from cdae_em.core.metrics import clustering_scores, frc, frc_resolution, psnr
-    from cdae_em.io.stacks import ImageSource
+    from cdae_em.io.images import ImageSource
     from cdae_em.io.star import read_particles
 
     summary_path = job / "summary.json"
@@ -66,7 +66,7 @@ def evaluate(job: Path, truth_star: Path, max_images: int = 2000) -> dict:
             denoised, clean = d.read(pick), c.read(pick)
         if denoised.shape != clean.shape:
             raise InputError(den_path, f"denoised box {denoised.shape[-1]} differs from the clean box {clean.shape[-1]}")
-        with ImageSource(read_particles(settings["particles"]), project_dir=settings["project_dir"]) as n:
+        with ImageSource(settings["particles"], project_dir=settings["project_dir"]) as n:
             noisy = n.read(pick)
         pixel = float(den.per_particle()["rlnImagePixelSize"].iloc[0])
         result["denoising"] = {

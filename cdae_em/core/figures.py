@@ -15,12 +15,11 @@ log = logging.getLogger(__name__)
 def raw_denoised_pairs(denoised_star: Path, original_star: str | Path, project_dir: str | None,
                        n_pairs: int = 6) -> list[tuple[np.ndarray, np.ndarray]]:
     """A few (raw, denoised) image pairs spread over the data set ([] if they cannot be read)."""
-    from cdae_em.io.stacks import ImageSource
-    from cdae_em.io.star import read_particles
+    from cdae_em.io.images import ImageSource
 
     try:
-        with ImageSource(read_particles(denoised_star), project_dir=project_dir) as d, \
-                ImageSource(read_particles(original_star), project_dir=project_dir) as r:
+        with ImageSource(denoised_star, project_dir=project_dir) as d, \
+                ImageSource(original_star, project_dir=project_dir) as r:
             pick = np.linspace(0, d.n - 1, min(n_pairs, d.n)).astype(int)
             return list(zip(r.read(pick), d.read(pick)))
     except Exception as exc:  # a figure is a convenience: never fail finished work for it

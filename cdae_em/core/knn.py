@@ -3,12 +3,10 @@ fast, an approximate graph index (faiss HNSW, from the optional ``faiss-cpu`` pa
 measured threshold, with its recall against exact kNN estimated on a sample of queries.
 
 Exact search costs Q x N distances (Q queries among N vectors); HNSW costs about N log N to build
-plus Q log N to search. Measured on the 2-core development CPU (32-d PCA features, k = 30,
-``python -m benchmarks.scale knn``, docs/scale.md): exact all-pairs kNN takes ~48-140 s at 10^5
-vectors and grows as N^2 (hours at 10^6), HNSW about a minute at 10^5 and minutes at 10^6 at
-recall >= 0.95. Fine-tuning only needs the neighbours of its subset (Q = 4,000 by default), for
-which exact search stays cheap even at 10^6 particles (~20 s): ``method="auto"`` switches to the
-index only when its cost model says it is faster (from ~20,000 queries on) and faiss is installed.
+plus Q log N to search. Fine-tuning only needs the neighbours of its subset (4,000 queries by
+default), for which exact search stays cheap at any N, so ``method="auto"`` switches to the index
+only when its cost model says it is faster and faiss is installed. Timings and recall at 10^5-10^6
+vectors: docs/scale.md (``python -m benchmarks.scale knn``).
 """
 
 from __future__ import annotations
@@ -24,22 +22,20 @@ from cdae_em.core.neighbours import drop_far, nearest_candidates, nearest_neighb
 
 log = logging.getLogger(__name__)
 
-# Cost model of "auto" (seconds on the 2-core development CPU, 32-d features, k = 30, measured by
-# ``python -m benchmarks.scale knn``, docs/scale.md): exact search costs EXACT_S_PER_PAIR per
-# query x vector; the approximate index APPROX_S_PER_VECTOR per indexed vector (building) plus
-# APPROX_S_PER_QUERY per query (the 8-bit index at 10^6 vectors: build 103 s, search 168 s). Only
-# the ratios matter: the index pays from about APPROX_S_PER_VECTOR / EXACT_S_PER_PAIR = 20,000
-# queries on, whatever N.
+# Cost model of "auto", seconds (fitted to ``python -m benchmarks.scale knn``, docs/scale.md):
+# exact search costs EXACT_S_PER_PAIR per query x vector; the approximate index
+# APPROX_S_PER_VECTOR per indexed vector (building) plus APPROX_S_PER_QUERY per query. Only the
+# ratios matter: the index pays from about APPROX_S_PER_VECTOR / EXACT_S_PER_PAIR queries on.
 EXACT_S_PER_PAIR = 5e-9
 APPROX_S_PER_VECTOR = 1.0e-4
 APPROX_S_PER_QUERY = 1.7e-4
 HNSW_M = 32  # graph degree
-HNSW_EF_CONSTRUCTION = 40  # 24 builds 1.5x faster but loses recall (0.959 -> 0.921 at 10^6, efSearch 96)
-HNSW_EF_SEARCH = 96  # >= k + 1; more is slower and more accurate (0.947 -> 0.959 recall from 80 to 96 at 10^6)
+HNSW_EF_CONSTRUCTION = 40  # less builds faster and loses recall (docs/notes.md)
+HNSW_EF_SEARCH = 96  # >= k + 1; more is slower and more accurate (docs/notes.md)
 HNSW_FROM_SELF = True  # searches start at the query's own node (see hnsw_search)
-# The graph stores its vectors as 8-bit scalar codes (4x less memory to walk than float32: 15-20%
-# faster at 10^6) and returns HNSW_RERANK candidates, re-ranked by exact distance: at 10^6 proxy
-# vectors 271 s and recall 0.959, against 323 s and 0.959 with float32 vectors (docs/notes.md).
+# The graph stores its vectors as 8-bit scalar codes (4x less memory to walk than float32, faster,
+# the same recall after re-ranking) and returns HNSW_RERANK candidates, re-ranked by exact
+# distance (docs/notes.md).
 HNSW_RERANK = 48
 
 

@@ -29,7 +29,8 @@ from cdae_em.errors import InputError
 from cdae_em.io.memory import Releaser, Streamed
 from cdae_em.core.preprocess import equalise_histogram, particle_mask
 from cdae_em.denoise.selfcheck import check_rows, choose_polarity, finetuning_helped
-from cdae_em.io.stacks import ImageSource, StackWriter
+from cdae_em.io.stacks import StackWriter
+from cdae_em.io.images import ImageSource
 from cdae_em.io.star import ParticleTable, read_particles, write_star
 from cdae_em.denoise.inference import run_cascade
 from cdae_em.runtime.workarrays import WORK_DIR, remove_work, shared_work_array, work_size

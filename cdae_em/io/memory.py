@@ -7,9 +7,9 @@ in the process's RSS (file-backed pages, reclaimed only under memory pressure), 
 with the number of particles although the program holds only a batch.
 
 Random reads map far more than they ask for: a page fault on a file mapping may map a whole large
-folio of the page cache (recent Linux kernels with ext4, xfs; up to 2 MiB here). 256 random 16 KB
-rows of a 500 MB work array mapped 300 MB; so reads count ``FAULT_BYTES`` per run of consecutive
-rows towards ``RELEASE_BYTES`` (``mapped_bytes``), and random rows are read a group at a time.
+folio of the page cache (recent Linux kernels with ext4, xfs; up to 2 MiB), so reads count
+``FAULT_BYTES`` per run of consecutive rows towards ``RELEASE_BYTES`` (``mapped_bytes``), and
+random rows are read a group at a time (measurements: docs/notes.md).
 """
 
 from __future__ import annotations

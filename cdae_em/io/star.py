@@ -46,6 +46,9 @@ STRING_LABELS = [
 ]
 
 #: per-particle imaging parameters returned by :meth:`ParticleTable.per_particle`
+#: the CTF parameters every particle needs for phase flipping (RELION labels)
+CTF_COLUMNS = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
+               "rlnAmplitudeContrast"]
 PER_PARTICLE_LABELS = [
     "rlnImagePixelSize",
     "rlnImageSize",

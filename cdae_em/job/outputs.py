@@ -19,7 +19,8 @@ from cdae_em.core.metrics import half_set_stats, random_halves
 from cdae_em.denoise.stage import star_path_name
 from cdae_em.settings import DenoiseSettings
 from cdae_em.core.prepare import BatchPreparer
-from cdae_em.io.stacks import ImageSource, write_stack
+from cdae_em.io.stacks import write_stack
+from cdae_em.io.images import ImageSource
 from cdae_em.io.star import ParticleTable, write_star
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,10 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
     _write_table(classes, out / "class_averages.star")
     agreement = None
     if (out / "denoised_particles.star").exists():
-        from cdae_em.core.star_images import StarImages
+        from cdae_em.core.prepare import prepared_images
         from cdae_em.core.quality import agreement_summary, denoised_agreement
 
-        with StarImages(out / "denoised_particles.star", settings.project_dir) as den:
+        with prepared_images(out / "denoised_particles.star", settings.project_dir) as den:
             per_class = denoised_agreement(den, labels, psi, origin, averages, device, settings.denoise.batch_size)
         agreement = agreement_summary(per_class, counts)
     pairs = raw_denoised_pairs(out / "denoised_particles.star", settings.particles, settings.project_dir)

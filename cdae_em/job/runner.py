@@ -42,7 +42,6 @@ from cdae_em.job.result import CONTRACT, SUMMARY, JobResult
 from cdae_em.job.lock import LOCK_FILE, job_lock, make_out_dir, refuse_if_locked  # noqa: F401 (re-exported)
 from cdae_em.runtime.progress import JobProgress, ProgressCallback, tracking
 from cdae_em.settings import JobSettings, bound_problem, get, settings_tree  # noqa: F401 (JobSettings re-exported)
-from cdae_em.core.star_images import StarImages  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +194,7 @@ def _check_files(settings: JobSettings, table) -> None:
     import torch
 
     from cdae_em.core.prepare import BatchPreparer
-    from cdae_em.io.stacks import ImageSource
+    from cdae_em.io.images import ImageSource
 
     with ImageSource(table, project_dir=settings.project_dir) as images:
         box = images.box
@@ -254,8 +253,9 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
     """3. classification: of the denoised particles (then alignment rounds on the originals), or
     with ``stages="classify"`` of the input particles as they are. Returns labels, psi, origin,
     score, references and the box the origins are in."""
-    from cdae_em.core.averages import class_means
     from cdae_em.classify.stage import classify
+    from cdae_em.core.averages import class_means
+    from cdae_em.core.prepare import prepared_images
 
     out = Path(settings.out_dir)
     progress.stage(2, "classify")
@@ -272,7 +272,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
     work = out / WORK_DIR  # the invariant features' work array (memory-mapped, removed after use)
     if settings.stages == "classify":
         prepare = settings.denoise if settings.denoise.phase_flip else None
-        with StarImages(Path(settings.particles), settings.project_dir, prepare=prepare, device=device) as images:
+        with prepared_images(Path(settings.particles), settings.project_dir, prepare=prepare, device=device) as images:
             result = classify(images, cs, device, should_stop, work=work, ctf=images.ctf)
             box = images.shape[-1]
         refs = result.references
@@ -281,7 +281,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
         diameter = None
         if not settings.denoise.equalise:
             diameter = 0.0 if settings.denoise.mask_diameter is None else settings.denoise.mask_diameter / _pixel_size(out)
-        with StarImages(out / "denoised_particles.star", settings.project_dir, equalise_diameter=diameter) as denoised:
+        with prepared_images(out / "denoised_particles.star", settings.project_dir, equalise_diameter=diameter) as denoised:
             box = denoised.shape[-1]
             if settings.align_on == "denoised":
                 result = classify(denoised, cs, device, should_stop, work=work)
@@ -291,7 +291,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
                 # alignment needs.
                 init = classify(denoised, replace(cs, n_iter=0), device, should_stop,
                                 work=work).labels
-                with StarImages(Path(settings.particles), settings.project_dir, prepare=settings.denoise,
+                with prepared_images(Path(settings.particles), settings.project_dir, prepare=settings.denoise,
                                 device=device) as originals:
                     result = classify(originals, cs, device, should_stop, initial_labels=init, work=work, ctf=originals.ctf)
             refs, _ = class_means(denoised, result.labels, result.psi, result.origin, settings.n_classes, device,
@@ -316,11 +316,10 @@ def _pretrain_on_reference(settings: JobSettings, out: Path, device) -> None:
 
     from cdae_em.simulate.pretrain_data import PairSampler, PairSettings, ProjectionBank
     from cdae_em.simulate.simulator import load_source
-    from cdae_em.io.stacks import ImageSource
-    from cdae_em.io.star import read_particles
+    from cdae_em.io.images import ImageSource
     from cdae_em.denoise.train import PretrainSettings, pretrain
 
-    with ImageSource(read_particles(settings.particles), project_dir=settings.project_dir) as images:
+    with ImageSource(settings.particles, project_dir=settings.project_dir) as images:
         box = images.box
     log.info("pre-training on the reference map %s", settings.reference_map)
     source = load_source(settings.reference_map)
