@@ -245,3 +245,29 @@ def test_one_source_for_a_star_file_a_table_or_a_bare_stack(particle_project):
         assert binned.shape == (len(expected), 8, 8) and binned.box == 16
         np.testing.assert_array_equal(binned[[1, 2]], expected[[1, 2]][:, ::2, ::2])
         assert binned.read([1]).shape == (1, 16, 16)
+
+
+@pytest.mark.parametrize("fault", ["map_id", "machine_stamp", "both"])
+def test_headers_relion_reads_are_read_with_one_warning(particle_project, fault, caplog):
+    """Stacks without the 'MAP ' ID or a machine stamp (several tools write them; RELION reads them)
+    are read, with one warning naming the file; other damage is still refused."""
+    import logging
+
+    p, root = particle_project, particle_project.root
+    p.add_stack("a.mrcs", 0, 4)
+    data = bytearray((root / "a.mrcs").read_bytes())
+    if fault in ("map_id", "both"):
+        data[208:212] = b"\0\0\0\0"
+    if fault in ("machine_stamp", "both"):
+        data[212:216] = b"\0\0\0\0"
+    (root / "b.mrcs").write_bytes(bytes(data))
+    star = p.write_star("b.star", ["1@b.mrcs", "3@b.mrcs", "2@b.mrcs"])
+    with caplog.at_level(logging.WARNING, logger="cdae_em"):
+        with ImageSource(star, project_dir=root) as source:
+            np.testing.assert_array_equal(source.read([0, 1, 2]), [p.image(0, 0), p.image(0, 2), p.image(0, 1)])
+        with ImageSource(star, project_dir=root) as again:
+            again.read([0])
+    warnings = [r for r in caplog.records if "b.mrcs" in r.getMessage()]
+    assert len(warnings) == 1 and "as RELION does" in warnings[0].getMessage(), [r.getMessage() for r in caplog.records]
+    (root / "c.mrcs").write_bytes(bytes(data[: len(data) - 100]))  # and truncated: refused
+    _expect_input_error(p.write_star("c.star", ["1@c.mrcs"]), root, "c.mrcs", "not a readable MRC")

@@ -23,17 +23,49 @@ log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = {"i1", "u1", "i2", "u2", "f2", "f4"}
 
 #: how many stacks are kept open (memory-mapped) at once
+#: header faults RELION reads past (several tools write files without the 'MAP ' ID or a machine stamp)
+TOLERATED = ("Map ID string not found", "Unrecognised machine stamp")
+_warned: set[str] = set()  # files whose tolerated faults were logged (once per file and process)
+
+
 def open_mrc(path: Path) -> mrcfile.mrcmemmap.MrcMemmap:
-    """Memory-map an MRC file read-only; a corrupt or truncated file is an InputError."""
+    """Memory-map an MRC file read-only. A file that lacks the 'MAP ' ID or a machine stamp is read
+    as RELION reads it (native byte order), with one warning; a corrupt or truncated file is an
+    InputError."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             mrc = mrcfile.mmap(path, mode="r", permissive=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except ValueError as exc:
+        if not str(exc).startswith(TOLERATED):
+            raise InputError(path, f"not a readable MRC file ({exc})") from exc
+        mrc, caught = _open_tolerant(path, exc)
+    except (OSError, EOFError) as exc:
         raise InputError(path, f"not a readable MRC file ({exc})") from exc
     for w in caught:
-        log.warning("%s: %s", path, w.message)
+        if not str(w.message).startswith(TOLERATED):
+            log.warning("%s: %s", path, w.message)
     return mrc
+
+
+def _open_tolerant(path: Path, fault: ValueError) -> tuple[mrcfile.mrcmemmap.MrcMemmap, list]:
+    """The file opened permissively, where its only faults are the tolerated ones and its data is
+    all there (a whole, non-empty stack of the size the header says)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(path, f"not a readable MRC file ({exc})") from exc
+    others = [str(w.message) for w in caught if not str(w.message).startswith(TOLERATED)]
+    if mrc.data is None or mrc.data.size == 0 or others:
+        mrc.close()
+        raise InputError(path, f"not a readable MRC file ({'; '.join([str(fault), *others])})")
+    if str(path) not in _warned:
+        _warned.add(str(path))
+        faults = sorted({str(w.message).split(" - ")[0].split(":")[0] for w in caught})
+        log.warning("%s: %s; read in native byte order, as RELION does", path, ", ".join(faults).lower())
+    return mrc, []
 
 
 def as_stack(data: np.ndarray) -> np.ndarray:
