@@ -94,9 +94,10 @@ def cached(path: Path, compute) -> tuple[np.ndarray, float]:
     return images, seconds
 
 
-def cdae_denoise(star: Path, out: Path, j: int, extra: list[str]) -> tuple[np.ndarray, dict]:
+def cdae_denoise(star: Path, out: Path, j: int, extra: list[str], box: int | None = None) -> tuple[np.ndarray, dict]:
     """`cdae-em denoise` as a user runs it, but without CTF phase flipping (the clean images it is scored
-    against carry the CTF as it is); its denoised stack and summary."""
+    against carry the CTF as it is); its denoised stack, at ``box`` (a stack written at a smaller
+    working box is Fourier-padded back, so that it is scored at the input's box), and summary."""
     if not (out / "denoised_particles.star").exists():
         cmd = [sys.executable, "-m", "cdae_em", "denoise", "--i", str(star), "--o", str(out), "--j", str(j),
                "--overwrite", "--no-phase-flip", *extra]
@@ -106,6 +107,10 @@ def cdae_denoise(star: Path, out: Path, j: int, extra: list[str]) -> tuple[np.nd
 
     with ImageSource(out / "denoised_particles.star") as src:
         images = np.asarray(src.read(np.arange(src.n)), dtype=np.float32)
+    if box is not None and images.shape[-1] != box:
+        from cdae_em.core.preprocess import fourier_resize
+
+        images = fourier_resize(torch.from_numpy(images), box).numpy()
     return images, json.loads((out / "summary.json").read_text())
 
 
@@ -144,12 +149,12 @@ def run_case(case: Case, work: Path, j: int, finetune: bool, bm3d_n: int, weight
     if peers_only:
         return _peers(case, d, noisy, clean, px, sigma, bm3d_n, rows, outputs)
     wargs = ["--weights", weights] if weights else []
-    est, summary = cdae_denoise(star, d / "cdae_pretrained", j, ["--no-finetune", *wargs])
+    est, summary = cdae_denoise(star, d / "cdae_pretrained", j, ["--no-finetune", *wargs], box=case.box)
     rows["cdae-em denoise --no-finetune"] = {**score(est, clean, noisy, px), "ips": None,
                                              "contrast": summary["denoise"]["selfcheck"]["contrast"]}
     outputs["cdae-em (pre-trained)"] = est
     if finetune:
-        est, summary = cdae_denoise(star, d / "cdae_default", j, ["--finetune", *wargs])
+        est, summary = cdae_denoise(star, d / "cdae_default", j, ["--finetune", *wargs], box=case.box)
         den = summary["denoise"]
         rows["cdae-em denoise --finetune"] = {**score(est, clean, noisy, px), "ips": None,
                                               "contrast": den["selfcheck"]["contrast"],

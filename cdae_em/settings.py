@@ -132,8 +132,16 @@ class DenoiseSettings:
                                      unset="auto: when every particle has CTF values and rlnCtfDataArePhaseFlipped "
                                            "is not 1",
                                      help="CTF phase-flip the particles before denoising and alignment")
+    # the working scale: "auto" Fourier-crops particles larger than the weights were trained on
+    # (the job decides ``box``); "native" keeps the particles' box; ``box`` overrides both
+    scale: str = option("auto", flags=("--scale",), group="denoising", choices=("auto", "native"), kinds=(RUN, DENOISE),
+                        scipion="workingScale",
+                        help="working scale: auto Fourier-crops (bins) the particles so that the particle is as "
+                             "many pixels across as in the weights' training (its diameter from --mask-diameter, "
+                             "else estimated from the data), where it is larger; native keeps the particles' box. "
+                             "Outputs for 3D work (particles.star shifts, class averages) stay at the native box")
     box: int | None = option(None, flags=("--box",), group="denoising", minimum=8, kinds=(RUN, DENOISE),
-                             scipion="workingBox", unset="the particles' box",
+                             scipion="workingBox", unset="chosen by --scale",
                              help="working box: Fourier-crop (bin) or pad the particles to this size")
     batch_size: int = option(128, flags=("--batch-size",), group="job", minimum=1, also=("classify.batch_size",),
                              help="images per batch; smaller needs less (GPU) memory")

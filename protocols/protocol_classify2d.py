@@ -114,6 +114,9 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
                       label="Fine-tuning particles")
         form.addParam("phaseFlip", params.EnumParam, choices=PHASE_FLIP, **_tree("phaseFlip"),
                       display=params.EnumParam.DISPLAY_HLIST, label="CTF phase flip first?")
+        form.addParam("workingScale", params.EnumParam, choices=list(setting("denoise.scale").option.choices),
+                      **_tree("workingScale"), display=params.EnumParam.DISPLAY_HLIST,
+                      expertLevel=params.LEVEL_ADVANCED, label="Working scale")
         form.addParam("workingBox", params.IntParam, **_tree("workingBox"), expertLevel=params.LEVEL_ADVANCED,
                       validators=[params.GE(0)], label="Working box (px)")
         form.addParam("seed", params.IntParam, **_tree("seed"), expertLevel=params.LEVEL_ADVANCED,

@@ -8,6 +8,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
 pytest.importorskip("skimage", reason="benchmark-only dependency scikit-image (pip install scikit-image bm3d)")
@@ -73,3 +74,15 @@ def test_tiny_benchmark_writes_every_table(tmp_path):
     assert "n/a" not in "".join(" ".join(r[3:7]) for r in tables["Table 1: denoising"][1:])
     for fig in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (out.parent / fig).stat().st_size > 1000, fig
+
+
+def test_texture_measure_tells_a_particle_on_flat_background_from_texture():
+    """benchmarks.working_scale's measure: std outside the particle over std inside."""
+    from benchmarks.working_scale import texture
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:64, :64] - 31.5
+    blob = np.exp(-(x ** 2 + y ** 2) / (2 * 8.0 ** 2)) * (1 + 0.3 * np.sin(x / 2))
+    particles = blob + 0.01 * rng.normal(size=(10, 64, 64))
+    assert texture(particles) < 0.1
+    assert texture(rng.normal(size=(10, 64, 64))) == pytest.approx(1.0, abs=0.1)

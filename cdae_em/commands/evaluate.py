@@ -64,11 +64,17 @@ def evaluate(job: Path, truth_star: Path, max_images: int = 2000) -> dict:
         pick = np.linspace(0, len(den) - 1, min(max_images, len(den))).astype(int)
         with ImageSource(den) as d, ImageSource(truth, project_dir=truth_star.parent) as c:
             denoised, clean = d.read(pick), c.read(pick)
-        if denoised.shape != clean.shape:
-            raise InputError(den_path, f"denoised box {denoised.shape[-1]} differs from the clean box {clean.shape[-1]}")
+        if denoised.shape[-1] != clean.shape[-1]:  # denoised at a working box: scored at the input's
+            import torch
+
+            from cdae_em.core.preprocess import fourier_resize
+
+            denoised = fourier_resize(torch.from_numpy(denoised), clean.shape[-1]).numpy()
         with ImageSource(settings["particles"], project_dir=settings["project_dir"]) as n:
             noisy = n.read(pick)
-        pixel = float(den.per_particle()["rlnImagePixelSize"].iloc[0])
+        if noisy.shape != clean.shape:
+            raise InputError(truth_star, f"the truth's box {clean.shape[-1]} differs from the particles' {noisy.shape[-1]}")
+        pixel = float(truth.per_particle()["rlnImagePixelSize"].iloc[0])
         result["denoising"] = {
             "images": len(pick),
             "psnr_noisy_db": float(psnr(noisy, clean).mean()),

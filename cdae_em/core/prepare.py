@@ -10,7 +10,7 @@ import torch
 
 from cdae_em.core.ctf import CtfAmplitudes, CtfParams, ctf_2d, phase_flip
 from cdae_em.errors import InputError
-from cdae_em.core.preprocess import equalise_histogram, fourier_resize, particle_mask
+from cdae_em.core.preprocess import equalise_histogram, fourier_resize, particle_mask, radius_grid
 from cdae_em.io.images import ImageSource
 from cdae_em.io.star import CTF_COLUMNS, ParticleTable
 from cdae_em.settings import DenoiseSettings
@@ -59,6 +59,15 @@ class BatchPreparer:
 
     def __call__(self, batch: np.ndarray, rows) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(batch, dtype=np.float32)).to(self.device)
+        if self.box < self.box_in:
+            # crop first: the flip keeps or negates each Fourier coefficient, and the cropped image
+            # holds the same coefficients, so flipping it with the CTF at its own (larger) pixel is
+            # the same operation at a fraction of the cost
+            x = fourier_resize(x, self.box)
+            if self.ctf is not None:
+                pixel = self.pixel[rows] * self.box_in / self.box
+                x = phase_flip(x, ctf_2d(self.ctf.subset(rows), self.box, pixel, self.device))
+            return x
         if self.ctf is not None:
             x = phase_flip(x, ctf_2d(self.ctf.subset(rows), self.box_in, self.pixel[rows], self.device))
         if self.box != self.box_in:
@@ -99,3 +108,66 @@ def prepared_images(source, project_dir: str | None, prepare: DenoiseSettings | 
         images.close()
         raise
     return images
+
+
+#: the scale the shipped weights were trained at (their metadata says it for any weights file):
+#: particles of TRAINED_FILL times the TRAINED_BOX across
+TRAINED_BOX = 64
+TRAINED_FILL = (0.4, 0.9)
+SCALE_BOX = 48  # the particles' extent is measured on images Fourier-cropped to this box (noise averaged)
+ENERGY_FRACTION = 0.95  # the particle's radius holds this fraction of its variance
+
+
+def estimate_particle_diameter(images: ImageSource, max_images: int = 1000) -> float | None:
+    """The particles' diameter in pixels of their box, from up to ``max_images`` evenly spaced
+    particles, or None where the data do not show it.
+
+    Noise adds the same variance at every radius of the box, the particles only where they are.
+    On images Fourier-cropped to SCALE_BOX (which averages most of the noise away and keeps the
+    particle's low-resolution extent), the mean squared pixel per radius, less its median over the
+    outer ring, is the particles' radial variance profile; the particle's radius holds
+    ENERGY_FRACTION of it (summed over the pixels at each radius). None where that sum does not
+    stand 4 standard errors above the noise (too few particles for their SNR)."""
+    n, box = len(images), images.box
+    small = min(box, SCALE_BOX)
+    rows = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(np.int64))
+    r = torch.round(radius_grid(small, "cpu")).long().clamp(max=small // 2).reshape(-1)
+    counts = torch.bincount(r, minlength=small // 2 + 1).double()
+    sums = torch.zeros(small // 2 + 1, dtype=torch.float64)
+    for start in range(0, len(rows), 256):
+        x = torch.from_numpy(images.read(rows[start:start + 256]))
+        x = fourier_resize(x, small) if small != box else x
+        x = x - x.mean(dim=(-2, -1), keepdim=True)
+        sums += torch.bincount(r, weights=(x.double() ** 2).sum(0).reshape(-1), minlength=small // 2 + 1)
+    profile = sums / (counts * len(rows))
+    edge = int(0.8 * small / 2)
+    floor = profile[edge:small // 2].median()
+    # the particles' variance per radius, weighted by the pixels at that radius: where it lies
+    energy = ((profile - floor).clamp_min(0) * counts)[:edge]
+    noise = (floor.clamp_min(1e-12) * torch.sqrt(2.0 / (counts * len(rows))) * counts)[:edge]
+    if energy.sum() < 4 * noise.pow(2).sum().sqrt():
+        return None
+    radius = int(torch.nonzero(energy.cumsum(0) >= ENERGY_FRACTION * energy.sum())[0]) + 0.5
+    return float(2 * radius * box / small)
+
+
+def working_box(box: int, diameter: float | None, trained_box: int = TRAINED_BOX,
+                trained_fill: tuple[float, float] = TRAINED_FILL) -> int:
+    """The box at which particles of ``diameter`` pixels (in a ``box`` px box) are as many pixels
+    across as the weights were trained on: ``box`` where they already are (or the diameter is
+    unknown), else Fourier-cropped so that they are at the middle of the trained range (to the
+    nearest even box with no prime factor above 7). Never pads: smaller particles stay at their box."""
+    largest = trained_fill[1] * trained_box
+    if diameter is None or diameter <= largest:
+        return box
+    target = 0.5 * (trained_fill[0] + trained_fill[1]) * trained_box
+    exact = max(16.0, box * target / diameter)
+    return min((b for b in range(16, box + 1, 2) if _fft_friendly(b)), key=lambda b: (abs(b - exact), -b))
+
+
+def _fft_friendly(n: int) -> bool:
+    """No prime factor above 7 (FFTs of other sizes are several times slower)."""
+    for p in (2, 3, 5, 7):
+        while n % p == 0:
+            n //= p
+    return n == 1

@@ -72,3 +72,17 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
 def default_weights_path() -> Path:
     """The weights shipped in the package (pre-trained on the embedded map)."""
     return DATA_DIR / "default_weights.pt"
+
+
+def trained_scale(path: str | Path | None = None) -> tuple[int, tuple[float, float]]:
+    """(box, (smallest, largest) particle diameter / box) of the pairs the weights at ``path``
+    (default: the shipped ones) were pre-trained on, from their metadata; the shipped weights'
+    scale where the metadata does not say."""
+    from cdae_em.core.prepare import TRAINED_BOX, TRAINED_FILL
+
+    _, metadata = load_weights(path or default_weights_path())
+    pairs = metadata.get("pairs") or {}
+    try:
+        return int(pairs["box"]), (float(pairs["fill"][0]), float(pairs["fill"][1]))
+    except (KeyError, TypeError, ValueError, IndexError):
+        return TRAINED_BOX, TRAINED_FILL

@@ -31,6 +31,7 @@ class JobResult:
     box: int | None = None  # box of the class averages and the alignment origins, pixels
     pixel_size: float | None = None  # Angstrom, of the class averages
     half_sets: dict | None = None  # per-class half-set FRC / SSNR (metrics.HalfSetStats.to_json)
+    working_scale: dict | None = None  # --scale auto: the particles' diameter, the box chosen and why
     summary: dict = field(default_factory=dict, repr=False)  # summary.json, whole
 
     @property
@@ -53,7 +54,8 @@ class JobResult:
         return cls(out_dir=Path(out_dir), settings=from_dict(summary["settings"]), particles=summary["particles"],
                    timings=summary.get("timings", {}), denoise=summary.get("denoise"),
                    class_sizes=summary.get("class_sizes"), box=summary.get("box"),
-                   pixel_size=summary.get("pixel_size"), half_sets=summary.get("half_sets"), summary=summary)
+                   pixel_size=summary.get("pixel_size"), half_sets=summary.get("half_sets"),
+                   working_scale=summary.get("working_scale"), summary=summary)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> JobResult:

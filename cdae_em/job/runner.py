@@ -146,7 +146,11 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     if classify_stage and settings.n_classes > len(table):
         raise InputError(settings.particles, f"K={settings.n_classes} classes but only {len(table)} particles")
     table.pixel_size()  # missing, zero, negative or mixed: refused here
+    for option, path in (("--weights", settings.denoise.weights), ("--ref", settings.reference_map)):
+        if path and not Path(path).is_file():
+            raise InputError(path, f"{option}: file not found")
     settings = _resolve_phase_flip(settings, table)
+    settings, working_scale = _resolve_working_box(settings, table)
     _check_files(settings, table)
     device = distributed.resolve_device(distributed.local_device(settings.gpu))  # under torchrun: LOCAL_RANK's GPU
     part = distributed.init_from_env(device)
@@ -161,6 +165,8 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     timings: dict[str, float] = {}
     summary: dict = {"cdae_em_job": settings.signature(), "settings": _jsonable(asdict(settings)),
                      "particles": len(table)}
+    if working_scale is not None:
+        summary["working_scale"] = working_scale
 
     if settings.stages in ("all", "denoise"):
         summary["denoise"] = _denoise_stage(settings, table, job_dir, device, should_stop, progress, timings)
@@ -189,8 +195,8 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
 
 def _check_files(settings: JobSettings, table) -> None:
     """What can be checked before the output directory is touched: every stack's header (present,
-    readable, square, one box, enough images), the weights and reference files, CTF values for
-    phase flipping. (Pixel values are checked as they are read.)"""
+    readable, square, one box, enough images) and CTF values for phase flipping (the weights and
+    reference files are checked before the working scale is chosen; pixel values as they are read)."""
     import torch
 
     from cdae_em.core.prepare import BatchPreparer
@@ -200,9 +206,6 @@ def _check_files(settings: JobSettings, table) -> None:
         box = images.box
     if settings.stages != "classify" and box < 8:
         raise InputError(settings.particles, f"images of {box} px are too small for the model (at least 8)")
-    for option, path in (("--weights", settings.denoise.weights), ("--ref", settings.reference_map)):
-        if path and not Path(path).is_file():
-            raise InputError(path, f"{option}: file not found")
     if settings.denoise.phase_flip or settings.average_phase_flipped:
         BatchPreparer(table, replace(settings.denoise, phase_flip=True), box, torch.device("cpu"))
 
@@ -215,6 +218,40 @@ def _resolve_phase_flip(settings: JobSettings, table) -> JobSettings:
     flip = resolve_phase_flip(table, settings.denoise.phase_flip)
     average = flip if settings.average_phase_flipped is None else settings.average_phase_flipped
     return replace(settings, denoise=replace(settings.denoise, phase_flip=flip), average_phase_flipped=average)
+
+
+def _resolve_working_box(settings: JobSettings, table) -> tuple[JobSettings, dict | None]:
+    """Settings with the working box decided (``--scale auto``): particles larger than the weights
+    were trained on are Fourier-cropped to their training scale; returns what was decided and why."""
+    from cdae_em.core.prepare import estimate_particle_diameter, working_box
+    from cdae_em.denoise.weights import trained_scale
+    from cdae_em.io.images import ImageSource
+
+    d = settings.denoise
+    if settings.stages == "classify" or d.box is not None or d.scale != "auto":
+        return settings, None
+    trained_box, fill = trained_scale(d.weights)
+    with ImageSource(table, project_dir=settings.project_dir) as images:
+        box = images.box
+        if d.mask_diameter:
+            diameter, source = d.mask_diameter / table.pixel_size(), "--mask-diameter"
+        else:
+            diameter, source = estimate_particle_diameter(images), "estimated from the particles"
+    chosen = working_box(box, diameter, trained_box, fill)
+    decided = {"native_box": box, "working_box": chosen, "particle_diameter_px": diameter, "diameter_from": source,
+               "trained_diameter_px": [fill[0] * trained_box, fill[1] * trained_box]}
+    if diameter is None:
+        log.warning("working scale: the particles' diameter could not be estimated from %d particles; working at "
+                    "their box, %d px (give --mask-diameter, or --box)", len(table), box)
+    elif chosen != box:
+        log.info("working scale: particles %.0f px across (%s) in a %d px box, larger than the weights were "
+                 "trained on (%.0f-%.0f px): Fourier-cropped to a %d px box (--scale native keeps %d px)",
+                 diameter, source, box, *decided["trained_diameter_px"], chosen, box)
+    else:
+        log.info("working scale: particles %.0f px across (%s) in a %d px box: at their box", diameter, source, box)
+    if chosen == box:
+        return settings, decided
+    return replace(settings, denoise=replace(d, box=chosen)), decided
 
 
 def _denoise_stage(settings: JobSettings, table, job_dir: Path, device, should_stop, progress: JobProgress,
