@@ -9,9 +9,6 @@ from typing import Any, Callable
 from cdae_em.commands.common import bounded
 from cdae_em.settings import JobSettings, Setting, build, settings_tree
 
-GROUP_TITLES = {"classification": "classification", "denoising": "denoising", "job": "job"}
-
-
 def value_parser(s: Setting) -> Callable[[str], Any]:
     if s.type in (int, float):
         return bounded(s.type, s.option.minimum, s.option.above)
@@ -44,7 +41,7 @@ def add_job_options(parser: argparse.ArgumentParser, kind: str) -> None:
     for s in settings_tree(kind):
         o = s.option
         group = parser if o.group == "job" else groups.setdefault(
-            o.group, parser.add_argument_group(GROUP_TITLES[o.group]))
+            o.group, parser.add_argument_group(o.group))
         if s.type is bool:
             # --x / --no-x; a tri-state (yes / no / auto) leaves None when neither is given
             group.add_argument(*o.flags, dest=dest(s), action="store_true", default=s.default, help=_help(s))

@@ -35,6 +35,7 @@ import numpy as np
 
 from cdae_em.runtime import distributed
 from cdae_em.io.atomic_write import atomic_path
+from cdae_em.io.images import ImageSource
 from cdae_em.io.atomic_write import write_text as atomic_text
 from cdae_em.runtime.workarrays import WORK_DIR, remove_work
 from cdae_em.errors import InputError, OutputError, ResourceError, resource_errors
@@ -150,8 +151,9 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
         if path and not Path(path).is_file():
             raise InputError(path, f"{option}: file not found")
     settings = _resolve_phase_flip(settings, table)
-    settings, working_scale = _resolve_working_box(settings, table)
-    _check_files(settings, table)
+    with ImageSource(table, project_dir=settings.project_dir) as images:  # every stack's header checked, once
+        _check_files(settings, table, images.box)
+        settings, working_scale = _resolve_working_box(settings, table, images)
     device = distributed.resolve_device(distributed.local_device(settings.gpu))  # under torchrun: LOCAL_RANK's GPU
     part = distributed.init_from_env(device)
     torch.set_num_threads(max(1, settings.threads))
@@ -193,17 +195,14 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     return JobResult.from_summary(_jsonable(summary), out)
 
 
-def _check_files(settings: JobSettings, table) -> None:
-    """What can be checked before the output directory is touched: every stack's header (present,
-    readable, square, one box, enough images) and CTF values for phase flipping (the weights and
-    reference files are checked before the working scale is chosen; pixel values as they are read)."""
+def _check_files(settings: JobSettings, table, box: int) -> None:
+    """What can be checked before the output directory is touched, beyond the stacks' headers
+    (``ImageSource`` checks those: present, readable, square, one box, enough images): a box the
+    model can take and CTF values for phase flipping. (Pixel values are checked as they are read.)"""
     import torch
 
     from cdae_em.core.prepare import BatchPreparer
-    from cdae_em.io.images import ImageSource
 
-    with ImageSource(table, project_dir=settings.project_dir) as images:
-        box = images.box
     if settings.stages != "classify" and box < 8:
         raise InputError(settings.particles, f"images of {box} px are too small for the model (at least 8)")
     if settings.denoise.phase_flip or settings.average_phase_flipped:
@@ -220,23 +219,21 @@ def _resolve_phase_flip(settings: JobSettings, table) -> JobSettings:
     return replace(settings, denoise=replace(settings.denoise, phase_flip=flip), average_phase_flipped=average)
 
 
-def _resolve_working_box(settings: JobSettings, table) -> tuple[JobSettings, dict | None]:
+def _resolve_working_box(settings: JobSettings, table, images) -> tuple[JobSettings, dict | None]:
     """Settings with the working box decided (``--scale auto``): particles larger than the weights
     were trained on are Fourier-cropped to their training scale; returns what was decided and why."""
     from cdae_em.core.prepare import estimate_particle_diameter, working_box
     from cdae_em.denoise.weights import trained_scale
-    from cdae_em.io.images import ImageSource
 
     d = settings.denoise
     if settings.stages == "classify" or d.box is not None or d.scale != "auto":
         return settings, None
     trained_box, fill = trained_scale(d.weights)
-    with ImageSource(table, project_dir=settings.project_dir) as images:
-        box = images.box
-        if d.mask_diameter:
-            diameter, source = d.mask_diameter / table.pixel_size(), "--mask-diameter"
-        else:
-            diameter, source = estimate_particle_diameter(images), "estimated from the particles"
+    box = images.box
+    if d.mask_diameter:
+        diameter, source = d.mask_diameter / table.pixel_size(), "--mask-diameter"
+    else:
+        diameter, source = estimate_particle_diameter(images), "estimated from the particles"
     chosen = working_box(box, diameter, trained_box, fill)
     decided = {"native_box": box, "working_box": chosen, "particle_diameter_px": diameter, "diameter_from": source,
                "trained_diameter_px": [fill[0] * trained_box, fill[1] * trained_box]}
@@ -353,7 +350,6 @@ def _pretrain_on_reference(settings: JobSettings, out: Path, device) -> None:
 
     from cdae_em.simulate.pretrain_data import PairSampler, PairSettings, ProjectionBank
     from cdae_em.simulate.simulator import load_source
-    from cdae_em.io.images import ImageSource
     from cdae_em.denoise.train import PretrainSettings, pretrain
 
     with ImageSource(settings.particles, project_dir=settings.project_dir) as images:
