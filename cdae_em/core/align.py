@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from cdae_em.core.polar import AlignmentGrid, Images, batch_rows, device_of, max_shift_disc, rotate
-from cdae_em.core.preprocess import largest_mask_radius, radius_grid, translate
+from cdae_em.core.preprocess import largest_mask_radius, radial_mean_square, translate
 
 log = logging.getLogger(__name__)
 
@@ -367,15 +367,8 @@ def estimate_particle_radius(images: Images, max_images: int = 1000, threshold: 
     dev = device_of(images, device)
     n, box = images.shape[0], images.shape[-1]
     rows = torch.linspace(0, n - 1, min(n, max_images)).round().long().unique()
-    n_bins = box // 2 + 1
-    r = torch.round(radius_grid(box, dev)).long().clamp(max=box // 2).reshape(-1)
-    counts = torch.bincount(r, minlength=n_bins).double()
-    sums = torch.zeros(n_bins, dtype=torch.float64, device=dev)
-    for start in range(0, len(rows), 256):
-        x = batch_rows(images, rows[start:start + 256], dev)
-        x = x - x.mean(dim=(-2, -1), keepdim=True)
-        sums += torch.bincount(r, weights=(x.double() ** 2).sum(0).reshape(-1), minlength=n_bins)
-    profile = sums / (counts * max(len(rows), 1))
+    batches = (batch_rows(images, rows[start:start + 256], dev) for start in range(0, len(rows), 256))
+    profile, counts, _ = radial_mean_square(batches, box, dev)
     outer = int(0.8 * box / 2)
     floor = profile[outer:box // 2].median()
     excess = profile - floor

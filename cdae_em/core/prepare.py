@@ -10,7 +10,7 @@ import torch
 
 from cdae_em.core.ctf import CtfAmplitudes, CtfParams, ctf_2d, phase_flip
 from cdae_em.errors import InputError
-from cdae_em.core.preprocess import equalise_histogram, fourier_resize, particle_mask, radius_grid
+from cdae_em.core.preprocess import equalise_histogram, fourier_resize, particle_mask, radial_mean_square
 from cdae_em.io.images import ImageSource
 from cdae_em.io.star import CTF_COLUMNS, ParticleTable
 from cdae_em.settings import DenoiseSettings
@@ -131,15 +131,9 @@ def estimate_particle_diameter(images: ImageSource, max_images: int = 1000) -> f
     n, box = len(images), images.box
     small = min(box, SCALE_BOX)
     rows = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(np.int64))
-    r = torch.round(radius_grid(small, "cpu")).long().clamp(max=small // 2).reshape(-1)
-    counts = torch.bincount(r, minlength=small // 2 + 1).double()
-    sums = torch.zeros(small // 2 + 1, dtype=torch.float64)
-    for start in range(0, len(rows), 256):
-        x = torch.from_numpy(images.read(rows[start:start + 256]))
-        x = fourier_resize(x, small) if small != box else x
-        x = x - x.mean(dim=(-2, -1), keepdim=True)
-        sums += torch.bincount(r, weights=(x.double() ** 2).sum(0).reshape(-1), minlength=small // 2 + 1)
-    profile = sums / (counts * len(rows))
+    batches = (fourier_resize(torch.from_numpy(images.read(rows[start:start + 256])), small)
+               for start in range(0, len(rows), 256))
+    profile, counts, _ = radial_mean_square(batches, small)
     edge = int(0.8 * small / 2)
     floor = profile[edge:small // 2].median()
     # the particles' variance per radius, weighted by the pixels at that radius: where it lies

@@ -27,6 +27,23 @@ PARTICLE_MASK_FRACTION = 0.9
 PARTICLE_MASK_EDGE = 4.0
 
 
+def radial_mean_square(batches, box: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Over the image batches (tensors of ``box`` px), the mean of each image's squared deviation
+    from its own mean per 1 px radial bin (radius rounded, clamped to box // 2): (profile, pixels
+    per bin, images). Noise adds the same to every bin, the particles only where they are: the
+    radial variance profile the particle-size estimates read."""
+    n_bins = box // 2 + 1
+    r = torch.round(radius_grid(box, device)).long().clamp(max=box // 2).reshape(-1)
+    counts = torch.bincount(r, minlength=n_bins).double()
+    sums = torch.zeros(n_bins, dtype=torch.float64, device=device)
+    n = 0
+    for x in batches:
+        x = x - x.mean(dim=(-2, -1), keepdim=True)
+        sums += torch.bincount(r, weights=(x.double() ** 2).sum(0).reshape(-1), minlength=n_bins)
+        n += len(x)
+    return sums / (counts * max(n, 1)), counts, n
+
+
 def largest_mask_radius(box: int, width: float = MASK_EDGE) -> float:
     """The largest radius (pixels) of a soft mask whose edge of ``width`` still fits in the box."""
     return box / 2 - width
