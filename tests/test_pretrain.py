@@ -11,7 +11,7 @@ from cdae_em.simulate.pretrain_data import PairSampler, PairSettings, Projection
 from cdae_em.denoise.train import PretrainSettings, pretrain
 from cdae_em.denoise.weights import load_weights
 
-SMALL = PairSettings(box=32, views_per_structure=40, seed=1)
+SMALL = PairSettings(box=32, views_per_structure=40, seed=1, background_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,36 @@ def test_pairs_have_the_asked_snr_and_unit_clean_variance(bank):
     assert torch.allclose(clean.var(dim=(1, 2)), torch.ones(64), atol=0.05)
     noise_var = float((noisy - clean).var())
     assert 9.0 < noise_var < 11.0  # SNR 0.1: noise variance 10
+
+
+def _lag1(x: torch.Tensor) -> float:
+    x = x - x.mean(dim=(1, 2), keepdim=True)
+    return float((x[:, :, 1:] * x[:, :, :-1]).mean() / (x**2).mean())
+
+
+def test_real_conditions_colour_the_noise_and_damp_the_signal(bank):
+    rng = np.random.default_rng(4)
+    noisy, clean = sampler(bank, white_fraction=1.0, snr=(0.1, 0.1)).sample(64, rng)
+    assert abs(_lag1(noisy - clean)) < 0.03  # white: neighbouring pixels independent
+    noisy, clean = sampler(bank, white_fraction=0.0, snr=(0.1, 0.1)).sample(64, rng)
+    assert _lag1(noisy - clean) > 0.05  # coloured: neighbours correlated, like a real detector's
+    assert 9.0 < float((noisy - clean).var()) < 11.0  # still SNR 0.1
+    plain = dict(ctf_fraction=0.0, max_blur=0.0, max_shift=0.0)
+
+    def high_share(bfactor):
+        _, c = sampler(bank, bfactor=(bfactor, bfactor), **plain).sample(32, np.random.default_rng(6))
+        power = torch.fft.rfft2(c).abs() ** 2
+        return float(power[:, 8:, 8:17].sum() / power.sum())
+
+    assert high_share(300.0) < 0.5 * high_share(0.0)
+
+
+def test_backgrounds_put_ice_and_carbon_in_the_clean_image(bank):
+    plain = dict(ctf_fraction=0.0, max_blur=0.0, max_shift=0.0, snr=(0.1, 0.1))
+    _, without = sampler(bank, **plain).sample(32, np.random.default_rng(8))
+    _, with_bg = sampler(bank, background_fraction=1.0, carbon_fraction=1.0, **plain).sample(32, np.random.default_rng(8))
+    edge = lambda x: x[:, :, :4].mean(dim=(1, 2)) - x[:, :, -4:].mean(dim=(1, 2))  # noqa: E731
+    assert float(edge(with_bg).abs().mean()) > 3 * float(edge(without).abs().mean())
 
 
 def _centre_minus_edge(clean: torch.Tensor) -> torch.Tensor:
@@ -110,3 +140,7 @@ def test_pretrain_command_writes_weights_denoise_can_use(tmp_path):
     assert "--steps 2,1,1" in meta["command"] and meta["seed"] == 3
     bad = run_cli("pretrain", "--o", tmp_path / "w2", "--channels", "32,64")
     assert bad.returncode != 0 and "--channels" in bad.stderr and "Traceback" not in bad.stderr
+    for args, name in ((["--white-fraction", "1.5"], "--white-fraction"), (["--bfactor", "100", "50"], "--bfactor")):
+        bad = run_cli("pretrain", "--o", tmp_path / "w3", *args)
+        assert bad.returncode != 0 and name in bad.stderr and "Traceback" not in bad.stderr
+        assert not (tmp_path / "w3" / "cdae_weights.pt").exists()

@@ -160,6 +160,8 @@ def test_simulate_from_atomic_model(tmp_path):
     (["--snr-ladder", "0.1,lots"], "not an SNR"),
     (["--map", "nowhere.mrc"], "nowhere.mrc"),
     (["--n", "0"], "--n"),
+    (["--bfactor", "-5"], "--bfactor"),
+    (["--noise", "pink"], "--noise"),
 ])
 def test_bad_arguments_fail_in_one_line(tmp_path, args, words):
     r = run_cli("simulate", "--o", tmp_path / "sim", *args)
@@ -184,3 +186,35 @@ def test_truth_origins_recentre_particles_the_relion_way(asym_map, tmp_path):
     reference = source.project(mats).numpy()
     for a, b in zip(centred, reference):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
+
+
+def test_real_data_conditions_coloured_noise_bfactor_and_relion_normalisation(tmp_path):
+    """`cdae-em simulate --noise coloured --bfactor 150 --normalise`: neighbouring noise pixels
+    correlated as the model says (0.2, as on real particles), the same SNR, signal damped at high
+    frequency, and each image's background at mean 0, std 1, as RELION's Extract leaves it."""
+    common = ["--n", 64, "--box", 64, "--ctf", "--snr", 0.05, "--seed", 2]
+    r = subprocess.run([sys.executable, "-m", "cdae_em", "simulate", "--o", tmp_path / "plain", *map(str, common)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "cdae_em", "simulate", "--o", tmp_path / "real", "--noise", "coloured",
+                        "--bfactor", "150", "--normalise", *map(str, common)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    plain_clean = mrcfile.read(tmp_path / "plain" / "clean.mrcs")
+    clean = mrcfile.read(tmp_path / "real" / "clean.mrcs")
+    noisy = mrcfile.read(tmp_path / "real" / "particles.mrcs")
+    manifest = json.loads((tmp_path / "real" / "simulation.json").read_text())
+    assert manifest["settings"]["noise_lag1_correlation"] == pytest.approx(0.195, abs=0.01)
+    assert manifest["levels"]["snr0.05"]["measured_snr"] == pytest.approx(0.05, rel=0.1)
+    # the noise (in the normalised frame: noisy minus the clean image fitted to it) is correlated 0.2
+    c = clean - clean.mean(axis=(1, 2), keepdims=True)
+    x = noisy - noisy.mean(axis=(1, 2), keepdims=True)
+    n = x - c * ((x * c).sum(axis=(1, 2), keepdims=True) / (c * c).sum(axis=(1, 2), keepdims=True))
+    lag1 = float((n[:, :, 1:] * n[:, :, :-1]).mean() / (n * n).mean())
+    assert 0.15 < lag1 < 0.25
+    # B-factor: less of the clean images' power at high frequency than without it
+    high = lambda im: float((np.abs(np.fft.rfft2(im))[:, 16:48, 16:] ** 2).sum() / (np.abs(np.fft.rfft2(im)) ** 2).sum())  # noqa: E731
+    assert high(clean) < 0.5 * high(plain_clean)
+    # RELION normalisation: background (beyond 75% of the box radius) mean 0, std 1 in every image
+    yy, xx = np.mgrid[:64, :64] - 32
+    bg = np.hypot(yy, xx) > 0.75 * 32
+    assert np.allclose(noisy[:, bg].mean(axis=1), 0, atol=1e-4) and np.allclose(noisy[:, bg].std(axis=1), 1, atol=1e-2)

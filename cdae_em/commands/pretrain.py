@@ -2,8 +2,10 @@
 
 Training pairs are drawn on the fly (nothing is written to disk): projections of the atomic models
 that ship with cdae-em (or of your own maps/models, --map), at random views, with particles
-spanning 40-90% of the box, random in-plane rotation and shifts, CTFs (defocus 0.5-3.5 um, some
-phase-flipped), a random blur, and white noise at SNR 0.01-0.5. Protein is bright, as after RELION
+spanning 45-90% of the box, random in-plane rotation and shifts, CTFs (defocus 0.5-3.5 um, some
+phase-flipped), a random blur and B-factor, ice gradients and carbon edges, and noise at SNR
+0.01-0.5: white on a quarter of the pairs, on the rest coloured like a real detector's, each with
+its own random power spectrum. Protein is bright, as after RELION
 extraction with inverted contrast: `cdae-em denoise` detects dark-protein stacks and flips them.
 Block 1 learns noisy -> clean, block 2 block 1's outputs -> clean, block 3 block 2's -> clean.
 Writes --o/cdae_weights.pt (usable with `cdae-em denoise --weights`) and --o/pretrain.json
@@ -46,6 +48,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="SNR range, drawn log-uniformly (default: %(default)s)")
     parser.add_argument("--dark-fraction", type=float, default=pairs.dark_fraction,
                         help="fraction of pairs with dark protein (default: %(default)s)")
+    real = parser.add_argument_group("real-data conditions")
+    real.add_argument("--white-fraction", type=float, default=pairs.white_fraction,
+                      help="fraction of pairs with white noise; the rest get detector-like coloured noise with "
+                           "random spectra (default: %(default)s)")
+    real.add_argument("--bfactor", type=float, nargs=2, default=pairs.bfactor, metavar=("MIN", "MAX"),
+                      help="B-factor range damping the signal, A^2 (default: %(default)s)")
+    real.add_argument("--background-fraction", type=float, default=pairs.background_fraction,
+                      help="fraction of pairs with an ice gradient in the box (default: %(default)s)")
+    real.add_argument("--carbon-fraction", type=float, default=pairs.carbon_fraction,
+                      help="fraction of those with a carbon edge (default: %(default)s)")
     parser.add_argument("--views", type=positive_int, default=pairs.views_per_structure,
                         help="projections per structure (default: %(default)s)")
     group = parser.add_argument_group("training")
@@ -98,8 +110,16 @@ def main(args: argparse.Namespace) -> None:
         raise InputError(None, f"--fill {args.fill[0]} {args.fill[1]}: expected 0 < MIN <= MAX <= 1")
     if not (0 < args.snr[0] <= args.snr[1]):
         raise InputError(None, f"--snr {args.snr[0]} {args.snr[1]}: expected 0 < MIN <= MAX")
+    for name in ("dark_fraction", "white_fraction", "background_fraction", "carbon_fraction"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise InputError(None, f"--{name.replace('_', '-')} {getattr(args, name)}: expected a fraction from 0 to 1")
+    if not 0 <= args.bfactor[0] <= args.bfactor[1]:
+        raise InputError(None, f"--bfactor {args.bfactor[0]} {args.bfactor[1]}: expected 0 <= MIN <= MAX")
     pairs = dataclasses.replace(PairSettings(), box=args.box, fill=tuple(args.fill), snr=tuple(args.snr),
-                                dark_fraction=args.dark_fraction, views_per_structure=args.views, seed=args.seed)
+                                dark_fraction=args.dark_fraction, views_per_structure=args.views,
+                                white_fraction=args.white_fraction, bfactor=tuple(args.bfactor),
+                                background_fraction=args.background_fraction, carbon_fraction=args.carbon_fraction,
+                                seed=args.seed)
     structures, maps = {}, {}
     if args.map:
         from cdae_em.simulate.simulator import load_source

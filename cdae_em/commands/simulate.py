@@ -1,8 +1,10 @@
 """Simulate particle images with known truth from a 3D map or atomic model.
 
 Projects a density map (MRC) or an atomic model (PDB/mmCIF, Gaussian atoms) at N orientations
-(a fixed set of views, or random), with optional random in-plane rotation, shifts and CTF, and adds
-white Gaussian noise at the requested SNR. With no --map, the map embedded in cdae-em is used.
+(a fixed set of views, or random), with optional random in-plane rotation, shifts, CTF and
+B-factor, and adds Gaussian noise at the requested SNR: white, or coloured like a real detector's
+(--noise coloured), optionally normalised as RELION's Extract does (--normalise). With no --map,
+the map embedded in cdae-em is used.
 
 SNR = variance of the clean image over the box / variance of the added noise, per image. Clean
 images are scaled to zero mean and unit variance, so the noise standard deviation is 1/sqrt(SNR).
@@ -14,6 +16,8 @@ rlnOriginX/YAngst, defocus, view id as rlnClassNumber) and simulation.json.
 examples:
   cdae-em simulate --o sim --n 2000 --views 8 --in-plane --max-shift 3 --ctf --snr 0.05
   cdae-em simulate --o ladder --n 4000 --ctf --in-plane --snr-ladder 0.1,0.4,0.6,clean
+  cdae-em simulate --o real --n 2000 --views 8 --in-plane --ctf --snr 0.03 --noise coloured \
+      --bfactor 150 --normalise
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     ctf.add_argument("--voltage", type=float, default=300.0, help="kV (default: 300)")
     ctf.add_argument("--cs", type=float, default=2.7, help="spherical aberration, mm (default: 2.7)")
     ctf.add_argument("--amplitude-contrast", type=float, default=0.1, help="(default: 0.1)")
+    real = parser.add_argument_group("real-data conditions")
+    real.add_argument("--noise", choices=["white", "coloured"], default="white",
+                      help="noise power spectrum: white, or coloured like a real detector's (power falling with "
+                           "frequency, neighbouring pixels correlated 0.2; default: %(default)s)")
+    real.add_argument("--bfactor", type=float, default=0.0, metavar="A2",
+                      help="B-factor damping the signal, A^2 (real data: 100-200; default: 0)")
+    real.add_argument("--normalise", action="store_true",
+                      help="normalise each noisy image as RELION's Extract does (background mean 0, std 1)")
     parser.add_argument("--dark", action="store_true",
                         help="protein dark, as in raw micrographs (default: bright, as RELION extracts with "
                              "inverted contrast)")
@@ -66,6 +78,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    from cdae_em.simulate.realism import REAL_NOISE, WHITE
     from cdae_em.simulate.simulator import SimulationSettings, load_source, parse_snrs, simulate
 
     apply_threads(args.j)
@@ -77,6 +90,8 @@ def main(args: argparse.Namespace) -> None:
         snrs = parse_snrs(args.snr_ladder) if args.snr_ladder else parse_snrs(str(args.snr))
     except ValueError as exc:
         raise InputError(None, f"--snr/--snr-ladder: {exc}") from None
+    if args.bfactor < 0:
+        raise InputError(None, f"--bfactor must be at least 0, got {args.bfactor}")
     source = load_source(args.map, box=args.box, pixel_size=args.pixel_size, resolution=args.resolution)
     settings = SimulationSettings(
         n_particles=args.n,
@@ -91,6 +106,9 @@ def main(args: argparse.Namespace) -> None:
         amplitude_contrast=args.amplitude_contrast,
         snrs=snrs,
         dark=args.dark,
+        noise=REAL_NOISE if args.noise == "coloured" else WHITE,
+        bfactor=args.bfactor,
+        normalise=args.normalise,
         seed=args.seed,
         batch_size=args.batch_size,
     )

@@ -11,8 +11,12 @@ to 0.5, random in-plane rotation and shifts, and resolution that varies with the
 random views) in a box 1.5x the training box, so that zooming out and Fourier cropping give
 anti-aliased particles of any size. ``PairSampler.sample`` then draws a batch: a projection, a
 random zoom/rotation/shift (one affine resampling), a random blur, Fourier crop to the box, CTF,
-polarity, and white noise; clean images have zero mean and unit variance over the box, and
+polarity, and noise; clean images have zero mean and unit variance over the box, and
 SNR = 1 / noise variance, as in ``cdae_em.simulate.simulator``.
+
+Real-data conditions (``PairSettings`` white_fraction, bfactor, background_fraction): noise with random detector-like power spectra, a B-factor on the signal,
+ice gradients and carbon edges. A background normalised as RELION's Extract does is not simulated:
+each cascade block standardises its input, so the model sees the same image either way.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from cdae_em.core.ctf import CtfParams, ctf_2d
 from cdae_em.data import DATA_DIR
 from cdae_em.core.geometry import euler_to_matrix, random_views
 from cdae_em.core.preprocess import fourier_resize, soft_circular_mask
+from cdae_em.simulate.realism import bfactor_envelope, coloured_noise, ice_and_carbon, random_noise_shapes
 from cdae_em.simulate.structure import Atoms, atoms_to_map
 
 log = logging.getLogger(__name__)
@@ -57,7 +62,7 @@ class PairSettings:
     """What the training pairs look like. Lengths in Angstrom, shifts/blur in pixels of ``box``."""
 
     box: int = 64
-    fill: tuple[float, float] = (0.4, 0.9)  # largest diameter / box
+    fill: tuple[float, float] = (0.45, 0.9)  # largest diameter / box
     snr: tuple[float, float] = (0.01, 0.5)  # log-uniform
     ctf_fraction: float = 0.9  # images with a CTF (the rest: plain projections)
     phase_flipped_fraction: float = 0.3  # of the images with a CTF
@@ -66,6 +71,12 @@ class PairSettings:
     max_astigmatism: float = 1000.0
     max_shift: float = 3.0
     max_blur: float = 1.5  # Gaussian sigma, px: the data's resolution varies
+    # real-data conditions (cdae_em.simulate.realism); white_fraction=1, bfactor=(0, 0),
+    # background_fraction=0 and fill=(0.4, 0.9) give the white-noise pairs the 0.2 weights learned
+    white_fraction: float = 0.25  # pairs with white noise; the rest coloured, with random spectra
+    bfactor: tuple[float, float] = (0.0, 200.0)  # A^2, uniform
+    background_fraction: float = 0.5  # pairs with ice gradients (in the clean image: they are there)
+    carbon_fraction: float = 0.15  # of those, with a carbon edge across the box
     views_per_structure: int = 1500
     val_fraction: float = 0.1  # views kept for validation only
     seed: int = 0
@@ -152,14 +163,22 @@ class PairSampler:
         ctf = ctf_2d(params, s.box, pixel)
         ctf = torch.where(torch.as_tensor(flipped)[:, None, None], ctf.abs(), ctf)
         ctf = torch.where(torch.as_tensor(with_ctf)[:, None, None], ctf, torch.ones_like(ctf))
+        if s.bfactor[1] > 0:
+            ctf = ctf * bfactor_envelope(s.box, pixel, rng.uniform(*s.bfactor, n))
         images = torch.fft.irfft2(torch.fft.rfft2(images) * ctf, s=(s.box, s.box))
         clean = images - images.mean(dim=(1, 2), keepdim=True)
         clean = clean / clean.std(dim=(1, 2), keepdim=True).clamp_min(1e-12)
         sign = torch.where(torch.as_tensor(rng.random(n) < s.dark_fraction), -1.0, 1.0)
         clean = clean * sign[:, None, None]
+        if s.background_fraction > 0:
+            with_bg = torch.as_tensor(rng.random(n) < s.background_fraction)[:, None, None]
+            clean = clean + with_bg * ice_and_carbon(n, s.box, rng, s.carbon_fraction)
         snr = np.exp(rng.uniform(np.log(s.snr[0]), np.log(s.snr[1]), n))
         sigma = torch.as_tensor(1.0 / np.sqrt(snr), dtype=torch.float32)[:, None, None]
-        noise = torch.from_numpy(rng.standard_normal(clean.shape, dtype=np.float32))
+        if s.white_fraction >= 1:
+            noise = torch.from_numpy(rng.standard_normal(clean.shape, dtype=np.float32))
+        else:
+            noise = coloured_noise(n, s.box, random_noise_shapes(n, rng, s.white_fraction), rng)
         return (clean + sigma * noise).float(), clean.float()
 
     def describe(self) -> dict:

@@ -4,8 +4,10 @@ rotation, shifts, CTF and white noise at a chosen SNR, written as RELION 3.1 STA
 Definitions (also in ``cdae-em simulate --help``):
 - clean image: the projection, shifted, CTF-modulated, then scaled to zero mean and unit variance
   over the box (so every row of every SNR level carries the same signal);
-- SNR: variance of the clean image over the box divided by the variance of the added white
-  Gaussian noise, per image; a noisy image at SNR s is clean + N(0, 1/s);
+- SNR: variance of the clean image over the box divided by the variance of the added Gaussian
+  noise, per image; a noisy image at SNR s is clean + noise of variance 1/s, white by default or
+  with a detector-like power spectrum (``noise``, see ``cdae_em.simulate.realism``), optionally
+  then normalised as RELION's Extract does (background mean 0, std 1);
 - an SNR ladder writes the *same* clean projections at several SNRs (independent noise per level),
   paired by row, for pre-training the cascade.
 """
@@ -30,6 +32,8 @@ from cdae_em.core.ctf import CtfParams, apply_filter, ctf_2d
 from cdae_em.errors import InputError, OutputError
 from cdae_em.core.geometry import euler_to_matrix, even_views, random_views
 from cdae_em.core.preprocess import fourier_resize, translate
+from cdae_em.simulate.realism import (WHITE, NoiseShape, bfactor_envelope, coloured_noise, lag1_correlation,
+                                      relion_normalise)
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +177,11 @@ class SimulationSettings:
     # protein dark, as in raw micrographs (RELION extraction with "invert contrast = No"); the
     # default, bright protein, is what RELION extraction gives with its default "invert contrast = Yes"
     dark: bool = False
+    # what real stacks have (cdae_em.simulate.realism): the noise's power spectrum (white by
+    # default), a B-factor (A^2) damping the signal, and RELION Extract's background normalisation
+    noise: NoiseShape = WHITE
+    bfactor: float = 0.0
+    normalise: bool = False
     seed: int = 0
     batch_size: int = 128
 
@@ -217,12 +226,14 @@ def draw_truth(settings: SimulationSettings, rng: np.random.Generator) -> Truth:
 
 
 def clean_images(source: Source, truth: Truth, rows: slice, settings: SimulationSettings) -> torch.Tensor:
-    """Clean images for ``rows``: projection, shift, CTF, then zero mean and unit variance."""
+    """Clean images for ``rows``: projection, shift, B-factor, CTF, then zero mean and unit variance."""
     matrices = euler_to_matrix(truth.rot[rows], truth.tilt[rows], truth.psi[rows])
     images = source.project(matrices)
     shifts = np.stack([truth.shift_x[rows], truth.shift_y[rows]], axis=1)
     if np.any(shifts):
         images = translate(images, shifts)
+    if settings.bfactor > 0:
+        images = apply_filter(images, bfactor_envelope(source.box, source.pixel_size, settings.bfactor))
     if settings.ctf:
         n = len(images)
         params = CtfParams(truth.defocus_u[rows], truth.defocus_v[rows], truth.defocus_angle[rows],
@@ -299,8 +310,11 @@ def simulate(
             clean = clean_images(source, truth, rows, settings).cpu().numpy().astype(np.float32)
             clean_writer.write(start, clean)
             for s, writer in writers.items():
-                noise = noise_rngs[s].standard_normal(clean.shape, dtype=np.float32) / np.float32(np.sqrt(s))
-                writer.write(start, clean + noise)
+                noise = coloured_noise(len(clean), box, settings.noise, noise_rngs[s]).numpy() / np.float32(np.sqrt(s))
+                image = clean + noise
+                if settings.normalise:
+                    image = relion_normalise(torch.from_numpy(image))[0].numpy()
+                writer.write(start, image)
                 measured[s][0] += float(np.square(clean).sum())
                 measured[s][1] += float(np.square(noise).sum())
     t_images = time.perf_counter() - t0
@@ -337,7 +351,8 @@ def simulate(
 
     manifest = {
         "source": {"kind": source.kind, "path": source.path, "pixel_size": px, "box": box},
-        "settings": {**asdict(settings), "snrs": [level_name(s) for s in settings.snrs]},
+        "settings": {**asdict(settings), "snrs": [level_name(s) for s in settings.snrs],
+                     "noise_lag1_correlation": round(lag1_correlation(settings.noise), 4)},
         "levels": {level_name(s): {"star": f"{stems[s]}.star", "stack": f"{stems[s]}.mrcs",
                                    "measured_snr": measured[s][0] / max(measured[s][1], 1e-30)} for s in noisy},
         "clean": "clean.mrcs",
