@@ -118,11 +118,17 @@ class DenoiseSettings:
     contrast: str = option("auto", flags=("--contrast",), group="denoising", choices=("auto", "bright", "dark"),
                            kinds=(RUN, DENOISE),
                            help="protein bright (RELION extraction with inverted contrast) or dark (raw "
-                                "micrographs); auto picks the one the model explains better (blind-spot loss); "
+                                "micrographs); auto picks the one the model explains better (estimated risk); "
                                 "the output keeps the input's contrast")
     check: bool = option(True, flags=("--check",), group="denoising", kinds=(RUN, DENOISE),
-                         help="check fine-tuning on held-out particles (blind-spot loss) and fall back to the "
-                              "pre-trained cascade where it did not help")
+                         help="check fine-tuning on held-out particles (estimated risk) and fall back to the "
+                              "pre-trained cascade where it did not help (the check against reference filters "
+                              "runs either way, see --force-model)")
+    force_model: bool = option(False, flags=("--force-model",), group="denoising", kinds=(RUN, DENOISE),
+                               scipion="forceModel",
+                               help="write (and classify) the model's output even where the self-check finds that "
+                                    "a plain reference filter (ring mean, Gaussian blur) does better on these "
+                                    "particles; by default the job then uses the best reference filter instead")
     mask_diameter: float | None = option(None, flags=("--mask-diameter",), group="denoising", minimum=0, above=True,
                                          metavar="A", kinds=(RUN, DENOISE), unset="90% of the box",
                                          help="particle mask diameter, Angstrom")
@@ -244,11 +250,17 @@ class JobSettings:
 
     def signature(self) -> str:
         """A hash of what determines the result (not threads, device or overwrite): a rerun with
-        the same signature resumes; a different one is refused unless ``overwrite``."""
+        the same signature resumes; a different one is refused unless ``overwrite``. The particle
+        file counts by its path, size and modification time: a STAR file rewritten in place (new
+        particles under the old name) is a different job, never resumed from stale stages."""
         d = dataclasses.asdict(self)
         for key in ("gpu", "threads", "overwrite", "out_dir", "keep_work"):
             d.pop(key)
-        d["particles"] = str(Path(self.particles).resolve())
+        particles = Path(self.particles).resolve()
+        d["particles"] = str(particles)
+        if particles.is_file():
+            stat = particles.stat()
+            d["particles_file"] = [stat.st_size, stat.st_mtime_ns]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -112,6 +112,8 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         form.addParam("finetuneSubset", params.IntParam, **_tree("finetuneSubset"), condition="doFinetune",
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(1)],
                       label="Fine-tuning particles")
+        form.addParam("forceModel", params.BooleanParam, **_tree("forceModel"), expertLevel=params.LEVEL_ADVANCED,
+                      label="Keep the model's output if a plain filter does better?")
         form.addParam("phaseFlip", params.EnumParam, choices=PHASE_FLIP, **_tree("phaseFlip"),
                       display=params.EnumParam.DISPLAY_HLIST, label="CTF phase flip first?")
         form.addParam("workingScale", params.EnumParam, choices=list(setting("denoise.scale").option.choices),
@@ -283,6 +285,9 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
             sizes = info.get("class_sizes")
             if sizes:
                 summary.append("Class sizes: " + ", ".join(str(s) for s in sizes))
+            check = info.get("denoise", {}).get("selfcheck", {})
+            if check.get("warning"):
+                summary.append("Denoiser self-check: " + check["warning"])
             timings = info.get("timings", {})
             if "total" in timings:
                 summary.append(f"cdae-em ran for {timings['total']:.1f} s.")

@@ -362,3 +362,22 @@ def test_rescore_tells_apart_references_that_differ_only_above_the_band(source):
     assert int(band_only[0][0]) == 0  # the test can fail: below the band A is the better match
     assert int(rescored[0][0]) == 1
     assert angle_error(rescored[1], np.zeros(1)).max() < 2.0 and rescored[2].abs().max() < 0.5
+
+
+def test_batch_rows_keeps_device_tensors_that_array_views_hand_back():
+    """Classification reads masked rows through an array view that returns tensors on the job's
+    device; on a GPU numpy cannot read those (the first CUDA run failed there). A 'meta' tensor
+    stands in for a CUDA one: numpy cannot read it either."""
+    from cdae_em.core.polar import batch_rows
+
+    class View:
+        shape = (4, 8, 8)
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, rows) -> torch.Tensor:
+            return torch.zeros(len(np.arange(4)[rows]), 8, 8, device="meta")
+
+    out = batch_rows(View(), slice(0, 2), torch.device("meta"))
+    assert out.shape == (2, 8, 8) and out.device.type == "meta"

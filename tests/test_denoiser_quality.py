@@ -1,4 +1,4 @@
-"""What keeps the denoiser honest on particles unlike its training data: the blind-spot check,
+"""What keeps the denoiser honest on particles unlike its training data: the self-check (risk estimate),
 contrast polarity, the fallback when fine-tuning hurts, and the shipped weights on held-out
 realistic particles in both contrasts."""
 
@@ -13,7 +13,7 @@ from conftest import run_cli
 from benchmarks.datasets import DATA, pixel_size_for
 from cdae_em.denoise.cascade import Cascade
 from cdae_em.core.metrics import psnr
-from cdae_em.denoise.selfcheck import blind_spot_loss
+from cdae_em.denoise.selfcheck import filter_images, reference_kernels, score
 from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
 
@@ -29,16 +29,17 @@ def _blobs(n: int, box: int = 32, seed: int = 0) -> torch.Tensor:
     return out
 
 
-def test_blind_spot_loss_ranks_denoisers_by_their_error_against_the_clean_image():
+def test_self_check_estimates_each_output_s_correlation_with_the_clean_image():
     clean = _blobs(32)
     noisy = clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
-    oracle = blind_spot_loss(lambda x: clean, noisy)
-    mean_filter = blind_spot_loss(None, noisy)
     invented = _blobs(32, seed=9)  # structure that is not there
-    inventor = blind_spot_loss(lambda x: clean + invented, noisy)
-    identity = blind_spot_loss(lambda x: x, noisy)  # the hidden pixel's noise is not in its input
-    assert oracle < mean_filter < inventor
-    assert identity == pytest.approx(mean_filter)
+    candidates = {"oracle": lambda x: clean, "identity": lambda x: x, "inventor": lambda x: clean + invented,
+                  "blur": lambda x: filter_images(x, reference_kernels()["gaussian blur 1.5 px"])}
+    centred = lambda t: t - t.mean(dim=(-2, -1), keepdim=True)  # noqa: E731
+    for name, f in candidates.items():
+        out, c = centred(f(noisy)), centred(clean)
+        truth = float(((out * c).sum((-2, -1)) / (out.norm(dim=(-2, -1)) * c.norm(dim=(-2, -1)))).mean())
+        assert score(f, noisy) == pytest.approx(truth, abs=0.02), name  # measured: within 0.005
 
 
 def test_negative_polarity_runs_the_model_on_the_negated_image():
@@ -97,8 +98,8 @@ def test_fine_tuning_that_hurts_falls_back_to_the_pre_trained_cascade(realistic,
     assert bad.returncode == 0, bad.stderr
     check = json.loads((tmp_path / "bad" / "summary.json").read_text())["denoise"]["selfcheck"]
     assert check["used"].startswith("pre-trained"), check
-    tuned = check["blind_spot_loss"]["fine-tuned"]  # None: diverged (NaN)
-    assert tuned is None or tuned > check["blind_spot_loss"]["pre-trained"]
+    tuned = check["correlation"]["fine-tuned"]  # None: diverged (NaN)
+    assert tuned is None or tuned < check["correlation"]["pre-trained"]
     assert "fine-tuning made the denoiser worse" in bad.stderr
     a = mrcfile.read(tmp_path / "base" / "denoised" / "particles_00001.mrcs")
     b = mrcfile.read(tmp_path / "bad" / "denoised" / "particles_00001.mrcs")

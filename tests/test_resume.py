@@ -219,3 +219,26 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     with pytest.raises(OutputError, match="some-other-host"):
         with job_lock(tmp_path):
             pass
+
+
+def test_particles_rewritten_in_place_are_a_new_job_not_a_resume(small_weights, tmp_path):
+    """A STAR file replaced by other particles under the same name (a rerun of the step before) is
+    never resumed from the old particles' stages: refused without --overwrite, rerun afresh with it."""
+    sim = tmp_path / "sim"
+
+    def simulated(n: int, seed: int) -> Path:
+        simulate(load_source(None, box=32), SimulationSettings(n_particles=n, n_views=3, snrs=[0.5], seed=seed),
+                 sim, overwrite=True)
+        return sim / "particles.star"
+
+    star = simulated(30, 1)
+    out = tmp_path / "job"
+    args = ["classify", "--i", star, "--o", out, "--K", 3, "--iter", 1, "--j", 1]
+    assert run_cli(*args).returncode == 0
+    simulated(24, 2)
+    refused = run_cli(*args)
+    assert refused.returncode == 1 and "different job" in refused.stderr
+    again = run_cli(*args, "--overwrite")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" not in again.stderr
+    assert len(starfile.read(out / "particles.star")["particles"]) == 24

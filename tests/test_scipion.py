@@ -310,6 +310,9 @@ def test_run_creates_particles_classes_and_averages(project, data):
         assert prot.hasAttribute(name)
     summary = "\n".join(prot.summary())
     assert "Classified into *3* classes" in summary and "Class sizes" in summary
+    check = json.loads(Path(prot._getExtraPath("cdae", "summary.json")).read_text())["denoise"]["selfcheck"]
+    assert check["written"] in ("model", check["best_reference"])
+    assert ("Denoiser self-check: " + check["warning"] in summary) if "warning" in check else "self-check" not in summary
     assert "Lei2021" in "".join(prot.methods()) or "cascade of denoising autoencoders" in "".join(prot.methods())
     assert "Lei2021" in prot.getCitations()
 

@@ -34,7 +34,9 @@ def batch_rows(images: Images, rows: slice | torch.Tensor | np.ndarray, device: 
     else:
         if isinstance(rows, torch.Tensor):
             rows = rows.cpu().numpy()
-        out = torch.from_numpy(np.ascontiguousarray(images[rows]))
+        out = images[rows]
+        if not isinstance(out, torch.Tensor):  # array views (e.g. masked rows) may hand back device tensors
+            out = torch.from_numpy(np.ascontiguousarray(out))
     return out.to(device=device, dtype=torch.float32)
 
 

@@ -1,1 +1,1 @@
-"""The denoising stage: the cascade model, its weights, training and fine-tuning, inference, the blind-spot check."""
+"""The denoising stage: the cascade model, its weights, training and fine-tuning, inference, the self-check and its guard."""

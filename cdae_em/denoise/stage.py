@@ -22,17 +22,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cdae_em.runtime import distributed
+from cdae_em.runtime import distributed, progress
 from cdae_em.denoise.cascade import Cascade
 from cdae_em.core.prepare import BatchPreparer, resolve_phase_flip
 from cdae_em.errors import InputError
 from cdae_em.io.memory import Releaser, Streamed
 from cdae_em.core.preprocess import equalise_histogram, particle_mask
-from cdae_em.denoise.selfcheck import check_rows, choose_polarity, finetuning_helped
+from cdae_em.denoise.selfcheck import (KernelFilter, check_rows, choose_polarity, finetuning_helped, guard,
+                                       new_record)
 from cdae_em.io.stacks import StackWriter
 from cdae_em.io.images import ImageSource
 from cdae_em.io.star import ParticleTable, read_particles, write_star
-from cdae_em.denoise.inference import run_cascade
+from cdae_em.denoise.inference import run_block, run_cascade
 from cdae_em.runtime.workarrays import WORK_DIR, remove_work, shared_work_array, work_size
 from cdae_em.settings import DenoiseSettings
 
@@ -206,9 +207,10 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
     summary: dict = {"particles": len(table), "box": inputs.shape[-1], "pixel_size": pixel,
                      "phase_flipped": settings.phase_flip,
                      "weights": str(settings.weights or "default"), "weights_metadata": meta.get("command")}
-    check = np.setdiff1d(check_rows(len(inputs), settings.seed), blank)
+    check = np.setdiff1d(check_rows(len(inputs), settings.seed, held_out=settings.finetune), blank)
     check_images = torch.from_numpy(Streamed(inputs)[check]).to(device)  # random rows: read a group at a time
-    sign, summary["selfcheck"] = choose_polarity(model, check_images, settings, device, should_stop)
+    summary["selfcheck"], noise = new_record(check_images)
+    sign = choose_polarity(model, check_images, settings, device, summary["selfcheck"], noise, should_stop)
     sign, summary["selfcheck"] = distributed.broadcast((sign, summary["selfcheck"]))  # every rank as rank 0
     model.set_polarity(sign)
     if settings.finetune:
@@ -220,13 +222,23 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
         peak_work = max([peak_work] + [r.get("work_bytes", 0) for r in summary["finetune"]])
         final = np.load(work / f"block{len(model.blocks)}.npy", mmap_mode="r")
         helped = not settings.check or finetuning_helped(model, pretrained, check_images, summary["selfcheck"],
-                                                         device, should_stop)
+                                                         noise, device, should_stop)
         helped, summary["selfcheck"] = distributed.broadcast((helped, summary["selfcheck"]))
         if not helped:
+            model = pretrained
             final = run_cascade(pretrained, inputs, work / "pretrained.npy", device, settings.batch_size, should_stop)
     else:
         final = run_cascade(model, inputs, work / "pretrained.npy", device, settings.batch_size, should_stop)
         summary["finetune"] = []
+    verdict = guard(model, check_images, summary["selfcheck"], noise, settings, device, should_stop)
+    verdict, summary["selfcheck"] = distributed.broadcast((verdict, summary["selfcheck"]))
+    if "warning" in summary["selfcheck"]:
+        progress.warn("denoiser self-check: " + summary["selfcheck"]["warning"])
+    if not verdict.use_model:
+        del final
+        final = shared_work_array(work / "reference.npy", len(inputs), inputs.shape[-1])
+        run_block(KernelFilter(verdict.kernel), inputs, final, device, settings.batch_size,
+                  f"{verdict.reference}: filter", should_stop)
     peak_work = max(peak_work, work_size(out))
     summary["denoised_star"] = str(out / "denoised_particles.star")
     summary["work_bytes"] = peak_work  # the largest .cdae_work measured (after each stage)

@@ -7,9 +7,11 @@ atomically to ``status.json`` in the output directory (what the Scipion protocol
 
     {"state": "running", "stage": "classify", "stage_number": 2, "n_stages": 3,
      "step": "round", "done": 2, "total": 5, "fraction": 0.47, "eta_s": 31.0,
-     "elapsed_s": 80.2, "error": null, "updated": "2026-12-01T04:00:00+00:00"}
+     "elapsed_s": 80.2, "error": null, "warnings": [], "updated": "2026-12-01T04:00:00+00:00"}
 
 ``state`` is running, done, failed or aborted; ``error`` the one-line reason of a failure;
+``warnings`` what the user must know about the result (e.g. the denoiser's self-check chose a
+reference filter over the model);
 ``eta_s`` the seconds left in the current count (null until two counts were seen); ``fraction``
 the share of the whole job done, counting every stage as equal (coarse; it never goes back).
 """
@@ -21,7 +23,7 @@ import logging
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
@@ -50,6 +52,7 @@ class Status:
     eta_s: float | None = None  # seconds left in the current count
     elapsed_s: float = 0.0
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what the user must know about the result
     updated: str = ""
 
 
@@ -93,6 +96,11 @@ class JobProgress:
             s.eta_s = round((now - t_start) / steps * max(total - done, 0), 1) if steps > 0 else s.eta_s
         s.step, s.done, s.total = step, done, total
         self._update(force=done >= total)
+
+    def warn(self, message: str) -> None:
+        """Something about the result the user must know (one line), kept to the end of the job."""
+        self.status.warnings.append(" ".join(str(message).split()))
+        self._update(force=True)
 
     def finish(self) -> None:
         """The job completed."""
@@ -169,6 +177,13 @@ def report(done: int, total: int, step: str = "step") -> None:
     progress = _current.get()
     if progress is not None:
         progress.count(done, total, step)
+
+
+def warn(message: str) -> None:
+    """Record a warning about the job's result in its status (a no-op outside a job)."""
+    progress = _current.get()
+    if progress is not None:
+        progress.warn(message)
 
 
 def read_status(out_dir: str | Path) -> Status | None:
