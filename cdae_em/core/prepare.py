@@ -113,7 +113,7 @@ def prepared_images(source, project_dir: str | None, prepare: DenoiseSettings | 
 #: the scale the shipped weights were trained at (their metadata says it for any weights file):
 #: particles of TRAINED_FILL times the TRAINED_BOX across
 TRAINED_BOX = 64
-TRAINED_FILL = (0.4, 0.9)
+TRAINED_FILL = (0.45, 0.9)
 SCALE_BOX = 48  # the particles' extent is measured on images Fourier-cropped to this box (noise averaged)
 ENERGY_FRACTION = 0.95  # the particle's radius holds this fraction of its variance
 

@@ -35,7 +35,8 @@ from cdae_em.core.ctf import CtfParams, ctf_2d
 from cdae_em.data import DATA_DIR
 from cdae_em.core.geometry import euler_to_matrix, random_views
 from cdae_em.core.preprocess import fourier_resize, soft_circular_mask
-from cdae_em.simulate.realism import bfactor_envelope, coloured_noise, ice_and_carbon, random_noise_shapes
+from cdae_em.simulate.realism import (bfactor_envelope, coloured_noise, frequency_grid, ice_and_carbon,
+                                      random_noise_shapes)
 from cdae_em.simulate.structure import Atoms, atoms_to_map
 
 log = logging.getLogger(__name__)
@@ -190,9 +191,7 @@ def _band_limit(images: torch.Tensor, zoom: np.ndarray, sigma: np.ndarray) -> to
     """Low-pass each image before it is shrunk by ``zoom`` (no aliasing), times a Gaussian blur of
     ``sigma`` pixels (the data's resolution)."""
     box = images.shape[-1]
-    fy = torch.fft.fftfreq(box)[:, None]
-    fx = torch.fft.rfftfreq(box)[None, :]
-    f = torch.sqrt(fy**2 + fx**2)[None]
+    f = frequency_grid(box)[None]
     z = torch.as_tensor(zoom, dtype=torch.float32)[:, None, None]
     sg = torch.as_tensor(sigma, dtype=torch.float32)[:, None, None]
     cutoff = 0.5 * z
