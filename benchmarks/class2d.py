@@ -5,6 +5,7 @@ and the same threads, one after the other. Prints a table and writes docs/class2
     python -m benchmarks.class2d --j 2                          # 4 proteins, SNR 0.05
     python -m benchmarks.class2d --j 2 --snrs 0.02,0.1 --proteins 2XHE,1BHL
     python -m benchmarks.class2d --report                       # the table from the cached results only
+    python -m benchmarks.class2d --real --methods run           # real-data conditions: docs/class2d_real.md
 
 Data: the held-out structures of ``benchmarks/data`` (none was used to train or tune cdae-em), K fixed
 views with ``--per-view`` particles each on average, random in-plane rotation, shifts up to 2 px, CTF
@@ -43,26 +44,37 @@ LABELS = {"run": "`cdae-em run` (defaults)", "classify": "`cdae-em classify` (ra
           "relion": "RELION Class2D (EM, 25 iter)", "vdam": "RELION Class2D VDAM (200 mini-batches)"}
 
 
-def simulate_case(protein: str, snr: float, views: int, per_view: int, box: int, work: Path, seed: int = 0) -> Path:
+#: --real: the particles as RELION's Extract writes real data (coloured detector noise, B-factor,
+#: normalised background, protein bright, the particle 55% of the box)
+REAL = dict(fill=0.55, bfactor=150.0)
+
+
+def simulate_case(protein: str, snr: float, views: int, per_view: int, box: int, work: Path, seed: int = 0,
+                  real: bool = False) -> Path:
     """Simulate (or reuse) one data set; returns its directory (particles.star, clean.mrcs, truth.star)."""
+    from cdae_em.simulate.realism import REAL_NOISE, WHITE
     from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
     path = structure_path(protein)
-    out = work / f"{protein}_snr{snr}_{views}x{per_view}_{box}"
+    out = work / f"{protein}_snr{snr}_{views}x{per_view}_{box}{'_real' if real else ''}"
     if not (out / "simulation.json").exists():
         settings = SimulationSettings(n_particles=views * per_view, n_views=views, in_plane=True, max_shift=2.0,
-                                      ctf=True, defocus_range=(10000.0, 30000.0), snrs=[snr], seed=seed)
-        simulate(load_source(path, box=box, pixel_size=pixel_size_for(path, box)), settings, out)
+                                      ctf=True, defocus_range=(10000.0, 30000.0), snrs=[snr], seed=seed,
+                                      noise=REAL_NOISE if real else WHITE, bfactor=REAL["bfactor"] if real else 0.0,
+                                      normalise=real)
+        px = pixel_size_for(path, box, **({"fill": REAL["fill"]} if real else {}))
+        simulate(load_source(path, box=box, pixel_size=px), settings, out)
     return out
 
 
-def clean_views(protein: str, views: int, box: int) -> np.ndarray:
+def clean_views(protein: str, views: int, box: int, real: bool = False) -> np.ndarray:
     """The clean, CTF-free, centred projection of each view (views, box, box), psi = 0."""
     from cdae_em.simulate.simulator import even_views, euler_to_matrix, load_source
 
     path = structure_path(protein)
     rot, tilt = even_views(views)
-    source = load_source(path, box=box, pixel_size=pixel_size_for(path, box))
+    px = pixel_size_for(path, box, **({"fill": REAL["fill"]} if real else {}))
+    source = load_source(path, box=box, pixel_size=px)
     return source.project(euler_to_matrix(rot, tilt, np.zeros(views))).cpu().numpy()
 
 
@@ -304,6 +316,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--j", type=int, default=2)
     p.add_argument("--box", type=int, default=64)
+    p.add_argument("--real", action="store_true",
+                   help="real-data conditions (coloured noise, B-factor 150, normalised background, particle 55%% of "
+                        "the box); reported in docs/class2d_real.md / .json unless --out / --results are given")
     p.add_argument("--relion-bin", default=None, help="directory of relion_refine (default: on PATH)")
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench_class2d")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "class2d.md")
@@ -313,6 +328,10 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="only write the report from cached results")
     p.add_argument("--rescore", action="store_true", help="score the cached results again from their output files")
     args = p.parse_args(argv)
+    if args.real and args.out == p.get_default("out"):
+        args.out = ROOT / "docs" / "class2d_real.md"
+    if args.real and args.results == p.get_default("results"):
+        args.results = ROOT / "docs" / "class2d_real.json"
     args.work.mkdir(parents=True, exist_ok=True)
     kept = json.loads(args.results.read_text()) if args.results.exists() else {}
     results, ceilings = kept.get("results", {}), kept.get("ceilings", {})
@@ -324,18 +343,18 @@ def main(argv=None) -> int:
     if args.rescore:
         for key, r in results.items():
             protein, snr, method = key.split("|")
-            case = simulate_case(protein, float(snr), args.views, args.per_view, args.box, args.work)
-            px = pixel_size_for(structure_path(protein), args.box)
+            case = simulate_case(protein, float(snr), args.views, args.per_view, args.box, args.work, real=args.real)
+            px = pixel_size_for(structure_path(protein), args.box, **({"fill": REAL["fill"]} if args.real else {}))
             results[key] = {**r, **score({**collect(method, case), **{k: r[k] for k in ("wall_s", "rss_mib", "command")},
                                           "rss_method": r.get("rss_method", "wait4")},
-                                         case, clean_views(protein, args.views, args.box), px)}
+                                         case, clean_views(protein, args.views, args.box, args.real), px)}
         save()
     if not args.report and not args.rescore:
         for protein in args.proteins.split(","):
             for snr in [float(s) for s in args.snrs.split(",")]:
-                case = simulate_case(protein, snr, args.views, args.per_view, args.box, args.work)
-                px = pixel_size_for(structure_path(protein), args.box)
-                clean = clean_views(protein, args.views, args.box)
+                case = simulate_case(protein, snr, args.views, args.per_view, args.box, args.work, real=args.real)
+                px = pixel_size_for(structure_path(protein), args.box, **({"fill": REAL["fill"]} if args.real else {}))
+                clean = clean_views(protein, args.views, args.box, args.real)
                 for method in args.methods.split(","):
                     key = f"{protein}|{snr}|{method}"
                     if key in results and not args.redo:
@@ -355,8 +374,9 @@ def main(argv=None) -> int:
     for case_key in sorted({k.rsplit("|", 1)[0] for k in results} - set(ceilings)):
         protein, snr = case_key.split("|")
         log(f"{case_key}: ceiling ...")
-        ceilings[case_key] = ceiling(simulate_case(protein, float(snr), args.views, args.per_view, args.box, args.work),
-                                     clean_views(protein, args.views, args.box))
+        ceilings[case_key] = ceiling(simulate_case(protein, float(snr), args.views, args.per_view, args.box, args.work,
+                                                    real=args.real),
+                                     clean_views(protein, args.views, args.box, args.real))
         save()
     write_report(results, ceilings, args.out, args)
     print(args.out.read_text())

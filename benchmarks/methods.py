@@ -36,8 +36,27 @@ def nlm(images: np.ndarray, sigma: float, factor: float) -> np.ndarray:
                                       fast_mode=True) for im in x]).astype(np.float32)
 
 
-def bm3d(images: np.ndarray, sigma: float) -> np.ndarray:
+def full_psd(shape, box: int, sigma: float) -> np.ndarray:
+    """BM3D's ``sigma_psd`` for noise of standard deviation ``sigma`` with the power spectrum of
+    ``shape`` (a ``cdae_em.simulate.realism.NoiseShape``): the power per coefficient of the full
+    FFT grid, box^2 sigma^2 on average, as the bm3d package defines it for white noise."""
+    from cdae_em.simulate.realism import noise_psd
+
+    half = noise_psd(box, shape).double().numpy()
+    full = np.zeros((box, box))
+    full[:, :half.shape[1]] = half
+    fy, fx = np.meshgrid(np.arange(box), np.arange(box), indexing="ij")
+    mirror = fx >= half.shape[1]
+    full[mirror] = half[(-fy[mirror]) % box, (-fx[mirror]) % box]
+    return full * (box * box) * sigma**2
+
+
+def bm3d(images: np.ndarray, sigma) -> np.ndarray:
+    """BM3D of each standardised image; ``sigma`` a noise std, or a full PSD (``full_psd``)."""
     import bm3d as _bm3d
+
+    if not hasattr(np, "trapz"):  # bm4d's coloured-noise path calls np.trapz, gone in numpy 2.4
+        np.trapz = np.trapezoid
 
     x = standardise(images)
     return np.stack([_bm3d.bm3d(im, sigma_psd=sigma) for im in x]).astype(np.float32)

@@ -305,10 +305,11 @@ def report(results: dict) -> str:
         missing.append("streamed inference at 10^5 particles (`python -m benchmarks.scale inference`)")
     if missing:
         lines += ["## Not measured yet", "", *[f"- {m}" for m in missing], ""]
+    gpu = [r for r in results.get("gpu", []) if not r["device"].startswith("CPU")]
+    n_gpu = f"{gpu[0].get('n', 4000):,}" if gpu else "4,000"
     lines += ["## GPU (`python -m benchmarks.gpu`)", "",
               "Inference of the cascade, one fine-tuning epoch of one block and one alignment round "
-              "(4,000 images, 50 references) at 64/128/256 px.", ""]
-    gpu = [r for r in results.get("gpu", []) if not r["device"].startswith("CPU")]
+              f"({n_gpu} images, 50 references) at 64/128/256 px.", ""]
     if not gpu:
         lines += ["Pending: no GPU has been lent to this project yet; run `python -m benchmarks.gpu` on one.", ""]
     else:
@@ -319,6 +320,12 @@ def report(results: dict) -> str:
                          f"{r['finetune_epoch_s']:.2f} ({r['finetune_images_per_s']:,.0f}) | "
                          f"{r['align_round_s']:.2f} ({r['align_images_per_s']:,.0f}) |")
         lines += ["", f"Machine: {results['machine'].get('gpu', '?')}", ""]
+    match = results.get("gpu_match")
+    if match:
+        lines += ["### CUDA against the CPU (`python -m benchmarks.gpu_match`)", "",
+                  f"`{match['command']}`: {match['stack']}. CPU {match['cpu_s']} s, CUDA {match['cuda_s']} s.", "",
+                  f"- The same: {match['same']}.", f"- Different: {match['differs']}.",
+                  f"- Found on the way: {match['found']}.", f"- Not measured: {match['not_measured']}.", ""]
     return "\n".join(lines)
 
 
