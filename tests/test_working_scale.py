@@ -49,12 +49,12 @@ def test_no_estimate_from_noise_alone(tmp_path):
 
 
 @pytest.mark.parametrize("box, diameter, expected", [
-    (200, 137.5, 60),  # 17 real particles of beta-galactosidase (1.338 A/px): about 0.69 of the box
+    (200, 137.5, 64),  # the 17 real particles of tests/data/real (1.338 A/px): about 0.69 of the box
     (64, 40.0, 64),  # within the trained scale: as it is
-    (64, 60.0, 42),  # just larger than trained: to the middle of the trained range too (an FFT-friendly box)
+    (64, 60.0, 48),  # just larger than trained: to the middle of the trained range too (an FFT-friendly box)
     (128, None, 128),  # unknown: as it is
     (256, 10.0, 256),  # smaller than trained: never padded
-    (1024, 900.0, 48),  # the crop keeps the particle at the middle of the trained range
+    (1024, 900.0, 50),  # the crop keeps the particle at the middle of the trained range
 ])
 def test_working_box(box, diameter, expected):
     assert working_box(box, diameter) == expected

@@ -33,7 +33,8 @@ from cdae_em.denoise.selfcheck import (KernelFilter, check_rows, choose_polarity
 from cdae_em.io.stacks import StackWriter
 from cdae_em.io.images import ImageSource
 from cdae_em.io.star import ParticleTable, read_particles, write_star
-from cdae_em.denoise.inference import run_block, run_cascade
+from cdae_em.denoise import inference
+from cdae_em.denoise.inference import run_cascade
 from cdae_em.runtime.workarrays import WORK_DIR, remove_work, shared_work_array, work_size
 from cdae_em.settings import DenoiseSettings
 
@@ -237,7 +238,7 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
     if not verdict.use_model:
         del final
         final = shared_work_array(work / "reference.npy", len(inputs), inputs.shape[-1])
-        run_block(KernelFilter(verdict.kernel), inputs, final, device, settings.batch_size,
+        inference.run_block(KernelFilter(verdict.kernel), inputs, final, device, settings.batch_size,
                   f"{verdict.reference}: filter", should_stop)
     peak_work = max(peak_work, work_size(out))
     summary["denoised_star"] = str(out / "denoised_particles.star")
