@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import starfile
 
@@ -33,24 +32,19 @@ def _cli(*args, log: Path | None = None) -> None:
         sys.exit(f"cdae-em {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr[-4000:]}")
 
 
-def _stack(star: Path) -> np.ndarray:
-    """The images of a STAR file's rows, in order (relative names resolved next to the STAR)."""
-    table = starfile.read(star, always_dict=True)["particles"]
-    out = []
-    for name in table["rlnImageName"]:
-        index, path = name.split("@")
-        path = Path(path) if Path(path).is_absolute() else star.parent / Path(path).name
-        if not path.exists():
-            path = star.parent / "denoised" / Path(path).name
-        with mrcfile.mmap(path, mode="r", permissive=True) as m:
-            out.append(np.array(m.data[int(index) - 1]))
-    return np.stack(out).astype(np.float64)
+def _stack(star: Path, project_dir: Path | None = None) -> np.ndarray:
+    """The images of a STAR file's rows, in order."""
+    from cdae_em.io.images import ImageSource
+
+    with ImageSource(star, project_dir=project_dir) as images:
+        return images.read(np.arange(len(images))).astype(np.float64)
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
-    b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
-    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    """Per-image correlation."""
+    from benchmarks.methods import standardise
+
+    return (standardise(a) * standardise(b)).mean(axis=(1, 2))
 
 
 def main(argv=None) -> int:
@@ -77,7 +71,7 @@ def main(argv=None) -> int:
              log=args.work / f"{name}.log")
         runs[name] = {"seconds": round(time.perf_counter() - t0, 1), "out": out,
                       "summary": json.loads((out / "summary.json").read_text())}
-    clean = _stack(sim / "truth.star")
+    clean = _stack(sim / "truth.star", sim)
     truth = starfile.read(sim / "truth.star", always_dict=True)["particles"]["rlnClassNumber"].to_numpy()
     den = {k: _stack(r["out"] / "denoised_particles.star") for k, r in runs.items()}
     if den["cpu"].shape[-1] != clean.shape[-1]:  # written at the working box: scored at the input's

@@ -118,10 +118,10 @@ class DenoiseSettings:
     contrast: str = option("auto", flags=("--contrast",), group="denoising", choices=("auto", "bright", "dark"),
                            kinds=(RUN, DENOISE),
                            help="protein bright (RELION extraction with inverted contrast) or dark (raw "
-                                "micrographs); auto picks the one the model explains better (estimated risk); "
+                                "micrographs); auto picks the one whose output correlates better with the clean images (estimated); "
                                 "the output keeps the input's contrast")
     check: bool = option(True, flags=("--check",), group="denoising", kinds=(RUN, DENOISE),
-                         help="check fine-tuning on held-out particles (estimated risk) and fall back to the "
+                         help="check fine-tuning on held-out particles (estimated correlation with the clean images) and fall back to the "
                               "pre-trained cascade where it did not help (the check against reference filters "
                               "runs either way, see --force-model)")
     force_model: bool = option(False, flags=("--force-model",), group="denoising", kinds=(RUN, DENOISE),

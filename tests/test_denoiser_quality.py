@@ -1,4 +1,4 @@
-"""What keeps the denoiser honest on particles unlike its training data: the self-check (risk estimate),
+"""What keeps the denoiser honest on particles unlike its training data: the self-check (estimated correlation),
 contrast polarity, the fallback when fine-tuning hurts, and the shipped weights on held-out
 realistic particles in both contrasts."""
 

@@ -6,8 +6,9 @@ contrast (bright or dark) the model explains better, and denoises every particle
 it first fine-tunes block 1, 2, 3 in turn on your particles (the paper's step) with targets = the
 mean of each particle's k nearest neighbours, found with rotation/shift-invariant features and
 aligned (in-plane rotation + shift) before averaging, and checks on held-out particles that
-fine-tuning helped (otherwise the pre-trained cascade's output is written). A self-check (Stein's
-unbiased risk estimate with the noise's covariance measured on the particles' background) then
+fine-tuning helped (otherwise the pre-trained cascade's output is written). A self-check (each output's
+correlation with the clean images, estimated by Stein's lemma with the noise's covariance measured
+on the particles' background) then
 compares the model with plain filters (ring mean, Gaussian blurs): where one of them does better,
 its output is written and classified instead, with a warning (--force-model keeps the model's).
 The denoised images keep the input's contrast and scale; --equalise writes them histogram-equalised.

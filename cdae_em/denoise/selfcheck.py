@@ -157,11 +157,10 @@ def estimate_noise(images: torch.Tensor) -> NoiseModel:
         d = float((rho * share).sum())
         rho = (measured * (1 - d) + d) * taper
     var = var / max(1 - d, 1e-3)
-    full = rho
     for dy in range(-reach, reach + 1):  # onto the box's own (wrapped) lag grid
         for dx in range(-reach, reach + 1):
             if dy * dy + dx * dx <= reach * reach:
-                corr[dy % box, dx % box] += full[dy % (2 * box), dx % (2 * box)]
+                corr[dy % box, dx % box] += rho[dy % (2 * box), dx % (2 * box)]
     corr[0, 0] = 1.0
     return NoiseModel(var, corr, False)
 
@@ -207,12 +206,9 @@ def score(denoise: Denoiser, images: torch.Tensor, seed: int = 0, batch_size: in
     return float(scores({"f": denoise}, images, None, seed, batch_size, should_stop)["f"].mean())
 
 
-def kernel_fn(kernel: torch.Tensor) -> Denoiser:
-    return lambda x: filter_images(x, kernel)
-
-
 class KernelFilter(torch.nn.Module):
-    """A reference filter as a module, so that it streams over work arrays as a cascade block does."""
+    """A reference filter as a module: a candidate of the self-check, and streamed over work arrays
+    as a cascade block is where the guard writes it."""
 
     def __init__(self, kernel: torch.Tensor):
         super().__init__()
@@ -321,7 +317,7 @@ def guard(model: Cascade, images: torch.Tensor, record: dict, noise: NoiseModel,
     particles (``images``, as the model sees them); record the scores and the decision in
     ``record`` and log it."""
     kernels = reference_kernels(device)
-    denoisers = {"model": cascade_fn(model, device, exact=True), **{k: kernel_fn(v) for k, v in kernels.items()}}
+    denoisers = {"model": cascade_fn(model, device, exact=True), **{k: KernelFilter(v) for k, v in kernels.items()}}
     per_image = scores(denoisers, images, noise, settings.seed, should_stop=should_stop)
     found = _means(per_image)
     best = max(kernels, key=lambda k: found[k])

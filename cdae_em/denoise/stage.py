@@ -239,7 +239,7 @@ def denoise(star: str | Path, out_dir: str | Path, settings: DenoiseSettings, de
         del final
         final = shared_work_array(work / "reference.npy", len(inputs), inputs.shape[-1])
         inference.run_block(KernelFilter(verdict.kernel), inputs, final, device, settings.batch_size,
-                  f"{verdict.reference}: filter", should_stop)
+                            f"{verdict.reference}: filter", should_stop)
     peak_work = max(peak_work, work_size(out))
     summary["denoised_star"] = str(out / "denoised_particles.star")
     summary["work_bytes"] = peak_work  # the largest .cdae_work measured (after each stage)
