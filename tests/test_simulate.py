@@ -218,3 +218,27 @@ def test_real_data_conditions_coloured_noise_bfactor_and_relion_normalisation(tm
     yy, xx = np.mgrid[:64, :64] - 32
     bg = np.hypot(yy, xx) > 0.75 * 32
     assert np.allclose(noisy[:, bg].mean(axis=1), 0, atol=1e-4) and np.allclose(noisy[:, bg].std(axis=1), 1, atol=1e-2)
+
+
+def test_junk_picks_are_named_in_the_truth_and_the_particles_drawn_as_without(tmp_path):
+    """--junk: ice, carbon edges, aggregates and fragments, equally often, named in cdaeTrueKind;
+    the particles among them are the same images as in a simulation without junk."""
+    common = ("--n", 200, "--views", 4, "--in-plane", "--box", 32, "--snr", 1.0, "--seed", 3)
+    assert run_cli("simulate", "--o", tmp_path / "junk", "--junk", 0.4, *common).returncode == 0
+    assert run_cli("simulate", "--o", tmp_path / "clean", *common).returncode == 0
+    truth = starfile.read(tmp_path / "junk" / "truth.star")["particles"]
+    kinds = truth["cdaeTrueKind"].value_counts()
+    assert set(kinds.index) == {"particle", "ice", "carbon", "aggregate", "fragment"}
+    assert 0.3 < 1 - kinds["particle"] / 200 < 0.5 and kinds.drop("particle").min() >= 10
+    assert (truth.loc[truth["cdaeTrueKind"] != "particle", "rlnClassNumber"] == 0).all()
+    particle = (truth["cdaeTrueKind"] == "particle").to_numpy()
+    junk_clean = mrcfile.read(tmp_path / "junk" / "clean.mrcs")
+    plain_clean = mrcfile.read(tmp_path / "clean" / "clean.mrcs")
+    assert np.allclose(junk_clean[particle], plain_clean[particle], atol=1e-5)
+    # fragments keep part of the particle; aggregates add partners beyond it
+    r = np.hypot(*(np.mgrid[:32, :32] - 16))
+    outer = lambda images: np.abs(images[:, r > 12]).mean()  # noqa: E731
+    aggregate = (truth["cdaeTrueKind"] == "aggregate").to_numpy()
+    assert outer(junk_clean[aggregate]) > 2 * outer(plain_clean[aggregate])
+    r2 = run_cli("simulate", "--o", tmp_path / "bad", "--junk", 1.5, *common)
+    assert r2.returncode != 0 and "--junk" in r2.stderr and "Traceback" not in r2.stderr

@@ -60,6 +60,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                            "frequency, neighbouring pixels correlated 0.2; default: %(default)s)")
     real.add_argument("--bfactor", type=float, default=0.0, metavar="A2",
                       help="B-factor damping the signal, A^2 (real data: 100-200; default: 0)")
+    real.add_argument("--junk", type=float, default=0.0, metavar="FRACTION",
+                      help="this fraction of the picks are junk: empty boxes of ice, carbon-film edges, aggregates "
+                           "and fragments, equally often (truth.star names each row's kind in cdaeTrueKind; "
+                           "default: 0)")
     real.add_argument("--normalise", action="store_true",
                       help="normalise each noisy image as RELION's Extract does (background mean 0, std 1)")
     parser.add_argument("--dark", action="store_true",
@@ -90,6 +94,8 @@ def main(args: argparse.Namespace) -> None:
         snrs = parse_snrs(args.snr_ladder) if args.snr_ladder else parse_snrs(str(args.snr))
     except ValueError as exc:
         raise InputError(None, f"--snr/--snr-ladder: {exc}") from None
+    if not 0 <= args.junk < 1:
+        raise InputError(None, f"--junk must be a fraction in [0, 1), got {args.junk}")
     if args.bfactor < 0:
         raise InputError(None, f"--bfactor must be at least 0, got {args.bfactor}")
     source = load_source(args.map, box=args.box, pixel_size=args.pixel_size, resolution=args.resolution)
@@ -109,6 +115,7 @@ def main(args: argparse.Namespace) -> None:
         noise=REAL_NOISE if args.noise == "coloured" else WHITE,
         bfactor=args.bfactor,
         normalise=args.normalise,
+        junk_fraction=args.junk,
         seed=args.seed,
         batch_size=args.batch_size,
     )
