@@ -23,6 +23,7 @@ COMMANDS = {
     "pretrain": "pretrain",
     "denoise": "denoise",
     "classify": "classify",
+    "select": "select",
     "evaluate": "evaluate",
 }
 

@@ -138,6 +138,11 @@ class DenoiseSettings:
                                      unset="auto: when every particle has CTF values and rlnCtfDataArePhaseFlipped "
                                            "is not 1",
                                      help="CTF phase-flip the particles before denoising and alignment")
+    # noise whitening before clustering and alignment (cdae_em.core.noise); the denoiser sees the
+    # particles as they are (whitening its input cost 0-0.4 dB: docs/notes.md)
+    whiten: bool = option(True, flags=("--whiten",), group="classification", kinds=(RUN, CLASSIFY), scipion="whiten",
+                          help="whiten the particles' noise (its spectrum measured on the background, per optics "
+                               "group) before clustering and alignment; the images written are not whitened")
     # the working scale: "auto" Fourier-crops particles larger than the weights were trained on
     # (the job decides ``box``); "native" keeps the particles' box; ``box`` overrides both
     scale: str = option("auto", flags=("--scale",), group="denoising", choices=("auto", "native"), kinds=(RUN, DENOISE),
@@ -219,6 +224,13 @@ class JobSettings:
     average_phase_flipped: bool | None = option(None, flags=("--average-phase-flipped",), group="classification",
                                                 kinds=(RUN,), unset="when the particles are phase-flipped",
                                                 help="class averages from CTF phase-flipped originals")
+    # automatic class selection (cdae_em.job.selection); not part of the signature: a rerun with
+    # another threshold resumes and selects again (as `cdae-em select` does)
+    select_threshold: float = option(0.3, flags=("--select-threshold",), group="classification", minimum=0,
+                                     metavar="X", kinds=(RUN, CLASSIFY), relion=("select_threshold",),
+                                     scipion="selectThreshold",
+                                     help="classes whose score (rlnClassScore, 0-1) is at least this are selected: "
+                                          "particles_selected.star and class_averages_selected.star")
     project_dir: str | None = option(None, flags=("--project-dir",), metavar="DIR", relion=(),
                                      unset="the working directory", help="directory that image paths are relative to")
     reference_map: str | None = option(None, flags=("--ref",), metavar="MAP", kinds=(RUN, DENOISE), relion=(),
@@ -254,7 +266,7 @@ class JobSettings:
         file counts by its path, size and modification time: a STAR file rewritten in place (new
         particles under the old name) is a different job, never resumed from stale stages."""
         d = dataclasses.asdict(self)
-        for key in ("gpu", "threads", "overwrite", "out_dir", "keep_work"):
+        for key in ("gpu", "threads", "overwrite", "out_dir", "keep_work", "select_threshold"):
             d.pop(key)
         particles = Path(self.particles).resolve()
         d["particles"] = str(particles)

@@ -4,7 +4,9 @@ Steps: convert the input SetOfParticles to a STAR file (``scipion_convert``), ru
 a subprocess (``<python> -m cdae_em run ...``, its log in the protocol's run log), then turn the
 job's output files into Scipion sets: ``outputParticles`` (the denoised
 particles), ``outputClasses`` (SetOfClasses2D of the input particles, each with its 2D alignment
-to its class; representative = class average) and ``outputAverages`` (SetOfAverages).
+to its class; representative = class average; the classes the automatic selection rejects are
+disabled), ``outputSelectedParticles`` (the selected classes' input particles, aligned; absent
+where no class was selected) and ``outputAverages`` (SetOfAverages).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ METHODS = list(setting("classify.method").option.choices)
 PHASE_FLIP = ["auto", "yes", "no"]  # the form's choices for a Yes / No / auto setting
 UNSET = {"maxShift": -1, "workingBox": 0}  # what the form holds where the setting is unset (None)
 JOB_DIR = "cdae"  # the job's output directory, under the protocol's extra/
+# the selected classes' input particles (where a class was selected): a second SetOfParticles,
+# so not in ``outputs`` (an Enum member of the same value would be an alias of outputParticles)
+SELECTED_OUTPUT = "outputSelectedParticles"
 MIN_CLASSES = 2  # the core refuses fewer
 
 
@@ -88,6 +93,11 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
                       display=params.EnumParam.DISPLAY_HLIST, label="Initial clustering")
         form.addParam("numberOfIterations", params.IntParam, **_tree("numberOfIterations"),
                       validators=[params.GE(0)], label="Alignment rounds")
+        form.addParam("selectThreshold", params.FloatParam, **_tree("selectThreshold"),
+                      validators=[params.Range(0, 1, "The class score lies between 0 and 1")],
+                      label="Select classes scoring at least")
+        form.addParam("whiten", params.BooleanParam, **_tree("whiten"), expertLevel=params.LEVEL_ADVANCED,
+                      label="Whiten the noise for alignment?")
         form.addParam("splitMerge", params.IntParam, **_tree("splitMerge"), validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="Merge-and-split moves")
         form.addParam("psiStep", params.FloatParam, **_tree("psiStep"), validators=[params.Positive],
@@ -174,7 +184,7 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
             index, path = convert.parse_image_name(row.rlnReferenceImage)
             path = convert.resolve_image_path(path, job, projectDir)
             classId = int(row.rlnClassNumber)
-            self._classInfo[classId] = (index, path, float(row.rlnClassDistribution))
+            self._classInfo[classId] = (index, path, float(row.rlnClassDistribution), float(row.rlnClassScore))
             average = Particle()
             average.setObjId(classId)
             average.setLocation(index, path)
@@ -204,12 +214,22 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         denoised.setIsPhaseFlipped(JobResult.load(job).phase_flipped or inputSet.isPhaseFlipped())
         denoised.copyItems(inputSet, updateItemCallback=self._updateDenoisedParticle)
 
-        self._defineOutputs(**{outputs.outputParticles.name: denoised,
-                               outputs.outputClasses.name: classes,
-                               outputs.outputAverages.name: averages})
+        defined = {outputs.outputParticles.name: denoised, outputs.outputClasses.name: classes,
+                   outputs.outputAverages.name: averages}
+        # the automatic selection: the selected classes' input particles, aligned to their class
+        selectedStar = self._getJobPath("particles_selected.star")
+        if os.path.exists(selectedStar):
+            self._selectedIds = {int(r.rlnImageId) for r in convert.read_star_rows(selectedStar)}
+            selected = self._createSetOfParticles(suffix="selected")
+            selected.copyInfo(inputSet)
+            selected.setAlignment2D()
+            selected.copyItems(inputSet, updateItemCallback=self._updateSelectedParticle)
+            defined[SELECTED_OUTPUT] = selected
+        self._defineOutputs(**defined)
         self._defineTransformRelation(self.inputParticles, denoised)  # same particles, denoised
-        for output in (classes, averages):
-            self._defineSourceRelation(self.inputParticles, output)
+        for name, output in defined.items():
+            if name != outputs.outputParticles.name:
+                self._defineSourceRelation(self.inputParticles, output)
 
     # --------------------------- callbacks -----------------------------------
     def _updateClassifiedParticle(self, item, row):
@@ -221,14 +241,22 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         item.setClassId(classId)
         convert.set_alignment_2d(item, psi, originX, originY, self._pixel)
 
+    def _updateSelectedParticle(self, item, row):
+        if item.getObjId() not in self._selectedIds:
+            item._appendItem = False
+            return
+        self._updateClassifiedParticle(item, row)
+
     def _updateClass(self, item):
         classId = item.getObjId()
         item.setAlignment2D()
         if classId in self._classInfo:
-            index, path, distribution = self._classInfo[classId]
+            index, path, distribution, score = self._classInfo[classId]
             item.getRepresentative().setLocation(index, path)
             item.getRepresentative().setSamplingRate(self._pixel)
             item._cdaeClassDistribution = Float(distribution)
+            item._cdaeClassScore = Float(score)  # rlnClassScore; classes below the threshold are disabled
+            item.setEnabled(score >= self.selectThreshold.get())
 
     def _updateDenoisedParticle(self, item, row):
         location = self._denoised.get(item.getObjId())

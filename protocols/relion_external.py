@@ -25,7 +25,8 @@ and these parameters filled in, for the GUI's Jobs / Load job settings.
 ``--in_3dref`` pre-trains the cascade on projections of that map before fine-tuning.
 
 Outputs in --o: the job's output contract (particles.star, denoised_particles.star + denoised/,
-class_averages.mrcs/.star, summary.json, gallery.png, status.json), plus run_it000_{optimiser,model,data}.star
+class_averages.mrcs/.star, the selected classes' particles_selected.star and
+class_averages_selected.star, summary.json, gallery.png, status.json), plus run_it000_{optimiser,model,data}.star
 and run_it000_classes.mrcs for Subset selection, RELION_OUTPUT_NODES.star, and one of
 RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED. Creating RELION_JOB_ABORT_NOW in --o (the GUI's
 "Abort running") stops the job within seconds. Rerunning the same command ("Continue") resumes
@@ -286,7 +287,7 @@ def _run(args: argparse.Namespace, out: Path, stop: StopCheck, t0: float) -> int
         write_classification_files(out, job, settings.n_classes, pixel, box, diameter, flipped,
                                    rf.star_version(flavour), HalfSetStats.from_json(result.half_sets),
                                    psi_step=settings.classify.psi_step)
-        nodes = rf.write_output_nodes(out, job, flavour)
+        nodes = rf.write_output_nodes(out, job, flavour, selected=(out / "particles_selected.star").exists())
         sizes = result.class_sizes
         log.info("done in %s: %d particles in %d classes%s", duration(time.monotonic() - t0),
                  result.particles, settings.n_classes, f" (sizes {sizes})" if sizes else "")

@@ -136,12 +136,14 @@ def remove_relion_files(out_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # RELION_OUTPUT_NODES.star
 # ------------------------------------------------------------------------------------------------
-def output_nodes(job: str, flavour: str) -> list[tuple[str, str | int]]:
+def output_nodes(job: str, flavour: str, selected: bool = False) -> list[tuple[str, str | int]]:
     """(node name, node type) for every output RELION should register; ``job`` is the --o
-    directory as RELION gave it (project-relative, ending in '/')."""
+    directory as RELION gave it (project-relative, ending in '/'); ``selected``: the job selected
+    classes (particles_selected.star, a particle set Class3D / Refine3D take)."""
     types = NODE_TYPES[flavour]
     nodes = [
         (job + "particles.star", types["class2d_particles"]),
+        *([(job + "particles_selected.star", types["particles"])] if selected else []),
         (job + "denoised_particles.star", types["particles"]),
         (job + f"{ROOT}_optimiser.star", types["optimiser"]),
         (job + "class_averages.star", types["class_averages"]),
@@ -151,11 +153,11 @@ def output_nodes(job: str, flavour: str) -> list[tuple[str, str | int]]:
     return nodes
 
 
-def write_output_nodes(out_dir: Path, job: str, flavour: str) -> list[tuple[str, str | int]]:
+def write_output_nodes(out_dir: Path, job: str, flavour: str, selected: bool = False) -> list[tuple[str, str | int]]:
     """RELION_OUTPUT_NODES.star, read by pipeliner.cpp ``PipeLine::getOutputNodesFromStarFile``:
     table ``output_nodes`` with ``_rlnPipeLineNodeName`` and ``_rlnPipeLineNodeTypeLabel`` (4.0.2,
     5.0.1) or the integer ``_rlnPipeLineNodeType`` (3.1.4)."""
-    nodes = output_nodes(job, flavour)
+    nodes = output_nodes(job, flavour, selected)
     column = "rlnPipeLineNodeType" if flavour == "3.1" else "rlnPipeLineNodeTypeLabel"
     rows = [{"rlnPipeLineNodeName": name, column: kind} for name, kind in nodes]
     write_relion_star(out_dir / OUTPUT_NODES, {"output_nodes": rows}, star_version(flavour))

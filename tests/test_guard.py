@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from conftest import run_cli
 
-from cdae_em.denoise.selfcheck import NoiseModel, estimate_noise, filter_images, reference_kernels, scores
+from cdae_em.core.noise import NoiseModel, estimate_noise
+from cdae_em.denoise.selfcheck import filter_images, reference_kernels, scores
 from cdae_em.simulate.realism import REAL_NOISE
 from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 

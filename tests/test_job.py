@@ -168,7 +168,7 @@ def test_run_job_returns_what_it_did(sim, small_weights, tmp_path):
     """The typed result: settings as the job ran them (phase flip decided), the files it wrote,
     class sizes; the same as a front end in another process loads from the job directory."""
     from cdae_em.job.result import CONTRACT as FILES
-    from cdae_em.job.result import JobResult
+    from cdae_em.job.result import SELECTION, JobResult
     from cdae_em.job.runner import run_job
     from cdae_em.settings import build
 
@@ -179,7 +179,8 @@ def test_run_job_returns_what_it_did(sim, small_weights, tmp_path):
     assert isinstance(result, JobResult)
     assert result.phase_flipped and result.averages_phase_flipped  # the particles have CTF values
     assert result.settings.classify == settings.classify and result.settings.denoise.weights == str(small_weights)
-    assert set(result.files) == set(FILES) and result.out_dir == tmp_path / "job"
+    # the selection's files where a class was selected (at SNR 0.5 every class of a view is)
+    assert set(result.files) == set(FILES) | set(SELECTION) and result.out_dir == tmp_path / "job"
     assert sum(result.class_sizes) == result.particles == 120 and result.box == 32
     assert "selfcheck" in result.denoise and result.timings["total"] > 0
     assert JobResult.load(tmp_path / "job") == result

@@ -179,12 +179,13 @@ def check_outputs(project: Path, flavour: str, K: int = 3) -> None:
 
     nodes = starfile.read(job / rf.OUTPUT_NODES, always_dict=True)["output_nodes"]
     text = (job / rf.OUTPUT_NODES).read_text()
+    selected = (job / "particles_selected.star").is_file()  # the automatic selection's particles
     if flavour == "3.1":
         assert "_rlnPipeLineNodeTypeLabel" not in text
         types = dict(zip(nodes["rlnPipeLineNodeName"], nodes["rlnPipeLineNodeType"]))
         assert types == {JOB + "particles.star": 3, JOB + "denoised_particles.star": 3,
                          JOB + "run_it000_optimiser.star": 9, JOB + "run_it000_model.star": 8,
-                         JOB + "class_averages.star": 5}
+                         JOB + "class_averages.star": 5, **({JOB + "particles_selected.star": 3} if selected else {})}
     else:
         assert "_rlnPipeLineNodeType " not in text
         types = dict(zip(nodes["rlnPipeLineNodeName"], nodes["rlnPipeLineNodeTypeLabel"]))
@@ -192,6 +193,8 @@ def check_outputs(project: Path, flavour: str, K: int = 3) -> None:
                "5": ("ParticleGroupMetadata", "OptimiserData", "Image2DGroupMetadata")}[flavour]
         assert types[JOB + "particles.star"] == f"{top[0]}.star.relion.class2d"
         assert types[JOB + "denoised_particles.star"] == f"{top[0]}.star.relion"
+        # a particle set Class3D / Refine3D take as input
+        assert types.get(JOB + "particles_selected.star") == (f"{top[0]}.star.relion" if selected else None)
         assert types[JOB + "run_it000_optimiser.star"].startswith(f"{top[1]}.star.relion")
         assert types[JOB + "run_it000_optimiser.star"].endswith("class2d")
         assert types[JOB + "class_averages.star"] == f"{top[2]}.star.relion.classaverages"

@@ -273,6 +273,8 @@ def test_run_creates_particles_classes_and_averages(project, data):
     with mrcfile.mmap(project_dir / path, mode="r") as mrc:
         assert mrc.data.shape[-2:] == (BOX, BOX) and index <= mrc.data.shape[0]
 
+    from emtable import Table
+
     classes = prot.outputClasses
     sizes = [cls.getSize() for cls in classes]
     assert 1 <= len(sizes) <= 3 and sum(sizes) == N_PARTICLES
@@ -289,12 +291,27 @@ def test_run_creates_particles_classes_and_averages(project, data):
             assert matrix.shape == (4, 4) and np.allclose(matrix[2, :3], [0, 0, 1])
             assert np.allclose(matrix[:2, :2] @ matrix[:2, :2].T, np.eye(2), atol=1e-5)
 
+    # the automatic selection: rejected classes disabled, the selected classes' particles a set of their own
+    scores = {int(r.rlnClassNumber): float(r.rlnClassScore)
+              for r in Table.iterRows(f"{prot._getExtraPath('cdae', 'class_averages.star')}")}
+    threshold = prot.selectThreshold.get()
+    for cls in classes.iterItems():
+        assert cls._cdaeClassScore.get() == pytest.approx(scores[cls.getObjId()])
+        assert cls.isEnabled() == (scores[cls.getObjId()] >= threshold)
+    chosen = {c for c, v in scores.items() if v >= threshold}
+    if chosen:
+        selected = prot.outputSelectedParticles
+        ids = {int(r.rlnImageId) for r in Table.iterRows(f"particles@{prot._getExtraPath('cdae', 'particles_selected.star')}")}
+        assert {p.getObjId() for p in selected.iterItems()} == ids
+        assert all(p.getClassId() in chosen and p.hasTransform() for p in selected.iterItems())
+    else:
+        assert not prot.hasAttribute("outputSelectedParticles")
+
     averages = prot.outputAverages
     assert averages.getSize() == 3
     assert averages.getSamplingRate() == pytest.approx(8.4)
 
     # the alignment matches particles.star (RELION psi / origin conventions, as scipion-em-relion reads them)
-    from emtable import Table
 
     star = {int(r.rlnImageId): r for r in Table.iterRows(f"particles@{prot._getExtraPath('cdae', 'particles.star')}")}
     particle = classes.getFirstItem().getFirstItem()

@@ -126,10 +126,14 @@ class CtfAmplitudes:
     For phase-flipped particles x = |CTF| * projection + noise: the classification weighs them by
     it again to compare them with CTF-free references (``cdae_em.core.align.align_to_references``).
     ``pixel_size`` (per particle or scalar) is that of the working box (after any resizing).
+    ``scale`` (filters (groups, box, box // 2 + 1), group of each particle) multiplies each
+    particle's |CTF| by its group's filter: another transfer function the particles went through
+    (a noise-whitening filter that differs between optics groups).
     """
 
-    def __init__(self, params: CtfParams, pixel_size: np.ndarray | float, box: int):
-        self.params, self.box = params, box
+    def __init__(self, params: CtfParams, pixel_size: np.ndarray | float, box: int,
+                 scale: tuple[torch.Tensor, np.ndarray] | None = None):
+        self.params, self.box, self.scale = params, box, scale
         self.pixel = np.broadcast_to(np.asarray(pixel_size, dtype=np.float64), (len(params),))
         self.shape = (len(params), box, box // 2 + 1)
 
@@ -140,4 +144,8 @@ class CtfAmplitudes:
         if isinstance(rows, slice):
             rows = np.arange(*rows.indices(len(self)))
         rows = np.atleast_1d(np.asarray(rows))
-        return ctf_2d(self.params.subset(rows), self.box, self.pixel[rows]).abs().numpy()
+        amplitude = ctf_2d(self.params.subset(rows), self.box, self.pixel[rows]).abs()
+        if self.scale is not None:
+            filters, group = self.scale
+            amplitude = amplitude * filters[torch.as_tensor(group[rows])]
+        return amplitude.numpy()

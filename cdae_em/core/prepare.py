@@ -1,6 +1,6 @@
 """What happens to the original particles before the model, and the alignment of the originals,
-see them: CTF phase flipping (decided per data set by ``resolve_phase_flip``) and Fourier
-cropping/padding to the working box."""
+see them: CTF phase flipping (decided per data set by ``resolve_phase_flip``), Fourier
+cropping/padding to the working box, and noise whitening (``measure_whitening``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cdae_em.core.ctf import CtfAmplitudes, CtfParams, ctf_2d, phase_flip
+from cdae_em.core.noise import Whitening, measure_whitening
 from cdae_em.errors import InputError
 from cdae_em.core.preprocess import equalise_histogram, fourier_resize, particle_mask, radial_mean_square
 from cdae_em.io.images import ImageSource
@@ -38,9 +39,12 @@ def resolve_phase_flip(table: ParticleTable, wanted: bool | None) -> bool:
 
 class BatchPreparer:
     """What happens to original particles before the model sees them: optional CTF phase flip,
-    then Fourier crop/pad to the working box. ``prepare(batch, rows)`` -> tensor on ``device``."""
+    then Fourier crop/pad to the working box, then optional noise whitening (``whitening``, measured
+    at the working box by ``whitening_of``). ``prepare(batch, rows)`` -> tensor on ``device``."""
 
-    def __init__(self, table: ParticleTable, settings: DenoiseSettings, box_in: int, device: torch.device):
+    def __init__(self, table: ParticleTable, settings: DenoiseSettings, box_in: int, device: torch.device,
+                 whitening: Whitening | None = None):
+        self.whitening = whitening
         per = table.per_particle()
         self.pixel = per["rlnImagePixelSize"].to_numpy()
         self.box_in, self.box, self.device = box_in, settings.box or box_in, device
@@ -55,9 +59,21 @@ class BatchPreparer:
         """|CTF| of the prepared (phase-flipped, resized) particles, or None without phase flipping."""
         if self.ctf is None:
             return None
-        return CtfAmplitudes(self.ctf, self.pixel * self.box_in / self.box, self.box)
+        scale = None
+        if self.whitening is not None and len(self.whitening.filters) > 1:
+            # groups whitened by different filters: their signal differs by each one's filter over
+            # the mean one, a transfer function like |CTF| that alignment must weigh them by
+            scale = (self.whitening.relative(), self.whitening.group)
+        return CtfAmplitudes(self.ctf, self.pixel * self.box_in / self.box, self.box, scale)
 
     def __call__(self, batch: np.ndarray, rows) -> torch.Tensor:
+        x = self.flip_and_resize(batch, rows)
+        if self.whitening is not None:
+            x = self.whitening.apply(x, rows)
+        return x
+
+    def flip_and_resize(self, batch: np.ndarray, rows) -> torch.Tensor:
+        """The batch phase-flipped and resized, not whitened (what the whitening is measured on)."""
         x = torch.from_numpy(np.asarray(batch, dtype=np.float32)).to(self.device)
         if self.box < self.box_in:
             # crop first: the flip keeps or negates each Fourier coefficient, and the cropped image
@@ -82,8 +98,10 @@ class Prepared:
     before clustering)."""
 
     def __init__(self, table: ParticleTable, box_in: int, prepare: DenoiseSettings | None = None, device=None,
-                 equalise_diameter: float | None = None):
-        self.preparer = None if prepare is None else BatchPreparer(table, prepare, box_in, device)
+                 equalise_diameter: float | None = None, whitening: Whitening | None = None):
+        self.preparer = None if prepare is None else BatchPreparer(table, prepare, box_in, device, whitening)
+        # images already at the working box (the denoised stacks): whitened here
+        self.whitening = whitening if prepare is None else None
         self.box = self.preparer.box if self.preparer is not None else box_in
         # |CTF| of phase-flipped images, for CTF-aware classification (None when not phase-flipped)
         self.ctf = None if self.preparer is None else self.preparer.amplitudes()
@@ -92,22 +110,62 @@ class Prepared:
     def __call__(self, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if self.preparer is not None:
             images = self.preparer(images, rows).cpu().numpy()
+        elif self.whitening is not None:
+            images = self.whitening.apply(torch.from_numpy(np.asarray(images, dtype=np.float32)), rows).numpy()
         if self.equalise_mask is not None:
             images = equalise_histogram(torch.from_numpy(np.asarray(images, dtype=np.float32)), self.equalise_mask).numpy()
         return images
 
 
 def prepared_images(source, project_dir: str | None, prepare: DenoiseSettings | None = None, device=None,
-                    equalise_diameter: float | None = None) -> ImageSource:
+                    equalise_diameter: float | None = None, whitening: Whitening | None = None) -> ImageSource:
     """The particles of ``source`` (a STAR file, table or stack) as an ``ImageSource`` whose
     ``[rows]`` are ``Prepared`` as asked; close it (or use ``with``)."""
     images = ImageSource(source, project_dir=project_dir)
     try:
-        images.transform = Prepared(images.table, images.box, prepare, device, equalise_diameter)
+        images.transform = Prepared(images.table, images.box, prepare, device, equalise_diameter, whitening)
     except BaseException:
         images.close()
         raise
     return images
+
+
+def whitening_of(table: ParticleTable, images: ImageSource, settings: DenoiseSettings,
+                 device: torch.device | None = None) -> Whitening | None:
+    """The noise whitening of these particles as ``settings`` prepare them (phase flip, working
+    box), per optics group; None where ``settings.whiten`` is off or the background is too small
+    to measure the noise (said in the log)."""
+    if not settings.whiten:
+        return None
+    preparer = BatchPreparer(table, settings, images.box, device or torch.device("cpu"))
+    groups = table.optics_rows() if table.optics is not None else np.zeros(len(table), dtype=np.int64)
+    return measure_whitening(groups, lambda rows: preparer.flip_and_resize(images.read(rows), rows).cpu(),
+                             preparer.box, where=str(table.path))
+
+
+def prepared_particles(source, project_dir: str | None, settings: DenoiseSettings, device=None) -> ImageSource:
+    """The original particles of ``source`` as the classification sees them: phase-flipped, at
+    the working box and whitened as ``settings`` say (``prepared_images``); the whitening is
+    ``.transform.preparer.whitening`` (the classification applies it to the denoised stacks too)."""
+    images = ImageSource(source, project_dir=project_dir)
+    try:
+        whitening = whitening_of(images.table, images, settings)
+        images.transform = Prepared(images.table, images.box, settings, device, whitening=whitening)
+    except BaseException:
+        images.close()
+        raise
+    return images
+
+
+def whitening_record(settings: DenoiseSettings, whitening: Whitening | None) -> dict:
+    """What summary.json says of the noise whitening: per optics group the noise measured, and
+    which images were whitened."""
+    if whitening is None:
+        return {"whitened": False, "why": "--no-whiten" if not settings.whiten else
+                "too little background to measure the noise's spectrum"}
+    return {"whitened": True, **whitening.record,
+            "domain": "clustering and alignment on whitened particles (originals and denoised alike); the "
+                      "denoised stacks and class averages written are not whitened"}
 
 
 #: the scale the shipped weights were trained at (their metadata says it for any weights file):

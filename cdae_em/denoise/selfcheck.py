@@ -15,9 +15,8 @@ correlation. It scores the very output the job writes, for any f, and with the n
 covariance it is not fooled by noise correlated between neighbouring pixels (a real detector's:
 0.2 on real particles), as a blind-spot check that hides single pixels was (docs/denoiser.md).
 
-The noise model comes from the particles themselves: each image's variance and the stack's
-correlation between pixels up to a quarter of the box apart, measured on the background, the pixels
-beyond ``BACKGROUND`` of the box radius (outside any particle the working scale lets through). A stack
+The noise model comes from the particles themselves (``cdae_em.core.noise.estimate_noise``): each
+image's variance and the stack's correlation between pixels, measured on the background. A stack
 with too little background for that falls back to white noise, and says so.
 
 Candidates: the model (in either contrast polarity, pre-trained or fine-tuned) and trivial
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cdae_em.core.preprocess import radius_grid
+from cdae_em.core.noise import NoiseModel, estimate_noise
 from cdae_em.denoise.train import autocast
 
 if TYPE_CHECKING:
@@ -53,9 +52,6 @@ log = logging.getLogger(__name__)
 
 Denoiser = Callable[[torch.Tensor], torch.Tensor]
 
-BACKGROUND = 0.46  # background: pixels beyond this fraction of the box (the box radius is 0.5)
-REACH = 0.25  # noise correlation measured up to this fraction of the box apart
-MIN_BACKGROUND_PAIRS = 2000  # fewer background pixel pairs at some lag: white noise assumed (SE of a correlation ~0.02)
 EPS = 1e-2  # Monte Carlo divergence step, in units of the noise standard deviation
 MARGIN_SE = 2.0  # the model loses where the best reference scores this many standard errors above it
 REFERENCE_SIGMAS = (0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # Gaussian blurs compared with the model, pixels
@@ -91,78 +87,6 @@ def filter_images(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     mode = "reflect" if half < min(images.shape[-2:]) else "replicate"
     padded = F.pad(images[:, None].float(), (half, half, half, half), mode=mode)
     return F.conv2d(padded, kernel[None, None].to(images.device))[:, 0]
-
-
-@dataclass
-class NoiseModel:
-    """Each checked image's noise variance and the stack's noise correlation between pixels
-    (``correlation``: (box, box), lag (dy, dx) at [dy % box, dx % box], 1 at lag 0), as measured
-    on the background."""
-
-    variance: torch.Tensor  # (n,)
-    correlation: torch.Tensor
-    white: bool  # assumed white (too little background to measure the correlation)
-
-    def probes(self, box: int, generator: torch.Generator, device) -> torch.Tensor:
-        """Noise of this covariance for each image (n, box, box): white noise filtered by the
-        square root of the power spectrum the correlation gives (clamped at 0)."""
-        white = torch.randn((len(self.variance), box, box), generator=generator).to(device)
-        if not self.white:
-            amplitude = torch.fft.rfft2(self.correlation).real.clamp_min(0).sqrt().to(device)
-            white = torch.fft.irfft2(torch.fft.rfft2(white) * amplitude, s=(box, box))
-        return white * self.variance.to(device).sqrt()[:, None, None]
-
-    def describe(self) -> dict:
-        c = self.correlation
-        return {"noise": "white (too little background to measure its correlation)" if self.white else "measured",
-                "neighbour_correlation": round(float(0.5 * (c[0, 1] + c[1, 0])), 4),
-                "next_neighbour_correlation": round(float(0.5 * (c[0, 2] + c[2, 0])), 4)}
-
-
-def estimate_noise(images: torch.Tensor) -> NoiseModel:
-    """The noise model of ``images`` (n, box, box) from their background (module docstring): the
-    background's autocorrelation at every lag up to a quarter of the box (FFT of the masked,
-    standardised images over the FFT of the mask, which counts the pixel pairs), tapered to zero
-    over the outer half of that reach; the spectrum it gives is clamped at zero."""
-    n, box = images.shape[0], images.shape[-1]
-    x = images.float().cpu()
-    mask = (radius_grid(box) > BACKGROUND * box).float()
-    count = mask.sum().clamp_min(1)
-    mean = (x * mask).sum((-2, -1)) / count  # the background's (a particle's own mean must not count as noise)
-    var = (((x - mean[:, None, None]) * mask) ** 2).sum((-2, -1)) / count
-    z = (x - mean[:, None, None]) / var.clamp_min(1e-12).sqrt()[:, None, None] * mask
-    big = (2 * box, 2 * box)  # zero-padded: no wrap-around pairs
-    products = torch.fft.irfft2((torch.fft.rfft2(z, s=big).abs() ** 2).sum(0), s=big)
-    pairs = torch.fft.irfft2(torch.fft.rfft2(mask, s=big).abs() ** 2, s=big) * n
-    reach = max(1, int(REACH * box))
-    lag = torch.fft.fftfreq(2 * box) * 2 * box
-    r = torch.sqrt(lag[:, None] ** 2 + lag[None, :] ** 2)
-    inside = r <= reach
-    white = bool(pairs[inside].min() < MIN_BACKGROUND_PAIRS) or box < 8
-    corr = torch.zeros(box, box)
-    if white:
-        corr[0, 0] = 1.0
-        return NoiseModel(var, corr, True)
-    # flat to half the reach, then a raised cosine to zero (a taper at short lags would bias the
-    # correlation wide filters sum over)
-    edge = ((r - reach / 2) / (reach / 2 + 1)).clamp(0, 1)
-    taper = torch.where(inside, 0.5 * (1 + torch.cos(math.pi * edge)), torch.zeros_like(r))
-    measured = products / pairs.clamp_min(1)
-    # each image's background mean was taken away, and with it the part of the noise that the whole
-    # background shares: measured = (rho - d) / (1 - d), d = sum over the background's pixel pairs
-    # of rho / pixels^2 (the region mean's variance). Solved for rho by a few fixed-point steps.
-    share = pairs / n / count**2
-    rho = measured * taper
-    for _ in range(3):
-        d = float((rho * share).sum())
-        rho = (measured * (1 - d) + d) * taper
-    var = var / max(1 - d, 1e-3)
-    for dy in range(-reach, reach + 1):  # onto the box's own (wrapped) lag grid
-        for dx in range(-reach, reach + 1):
-            if dy * dy + dx * dx <= reach * reach:
-                corr[dy % box, dx % box] += rho[dy % (2 * box), dx % (2 * box)]
-    corr[0, 0] = 1.0
-    return NoiseModel(var, corr, False)
 
 
 def _centred(x: torch.Tensor) -> torch.Tensor:

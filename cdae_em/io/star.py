@@ -180,6 +180,13 @@ class ParticleTable:
                              "cdae-em needs one pixel size for all particles", row=row + 1)
         return float(pixel[0])
 
+    def subset(self, keep: np.ndarray) -> ParticleTable:
+        """A copy with only the particle rows where ``keep`` (boolean, one per particle) is true;
+        every other block as it is."""
+        blocks = {k: (v.copy() if isinstance(v, pd.DataFrame) else dict(v)) for k, v in self.blocks.items()}
+        blocks[self.particles_key] = self.particles[np.asarray(keep, dtype=bool)].reset_index(drop=True)
+        return ParticleTable(self.path, blocks, self.particles_key, self.flavour, self.version_line)
+
     def with_columns(
         self,
         particles: Mapping[str, Any] | None = None,

@@ -22,6 +22,7 @@ from cdae_em.core.prepare import BatchPreparer
 from cdae_em.io.stacks import write_stack
 from cdae_em.io.images import ImageSource
 from cdae_em.io.star import ParticleTable, write_star
+from cdae_em.job.selection import class_scores, write_selection
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,10 @@ def original_class_averages(table: ParticleTable, images: ImageSource, labels: n
 
 def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray,
                   score: np.ndarray, references: np.ndarray, work_box: int, device: torch.device,
-                  should_stop: Callable[[], None] | None = None) -> dict:
-    """Write particles.star, class_averages.{mrcs,star}, class_averages_denoised.mrcs, gallery.png."""
+                  should_stop: Callable[[], None] | None = None, diameter_px: float | None = None) -> dict:
+    """Write particles.star, class_averages.{mrcs,star} (with each class's score), the selection
+    (particles_selected.star, class_averages_selected.star), class_averages_denoised.mrcs and
+    gallery.png. ``diameter_px``: the particle's diameter in the input's pixels, if known."""
     out = Path(settings.out_dir)
     k = settings.n_classes
     per = table.per_particle()
@@ -71,7 +74,9 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
     write_stack(out / "class_averages.mrcs", averages.astype(np.float32), pixel)
     write_stack(out / "class_averages_denoised.mrcs", references.astype(np.float32), pixel * scale)
 
-    updates = {"rlnClassNumber": labels + 1, "rlnAnglePsi": psi.astype(np.float64)}
+    # the fit of each particle to its class: normalised cross-correlation with the class reference
+    updates = {"rlnClassNumber": labels + 1, "rlnAnglePsi": psi.astype(np.float64),
+               "cdaeClassFit": np.round(score.astype(np.float64), 4)}
     if table.flavour == "3.1":
         updates["rlnOriginXAngst"] = origin_px[:, 0] * per["rlnImagePixelSize"].to_numpy()
         updates["rlnOriginYAngst"] = origin_px[:, 1] * per["rlnImagePixelSize"].to_numpy()
@@ -82,13 +87,18 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
     import pandas as pd
 
     avg_name = star_path_name(out / "class_averages.mrcs")
+    if diameter_px is None and settings.denoise.mask_diameter:
+        diameter_px = settings.denoise.mask_diameter / pixel
+    class_score, score_parts = class_scores(averages, stats.ssnr, counts, diameter_px)
     classes = pd.DataFrame({
         "rlnReferenceImage": [f"{i:06d}@{avg_name}" for i in range(1, k + 1)],
         "rlnClassNumber": np.arange(1, k + 1),
         "rlnClassDistribution": counts / counts.sum(),
         "cdaeParticleCount": counts,
+        "rlnClassScore": np.round(class_score, 4),
     })
     _write_table(classes, out / "class_averages.star")
+    selection = write_selection(out, settings.select_threshold)
     agreement = None
     if (out / "denoised_particles.star").exists():
         from cdae_em.core.prepare import prepared_images
@@ -102,6 +112,7 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
             agreement=None if agreement is None else np.asarray(agreement["per_class"]))
     log.info("class sizes: %s", counts.tolist())
     return {"class_sizes": counts.tolist(), "box": int(box), "pixel_size": pixel,
+            "class_scores": {"score": np.round(class_score, 4).tolist(), **score_parts}, "selection": selection,
             "mean_alignment_score": float(score.mean()), "half_sets": stats.to_json(),
             **({"denoised_agreement": agreement} if agreement is not None else {})}
 

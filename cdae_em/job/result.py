@@ -16,6 +16,8 @@ SUMMARY = "summary.json"
 # the output contract: nothing partial is ever left under these names
 CONTRACT = ("particles.star", "denoised_particles.star", "class_averages.mrcs", "class_averages.star",
             "summary.json", "gallery.png")
+# the automatic class selection's files: written where some class is selected (same guarantee)
+SELECTION = ("particles_selected.star", "class_averages_selected.star")
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class JobResult:
     @property
     def files(self) -> dict[str, Path]:
         """The output contract's files this job wrote, by name."""
-        return {name: self.out_dir / name for name in CONTRACT if (self.out_dir / name).exists()}
+        return {name: self.out_dir / name for name in CONTRACT + SELECTION if (self.out_dir / name).exists()}
 
     @classmethod
     def from_summary(cls, summary: dict, out_dir: str | Path) -> JobResult:

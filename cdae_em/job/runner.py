@@ -5,11 +5,12 @@ contract (the README's table) into ``out_dir``:
 
 | file | what |
 |---|---|
-| particles.star | every input row/block kept, plus rlnClassNumber (1..K), rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst (alignment to the class average, RELION conventions); images = the original particles |
+| particles.star | every input row/block kept, plus rlnClassNumber (1..K), rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst (alignment to the class average, RELION conventions), cdaeClassFit (normalised cross-correlation with the class reference); images = the original particles |
 | denoised_particles.star | same rows; rlnImageName -> denoised stacks, rlnImageOriginalName -> input image |
 | denoised/*.mrcs | denoised images, float32, voxel size set |
 | class_averages.mrcs | K aligned averages of the original particles (class k at index k, classes by size) |
-| class_averages.star | one row per class: rlnReferenceImage (k@class_averages.mrcs), rlnClassNumber, rlnClassDistribution, cdaeParticleCount |
+| class_averages.star | one row per class: rlnReferenceImage (k@class_averages.mrcs), rlnClassNumber, rlnClassDistribution, cdaeParticleCount, rlnClassScore (``cdae_em.job.selection``) |
+| particles_selected.star, class_averages_selected.star | the classes scoring at least ``--select-threshold``: their particles (as particles.star) and rows (none written where no class does) |
 | class_averages_denoised.mrcs | the same classes averaged from the denoised particles |
 | summary.json, gallery.png | settings, timings, losses, class sizes, half-set FRC/SSNR per class; averages and raw/denoised pairs |
 | status.json | stage, counts, ETA, and the error of a failed run, updated as the job runs (``cdae_em.runtime.progress``) |
@@ -39,7 +40,7 @@ from cdae_em.io.images import ImageSource
 from cdae_em.io.atomic_write import write_text as atomic_text
 from cdae_em.runtime.workarrays import WORK_DIR, remove_work
 from cdae_em.errors import InputError, OutputError, ResourceError, resource_errors
-from cdae_em.job.result import CONTRACT, SUMMARY, JobResult
+from cdae_em.job.result import CONTRACT, SELECTION, SUMMARY, JobResult
 from cdae_em.job.lock import LOCK_FILE, job_lock, make_out_dir, refuse_if_locked  # noqa: F401 (re-exported)
 from cdae_em.runtime.progress import JobProgress, ProgressCallback, tracking
 from cdae_em.settings import JobSettings, bound_problem, get, settings_tree  # noqa: F401 (JobSettings re-exported)
@@ -63,7 +64,7 @@ def prepare_output(settings: JobSettings) -> Path:
             raise OutputError(f"{out}: holds the outputs of a different job; choose another output "
                               "directory or pass --overwrite")
         log.warning("overwriting the earlier job in %s", out)
-        for name in CONTRACT:
+        for name in CONTRACT + SELECTION:
             (out / name).unlink(missing_ok=True)
         for name in ("denoised", JOB_DIR, WORK_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
@@ -87,6 +88,9 @@ def check_settings(settings: JobSettings) -> None:
             raise InputError(None, f"{o.name} {value}: {bound_problem(o.minimum, o.above, value)}")
         if o.choices and value not in o.choices:
             raise InputError(None, f"{o.name} {value}: expected {' or '.join(o.choices)}")
+    from cdae_em.job.selection import check_threshold
+
+    check_threshold(settings.select_threshold)
     if settings.stages not in ("all", "denoise", "classify"):
         raise InputError(None, f"stages {settings.stages!r}: expected all, denoise or classify")
 
@@ -183,8 +187,9 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
         from cdae_em.job.outputs import write_outputs
 
         # one rank writes the outputs (not sharded: one pass over the originals)
+        diameter = (summary.get("working_scale") or {}).get("particle_diameter_px")
         summary.update(distributed.on_main(write_outputs, settings, table, labels, psi, origin, score, refs, box,
-                                           device, should_stop))
+                                           device, should_stop, diameter))
         timings["outputs"] = round(time.perf_counter() - t, 2)
     summary["timings"] = {**timings, "total": round(time.perf_counter() - t0, 2)}
     if part.size > 1:
@@ -289,7 +294,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
     score, references and the box the origins are in."""
     from cdae_em.classify.stage import classify
     from cdae_em.core.averages import class_means
-    from cdae_em.core.prepare import prepared_images
+    from cdae_em.core.prepare import prepared_images, prepared_particles, whitening_record
 
     out = Path(settings.out_dir)
     progress.stage(2, "classify")
@@ -298,6 +303,8 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
         saved = np.load(result_file)
         labels, psi, origin, score, refs = (saved[k] for k in ("labels", "psi", "origin", "score", "references"))
         summary["classify"] = json.loads(str(saved["history"]))
+        if "whitening" in saved.files:  # (classes saved by an earlier version have no record)
+            summary["whitening"] = json.loads(str(saved["whitening"]))
         log.info("stage 2/3 classify: already done (resuming)")
         return labels, psi, origin, score, refs, int(saved["box"])
     log.info("stage 2/3 classify: K=%d by %s", settings.n_classes, settings.classify.method)
@@ -305,8 +312,8 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
     cs = settings.classify
     work = out / WORK_DIR  # the invariant features' work array (memory-mapped, removed after use)
     if settings.stages == "classify":
-        prepare = settings.denoise if settings.denoise.phase_flip else None
-        with prepared_images(Path(settings.particles), settings.project_dir, prepare=prepare, device=device) as images:
+        with prepared_particles(Path(settings.particles), settings.project_dir, settings.denoise, device) as images:
+            whitening = images.transform.preparer.whitening
             result = classify(images, cs, device, should_stop, work=work, ctf=images.ctf)
             box = images.shape[-1]
         refs = result.references
@@ -315,29 +322,32 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
         diameter = None
         if not settings.denoise.equalise:
             diameter = 0.0 if settings.denoise.mask_diameter is None else settings.denoise.mask_diameter / _pixel_size(out)
-        with prepared_images(out / "denoised_particles.star", settings.project_dir, equalise_diameter=diameter) as denoised:
+        # the (phase-flipped, resized, whitened) originals keep the detail alignment needs; the
+        # denoised particles are whitened by the same filter for clustering (docs/notes.md)
+        with prepared_particles(Path(settings.particles), settings.project_dir, settings.denoise, device) as originals, \
+                prepared_images(out / "denoised_particles.star", settings.project_dir, equalise_diameter=diameter,
+                                whitening=originals.transform.preparer.whitening) as denoised:
+            whitening = originals.transform.preparer.whitening
             box = denoised.shape[-1]
             if settings.align_on == "denoised":
                 result = classify(denoised, cs, device, should_stop, work=work)
             else:
                 # Initial classes from the denoised particles' invariant features, then the
-                # alignment rounds on the (phase-flipped, resized) originals, which keep the detail
-                # alignment needs.
+                # alignment rounds on the originals
                 init = classify(denoised, replace(cs, n_iter=0), device, should_stop,
                                 work=work).labels
-                with prepared_images(Path(settings.particles), settings.project_dir, prepare=settings.denoise,
-                                device=device) as originals:
-                    result = classify(originals, cs, device, should_stop, initial_labels=init, work=work, ctf=originals.ctf)
+                result = classify(originals, cs, device, should_stop, initial_labels=init, work=work, ctf=originals.ctf)
             refs, _ = class_means(denoised, result.labels, result.psi, result.origin, settings.n_classes, device,
                                   cs.batch_size)
     labels, psi, origin, score = result.labels, result.psi, result.origin, result.score
     summary["classify"] = result.history
+    summary["whitening"] = whitening_record(settings.denoise, whitening)
     if distributed.world().main and not settings.keep_work:
         remove_work(out)
     if distributed.world().main:
         with atomic_path(result_file) as tmp, open(tmp, "wb") as f:
             np.savez(f, labels=labels, psi=psi, origin=origin, score=score, references=refs, box=box,
-                     history=json.dumps(result.history))
+                     history=json.dumps(result.history), whitening=json.dumps(summary["whitening"]))
     timings["classify"] = round(time.perf_counter() - t, 2)
     return labels, psi, origin, score, refs, box
 

@@ -1,0 +1,35 @@
+"""Select classes again, with another threshold, without rerunning the job.
+
+Reads --job/class_averages.star (each class's rlnClassScore) and --job/particles.star, and
+rewrites --job/particles_selected.star and class_averages_selected.star with the classes
+scoring at least --threshold (0-1). The score's recipe: ``cdae_em.job.selection``.
+
+example:
+  cdae-em select --job CDAE/job001 --threshold 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from cdae_em.commands.common import bounded
+
+log = logging.getLogger(__name__)
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    from cdae_em.settings import setting
+
+    parser.add_argument("--job", required=True, metavar="DIR",
+                        help="output directory of a finished `cdae-em run` or `cdae-em classify`")
+    parser.add_argument("--threshold", type=bounded(float, 0.0), default=setting("select_threshold").default,
+                        metavar="X", help="select the classes scoring at least this (0-1; default: %(default)s)")
+
+
+def main(args: argparse.Namespace) -> None:
+    from cdae_em.job.lock import refuse_if_locked
+    from cdae_em.job.selection import write_selection
+
+    refuse_if_locked(args.job)
+    write_selection(args.job, args.threshold)
