@@ -28,9 +28,11 @@ def raw_denoised_pairs(denoised_star: Path, original_star: str | Path, project_d
 
 
 def gallery(path: Path, averages: np.ndarray | None, counts: np.ndarray | None,
-            pairs: list[tuple[np.ndarray, np.ndarray]], agreement: np.ndarray | None = None) -> None:
-    """Write a PNG: class averages titled with their particle counts (if given) and the agreement
-    of their denoised particles (``cdae_em.core.quality``; red when low), then the pairs."""
+            pairs: list[tuple[np.ndarray, np.ndarray]], agreement: np.ndarray | None = None,
+            selected: np.ndarray | None = None, scores: np.ndarray | None = None) -> None:
+    """Write a PNG: class averages titled with their particle counts (if given), class scores
+    and the agreement of their denoised particles (``cdae_em.core.quality``; red when low), framed
+    in green where ``selected`` (the automatic class selection), then the pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,13 +48,20 @@ def gallery(path: Path, averages: np.ndarray | None, counts: np.ndarray | None,
     for i in range(k):
         ax = axes[i // cols, i % cols]
         ax.imshow(averages[i], cmap="gray")
+        head = f"class {i + 1}: {counts[i]}" + ("" if scores is None else f", score {scores[i]:.2f}")
         if agreement is None:
-            ax.set_title(f"class {i + 1}: {counts[i]}", fontsize=8)
+            ax.set_title(head, fontsize=8 if scores is None else 7)
         else:
             from cdae_em.core.quality import LOW_AGREEMENT
 
-            ax.set_title(f"class {i + 1}: {counts[i]}\ndenoised r={agreement[i]:.2f}", fontsize=7,
+            ax.set_title(f"{head}\ndenoised r={agreement[i]:.2f}", fontsize=7,
                          color="red" if agreement[i] < LOW_AGREEMENT else "black")
+        if selected is not None and selected[i]:
+            ax.axis("on")
+            ax.set_xticks([]), ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_color("limegreen")
+                side.set_linewidth(3)
     for j, (raw, den) in enumerate(pairs):
         axes[rows, j].imshow(raw, cmap="gray")
         axes[rows, j].set_title("raw" if j == 0 else "", fontsize=8)

@@ -109,7 +109,8 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
         agreement = agreement_summary(per_class, counts)
     pairs = raw_denoised_pairs(out / "denoised_particles.star", settings.particles, settings.project_dir)
     gallery(out / "gallery.png", averages, counts, pairs,
-            agreement=None if agreement is None else np.asarray(agreement["per_class"]))
+            agreement=None if agreement is None else np.asarray(agreement["per_class"]),
+            selected=np.isin(np.arange(1, k + 1), selection["classes"]), scores=class_score)
     log.info("class sizes: %s", counts.tolist())
     return {"class_sizes": counts.tolist(), "box": int(box), "pixel_size": pixel,
             "class_scores": {"score": np.round(class_score, 4).tolist(), **score_parts}, "selection": selection,
