@@ -13,8 +13,9 @@ protein of the default weights, not held out); the others are the held-out bench
 Scores (truth.star's cdaeTrueKind): junk recall (junk picks not selected, over all junk picks),
 good kept (true particles selected, over all of them), selection precision (true particles among
 the selected), the purity of the selected true particles' classes (the share of each class's most
-common true view, over the selected true particles), and the fraction of junk in majority-junk classes (the rule the issue's RELION
-figures used). RELION Class2D is not run here yet.
+common true view, over the selected true particles), and the fraction of junk in majority-junk
+classes (a class counted as junk when most of its members are junk). RELION Class2D is not run
+here yet.
 """
 
 from __future__ import annotations
