@@ -39,6 +39,7 @@ class Option:
     group: str = "job"  # help section: "classification", "denoising" or "job"
     minimum: float | None = None  # smallest value allowed
     above: bool = False  # the minimum itself is not allowed (a positive number)
+    maximum: float | None = None  # largest value allowed
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
     unset: str = ""  # what no value (None) means, for the help: "the particles' box"
@@ -52,6 +53,10 @@ class Option:
     @property
     def name(self) -> str:
         return self.flags[0]
+
+    def bound_problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` for this option's bounds, or None."""
+        return bound_problem(value, self.minimum, self.above, self.maximum)
 
     @property
     def relion_labels(self) -> tuple[str, ...]:
@@ -227,7 +232,7 @@ class JobSettings:
     # automatic class selection (cdae_em.job.selection); not part of the signature: a rerun with
     # another threshold resumes and selects again (as `cdae-em select` does)
     select_threshold: float = option(0.3, flags=("--select-threshold",), group="classification", minimum=0,
-                                     metavar="X", kinds=(RUN, CLASSIFY), relion=("select_threshold",),
+                                     maximum=1, metavar="X", kinds=(RUN, CLASSIFY), relion=("select_threshold",),
                                      scipion="selectThreshold",
                                      help="classes whose score (rlnClassScore, 0-1) is at least this are selected: "
                                           "particles_selected.star and class_averages_selected.star")
@@ -276,13 +281,17 @@ class JobSettings:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def bound_problem(minimum: float, above: bool, value: Any) -> str:
-    """What is wrong with ``value`` for an option bounded by ``minimum``."""
-    if above and minimum == 0:
-        return f"must be positive, got {value}"
-    if not above and minimum == 0:
-        return f"must be 0 or more, got {value}"
-    return f"must be {'more than' if above else 'at least'} {minimum:g}, got {value}"
+def bound_problem(value: Any, minimum: float | None = None, above: bool = False,
+                  maximum: float | None = None) -> str | None:
+    """What is wrong with ``value`` for the bounds ``minimum`` (excluded with ``above``) and
+    ``maximum``, or None where it lies within them."""
+    if minimum is not None and (value <= minimum if above else value < minimum):
+        if minimum == 0:
+            return f"must be {'positive' if above else '0 or more'}, got {value}"
+        return f"must be {'more than' if above else 'at least'} {minimum:g}, got {value}"
+    if maximum is not None and value > maximum:
+        return f"must be at most {maximum:g}, got {value}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------

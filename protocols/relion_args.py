@@ -77,7 +77,7 @@ def _converter(s: Setting) -> Callable[[str], Any]:
     if s.type is bool:
         return yes_no
     if s.type in (int, float):
-        return bounded(s.type, s.option.minimum, s.option.above)
+        return bounded(s.type, s.option.minimum, s.option.above, s.option.maximum)
     return s.type
 
 

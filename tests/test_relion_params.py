@@ -88,13 +88,16 @@ def test_every_run_option_is_a_relion_parameter():
             assert not s.option.relion_labels
             continue
         label = s.option.relion_labels[0]
-        value = {bool: "Yes", int: "9", float: "2.5", str: (s.option.choices or ("x.pt",))[-1]}[s.type]
+        real = "0.5" if s.option.maximum is not None and s.option.maximum < 2.5 else "2.5"  # within its bounds
+        value = {bool: "Yes", int: "9", float: real, str: (s.option.choices or ("x.pt",))[-1]}[s.type]
         args, unknown = rx.build_parser().parse_known_args(base + [f"--{label}", value])
         assert unknown == []
-        expected = {"Yes": True, "9": 9, "2.5": 2.5}.get(value, value)
+        expected = {"Yes": True, "9": 9, "2.5": 2.5, "0.5": 0.5}.get(value, value)
         assert get(rx.job_settings(args), s.path) == expected, s.path
     with pytest.raises(rx.ArgumentError, match="finetune_subset.*at least 1"):
         rx.build_parser().parse_known_args(base + ["--finetune_subset", "0"])
+    with pytest.raises(rx.ArgumentError, match="select_threshold.*at most 1"):
+        rx.build_parser().parse_known_args(base + ["--select_threshold", "2"])
     with pytest.raises(rx.ArgumentError, match="expected kmeans or hierarchical"):
         rx.build_parser().parse_known_args(base + ["--method", "pca"])
 

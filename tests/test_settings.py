@@ -66,6 +66,7 @@ def test_switches_and_auto():
 @pytest.mark.parametrize("flag, value, problem", [("--psi-step", "0", "must be positive, got 0.0"),
                                                   ("--iter", "-1", "must be 0 or more, got -1"),
                                                   ("--box", "4", "must be at least 8, got 4"),
+                                                  ("--select-threshold", "1.5", "must be at most 1, got 1.5"),
                                                   ("--method", "pca", "invalid choice: 'pca'")])
 def test_bounds_and_choices_are_usage_errors(flag, value, problem, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -11,17 +11,19 @@ from cdae_em.settings import bound_problem, setting
 log = logging.getLogger(__name__)
 
 
-def bounded(kind: type, minimum: float | None = None, above: bool = False) -> Callable[[str], Any]:
+def bounded(kind: type, minimum: float | None = None, above: bool = False,
+            maximum: float | None = None) -> Callable[[str], Any]:
     """A value parser for ``kind`` (int or float) that refuses values below ``minimum`` (or equal
-    to it, with ``above``) with a message naming the bound."""
+    to it, with ``above``) or above ``maximum`` with a message naming the bound."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             what = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if minimum is not None and (value <= minimum if above else value < minimum):
-            raise argparse.ArgumentTypeError(bound_problem(minimum, above, value))
+        problem = bound_problem(value, minimum, above, maximum)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
     parse.__name__ = kind.__name__
     return parse

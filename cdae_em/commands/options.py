@@ -11,7 +11,7 @@ from cdae_em.settings import JobSettings, Setting, build, settings_tree
 
 def value_parser(s: Setting) -> Callable[[str], Any]:
     if s.type in (int, float):
-        return bounded(s.type, s.option.minimum, s.option.above)
+        return bounded(s.type, s.option.minimum, s.option.above, s.option.maximum)
     return s.type
 
 

@@ -24,8 +24,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--job", required=True, metavar="DIR",
                         help="output directory of a finished `cdae-em run` or `cdae-em classify`")
-    parser.add_argument("--threshold", type=bounded(float, 0.0), default=setting("select_threshold").default,
-                        metavar="X", help="select the classes scoring at least this (0-1; default: %(default)s)")
+    threshold = setting("select_threshold")
+    parser.add_argument("--threshold", type=bounded(float, threshold.option.minimum, maximum=threshold.option.maximum),
+                        default=threshold.default, metavar="X",
+                        help="select the classes scoring at least this (0-1; default: %(default)s)")
 
 
 def main(args: argparse.Namespace) -> None:

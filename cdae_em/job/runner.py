@@ -43,7 +43,7 @@ from cdae_em.errors import InputError, OutputError, ResourceError, resource_erro
 from cdae_em.job.result import CONTRACT, SELECTION, SUMMARY, JobResult
 from cdae_em.job.lock import LOCK_FILE, job_lock, make_out_dir, refuse_if_locked  # noqa: F401 (re-exported)
 from cdae_em.runtime.progress import JobProgress, ProgressCallback, tracking
-from cdae_em.settings import JobSettings, bound_problem, get, settings_tree  # noqa: F401 (JobSettings re-exported)
+from cdae_em.settings import JobSettings, get, settings_tree  # noqa: F401 (JobSettings re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,11 @@ def check_settings(settings: JobSettings) -> None:
         value, o = get(settings, s.path), s.option
         if value is None:
             continue
-        if o.minimum is not None and (value <= o.minimum if o.above else value < o.minimum):
-            raise InputError(None, f"{o.name} {value}: {bound_problem(o.minimum, o.above, value)}")
+        problem = o.bound_problem(value)
+        if problem:
+            raise InputError(None, f"{o.name} {value}: {problem}")
         if o.choices and value not in o.choices:
             raise InputError(None, f"{o.name} {value}: expected {' or '.join(o.choices)}")
-    from cdae_em.job.selection import check_threshold
-
-    check_threshold(settings.select_threshold)
     if settings.stages not in ("all", "denoise", "classify"):
         raise InputError(None, f"stages {settings.stages!r}: expected all, denoise or classify")
 
