@@ -152,9 +152,9 @@ def test_odd_but_valid_inputs_run_cleanly(case, sim, small_weights, tmp_path, ca
         flat = table.particles.drop(columns="rlnOpticsGroup").assign(
             rlnImagePixelSize=per["rlnImagePixelSize"], rlnVoltage=per["rlnVoltage"],
             rlnSphericalAberration=per["rlnSphericalAberration"], rlnAmplitudeContrast=per["rlnAmplitudeContrast"])
-        from cdae_em.io.star import ParticleTable
+        from cdae_em.io.star import write_table
 
-        write_star(ParticleTable(path=None, blocks={"": flat}, particles_key="", flavour="3.0"), star)
+        write_table(flat, star)
     elif case == "int16_stack":
         data = mrcfile.read(tmp_path / "in" / "particles.mrcs")
         with mrcfile.new(tmp_path / "in" / "particles.mrcs", data=np.round(data * 1000).astype(np.int16),

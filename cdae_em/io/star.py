@@ -311,6 +311,11 @@ def write_star(table: ParticleTable, path: str | Path) -> None:
     log.debug("wrote %d particles to %s", len(table), path)
 
 
+def write_table(df: pd.DataFrame, path: str | Path) -> None:
+    """A one-table STAR file (``data_``), written atomically (class lists and the like)."""
+    write_star(ParticleTable(path=None, blocks={"": df}, particles_key="", flavour="3.0"), path)
+
+
 def star_text(blocks: Mapping[str, pd.DataFrame | dict], version_line: str | None = None) -> str:
     """STAR text of ``blocks`` (name without ``data_`` -> table, or -> {label: value}), each block
     preceded by ``version_line`` (e.g. "# version 50001") when given, as RELION writes them."""

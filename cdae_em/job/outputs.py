@@ -21,7 +21,7 @@ from cdae_em.settings import DenoiseSettings
 from cdae_em.core.prepare import BatchPreparer
 from cdae_em.io.stacks import write_stack
 from cdae_em.io.images import ImageSource
-from cdae_em.io.star import ParticleTable, write_star
+from cdae_em.io.star import ParticleTable, write_star, write_table
 from cdae_em.job.selection import class_scores, write_selection
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
         "cdaeParticleCount": counts,
         "rlnClassScore": np.round(class_score, 4),
     })
-    _write_table(classes, out / "class_averages.star")
+    write_table(classes, out / "class_averages.star")
     selection = write_selection(out, settings.select_threshold)
     agreement = None
     if (out / "denoised_particles.star").exists():
@@ -116,8 +116,3 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
             "class_scores": {"score": np.round(class_score, 4).tolist(), **score_parts}, "selection": selection,
             "mean_alignment_score": float(score.mean()), "half_sets": stats.to_json(),
             **({"denoised_agreement": agreement} if agreement is not None else {})}
-
-
-def _write_table(df, path: Path) -> None:
-    """A one-table STAR file (data_), written atomically with the project's STAR writer."""
-    write_star(ParticleTable(path=None, blocks={"": df}, particles_key="", flavour="3.0"), path)

@@ -29,15 +29,14 @@ import numpy as np
 import starfile
 
 from cdae_em.errors import InputError
-from cdae_em.io.star import ParticleTable, read_particles, write_star
+from cdae_em.io.star import read_particles, write_star, write_table
 from cdae_em.job.result import SELECTION
 from cdae_em.settings import setting
 
 log = logging.getLogger(__name__)
 
 SELECTED_PARTICLES, SELECTED_CLASSES = SELECTION
-# chosen on labelled junk stacks of the (not held-out) default map: docs/selection.md
-DEFAULT_THRESHOLD = setting("select_threshold").default
+THRESHOLD = setting("select_threshold")  # its default chosen on the (not held-out) default map: docs/selection.md
 MIN_SHARE = 0.01  # classes smaller than this share of the particles never set the best consistency
 MARGIN_PX = 2.0  # the particle's extent: its diameter plus this margin on each side
 FIT_Z = -2.0  # particles of a selected class fitting it worse than this (robust z of cdaeClassFit) are left out
@@ -67,17 +66,13 @@ def class_scores(averages: np.ndarray, ssnr: np.ndarray, counts: np.ndarray,
     return score, parts
 
 
-def check_threshold(threshold: float) -> None:
-    """Refuse a threshold no class score can be compared with (scores lie in [0, 1])."""
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError(None, f"--select-threshold {threshold}: expected a class score between 0 and 1")
-
-
-def write_selection(out_dir: str | Path, threshold: float = DEFAULT_THRESHOLD) -> dict:
+def write_selection(out_dir: str | Path, threshold: float = THRESHOLD.default) -> dict:
     """From a finished job's particles.star and class_averages.star (with rlnClassScore): the
     classes scoring at least ``threshold``, written as particles_selected.star and
     class_averages_selected.star (atomically); returns what was selected."""
-    check_threshold(threshold)
+    problem = THRESHOLD.option.bound_problem(threshold)
+    if problem:  # scores lie in [0, 1]
+        raise InputError(None, f"selection threshold {threshold}: {problem}")
     out = Path(out_dir)
     classes_file, particles_file = out / "class_averages.star", out / "particles.star"
     for path in (classes_file, particles_file):
@@ -105,8 +100,7 @@ def write_selection(out_dir: str | Path, threshold: float = DEFAULT_THRESHOLD) -
     else:
         write_star(table.subset(keep), out / SELECTED_PARTICLES)
         selected = classes[classes["rlnClassNumber"].isin(chosen)].reset_index(drop=True)
-        write_star(ParticleTable(path=None, blocks={"": selected}, particles_key="", flavour="3.0"),
-                   out / SELECTED_CLASSES)
+        write_table(selected, out / SELECTED_CLASSES)
     record = {"threshold": threshold, "classes": chosen.tolist(), "particles": int(keep.sum()),
               "of_particles": int(len(keep)), "left_out_for_poor_fit": in_chosen - int(keep.sum())}
     log.info("class selection (score >= %.2f): %d of %d classes, %d of %d particles (%d of their members left out "
