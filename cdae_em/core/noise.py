@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cdae_em.core.ctf import apply_filter
-from cdae_em.core.preprocess import radius_grid
+from cdae_em.core.preprocess import radius_grid, rfft_weights
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ class NoiseModel:
         square root of the power spectrum the correlation gives (clamped at 0)."""
         white = torch.randn((len(self.variance), box, box), generator=generator).to(device)
         if not self.white:
-            amplitude = self.power_spectrum().sqrt().to(device)
-            white = torch.fft.irfft2(torch.fft.rfft2(white) * amplitude, s=(box, box))
+            white = apply_filter(white, self.power_spectrum().sqrt().to(device))
         return white * self.variance.to(device).sqrt()[:, None, None]
 
     def describe(self) -> dict:
@@ -127,15 +126,6 @@ def estimate_noise(images: torch.Tensor | Iterable[torch.Tensor], batch_size: in
     return NoiseModel(var, corr, False)
 
 
-def _rfft_weights(box: int) -> torch.Tensor:
-    """How many full-grid frequencies each rfft2 column stands for (1 or 2)."""
-    w = torch.full((box // 2 + 1,), 2.0)
-    w[0] = 1.0
-    if box % 2 == 0:
-        w[-1] = 1.0
-    return w
-
-
 def whitening_filter(noise: NoiseModel) -> torch.Tensor:
     """The filter (rfft2 grid) that whitens noise of this model: 1 / sqrt(power spectrum), the
     spectrum floored at SPECTRUM_FLOOR of its mean, scaled so that the noise keeps its variance."""
@@ -143,7 +133,7 @@ def whitening_filter(noise: NoiseModel) -> torch.Tensor:
     psd = noise.power_spectrum().clamp_min(SPECTRUM_FLOOR)
     f = psd.rsqrt()
     # the whitened noise's variance relative to the input's: the full grid's mean of f^2 * psd
-    full_mean = float((f**2 * noise.power_spectrum() * _rfft_weights(box)).sum()) / (box * box)
+    full_mean = float((f**2 * noise.power_spectrum() * rfft_weights(box)).sum()) / (box * box)
     return f / math.sqrt(max(full_mean, 1e-12))
 
 

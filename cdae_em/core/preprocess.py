@@ -27,6 +27,16 @@ PARTICLE_MASK_FRACTION = 0.9
 PARTICLE_MASK_EDGE = 4.0
 
 
+def rfft_weights(box: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """How many full-grid frequencies each rfft2 column of a ``box`` image stands for (1 or 2): sums
+    over the rfft2 grid weighted by it are sums over the whole spectrum."""
+    w = torch.full((box // 2 + 1,), 2.0, device=device)
+    w[0] = 1.0
+    if box % 2 == 0:
+        w[-1] = 1.0
+    return w
+
+
 def radial_mean_square(batches, box: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
     """Over the image batches (tensors of ``box`` px), the mean of each image's squared deviation
     from its own mean per 1 px radial bin (radius rounded, clamped to box // 2): (profile, pixels

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cdae_em.core.preprocess import radius_grid
+from cdae_em.core.preprocess import radius_grid, rfft_weights
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,8 @@ def noise_psd(box: int, shape: NoiseShape | list[NoiseShape], device: torch.devi
     bump = torch.tensor([s.bump for s in shapes], device=device)[:, None, None]
     psd = floor + (1 - floor) * torch.exp(-f / falloff) + bump * torch.exp(-((f / 0.05) ** 2))
     psd[:, 0, 0] = 0.0  # zero-mean noise
-    # variance in real space = sum over the full spectrum / box^4 * box^2; count rfft columns twice
-    # except the first (and the Nyquist column of even boxes)
-    weight = torch.full_like(psd[0], 2.0)
-    weight[:, 0] = 1.0
-    if box % 2 == 0:
-        weight[:, -1] = 1.0
-    psd = psd * (box * box) / (psd * weight).sum(dim=(-2, -1), keepdim=True)
+    # variance in real space = sum over the full spectrum / box^4 * box^2
+    psd = psd * (box * box) / (psd * rfft_weights(box, device)).sum(dim=(-2, -1), keepdim=True)
     return psd[0] if isinstance(shape, NoiseShape) else psd
 
 
