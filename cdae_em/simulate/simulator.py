@@ -32,8 +32,8 @@ from cdae_em.core.ctf import CtfParams, apply_filter, ctf_2d
 from cdae_em.errors import InputError, OutputError
 from cdae_em.core.geometry import euler_to_matrix, even_views, random_views
 from cdae_em.core.preprocess import fourier_resize, translate
-from cdae_em.simulate.realism import (WHITE, NoiseShape, bfactor_envelope, coloured_noise, ice_and_carbon,
-                                      lag1_correlation,
+from cdae_em.simulate import junk
+from cdae_em.simulate.realism import (WHITE, NoiseShape, bfactor_envelope, coloured_noise, lag1_correlation,
                                       relion_normalise)
 
 log = logging.getLogger(__name__)
@@ -183,16 +183,10 @@ class SimulationSettings:
     noise: NoiseShape = WHITE
     bfactor: float = 0.0
     normalise: bool = False
-    # picks that are not particles, as a cleaning job gets them (``JUNK_KINDS``, equally often)
+    # picks that are not particles, as a cleaning job gets them (``cdae_em.simulate.junk``)
     junk_fraction: float = 0.0
     seed: int = 0
     batch_size: int = 128
-
-
-#: what the junk of a simulation is: empty boxes of ice, carbon-film edges, aggregates (2-3
-#: particles overlapping) and fragments (part of a particle); truth.star names each row's kind
-JUNK_KINDS = ("ice", "carbon", "aggregate", "fragment")
-PARTICLE = "particle"
 
 
 @dataclass
@@ -208,46 +202,7 @@ class Truth:
     defocus_u: np.ndarray
     defocus_v: np.ndarray
     defocus_angle: np.ndarray
-    kind: np.ndarray | None = None  # per particle: PARTICLE or one of JUNK_KINDS (None: no junk)
-    partners: np.ndarray | None = None  # aggregates: (n, 2, 5) rot, tilt, psi, dx, dy of up to 2 more particles
-    cut: np.ndarray | None = None  # fragments: (n, 2) angle (radians) and offset (fraction of the box) of the cut
-
-
-def draw_junk(truth: Truth, settings: SimulationSettings, box: int) -> Truth:
-    """The junk of a simulation, drawn with its own generator (particles drawn as without junk)."""
-    n = len(truth.view)
-    rng = np.random.default_rng([settings.seed, 7919])
-    junk = rng.random(n) < settings.junk_fraction
-    kind = np.where(junk, np.asarray(JUNK_KINDS)[rng.integers(0, len(JUNK_KINDS), n)], PARTICLE)
-    rot, tilt = random_views(2 * n, rng)
-    psi = rng.uniform(0.0, 360.0, 2 * n)
-    distance = rng.uniform(0.3, 0.5, 2 * n) * box
-    direction = rng.uniform(0, 2 * np.pi, 2 * n)
-    partners = np.stack([rot, tilt, psi, distance * np.cos(direction), distance * np.sin(direction)], 1).reshape(n, 2, 5)
-    partners[rng.random(n) < 0.5, 1] = np.nan  # half the aggregates are pairs, half triplets
-    cut = np.stack([rng.uniform(0, 2 * np.pi, n), rng.uniform(-0.1, 0.15, n)], 1)
-    view = np.where(junk, -1, truth.view)
-    return replace(truth, view=view, kind=kind, partners=partners, cut=cut)
-
-
-def _junk_images(source: Source, truth: Truth, rows: slice, images: torch.Tensor) -> torch.Tensor:
-    """``images`` (projections of ``rows``, before shifts and filters) with the aggregates' partners
-    added and the fragments cut (a soft straight edge through the particle)."""
-    kind = truth.kind[rows]
-    box = images.shape[-1]
-    for i in np.flatnonzero(kind == "aggregate"):
-        for rot, tilt, psi, dx, dy in truth.partners[rows.start + i]:
-            if np.isnan(rot):
-                continue
-            partner = source.project(euler_to_matrix(np.array([rot]), np.array([tilt]), np.array([psi])))
-            images[i] += translate(partner, np.array([[dx, dy]]))[0]
-    fragments = np.flatnonzero(kind == "fragment")
-    if len(fragments):
-        c = (torch.arange(box, dtype=torch.float32) - box // 2) / box
-        angle, offset = (torch.as_tensor(truth.cut[rows][fragments, j], dtype=torch.float32)[:, None, None] for j in (0, 1))
-        d = torch.cos(angle) * c[None, None, :] + torch.sin(angle) * c[None, :, None] - offset
-        images[fragments] = images[fragments] * torch.sigmoid(d * box / 1.5)
-    return images
+    junk: junk.Junk | None = None  # which rows are junk picks (None: none), and what each needs
 
 
 def draw_truth(settings: SimulationSettings, rng: np.random.Generator) -> Truth:
@@ -278,8 +233,8 @@ def clean_images(source: Source, truth: Truth, rows: slice, settings: Simulation
     """Clean images for ``rows``: projection, shift, B-factor, CTF, then zero mean and unit variance."""
     matrices = euler_to_matrix(truth.rot[rows], truth.tilt[rows], truth.psi[rows])
     images = source.project(matrices)
-    if truth.kind is not None:
-        images = _junk_images(source, truth, rows, images)
+    if truth.junk is not None:
+        images = junk.add_partners_and_cuts(source, truth.junk, rows, images)
     shifts = np.stack([truth.shift_x[rows], truth.shift_y[rows]], axis=1)
     if np.any(shifts):
         images = translate(images, shifts)
@@ -293,19 +248,11 @@ def clean_images(source: Source, truth: Truth, rows: slice, settings: Simulation
         images = apply_filter(images, ctf_2d(params, source.box, source.pixel_size))
     mean = images.mean(dim=(1, 2), keepdim=True)
     std = images.std(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-    if truth.kind is not None:
-        particle = torch.as_tensor(truth.kind[rows] == PARTICLE)
-        if particle.any():  # junk as strong as the particles it is picked among (an aggregate's parts each)
-            std = torch.where(particle[:, None, None], std, std[particle].mean())
+    if truth.junk is not None:
+        std = junk.junk_scale(std, truth.junk, rows)
     images = (mean - images) / std if settings.dark else (images - mean) / std
-    if truth.kind is not None:
-        empty = np.flatnonzero(np.isin(truth.kind[rows], ("ice", "carbon")))
-        if len(empty):
-            rng = np.random.default_rng([settings.seed, 7920, rows.start])
-            carbon = truth.kind[rows][empty] == "carbon"
-            background = ice_and_carbon(len(empty), source.box, rng, carbon_fraction=1.0, ice_amplitude=1.0)
-            ice = ice_and_carbon(len(empty), source.box, rng, carbon_fraction=0.0, ice_amplitude=1.0)
-            images[empty] = torch.where(torch.as_tensor(carbon)[:, None, None], background, ice)
+    if truth.junk is not None:
+        images = junk.fill_empty_boxes(images, truth.junk, rows, settings.seed)
     return images
 
 
@@ -361,7 +308,8 @@ def simulate(
     rng = np.random.default_rng(settings.seed)
     truth = draw_truth(settings, rng)
     if settings.junk_fraction > 0:
-        truth = draw_junk(truth, settings, source.box)
+        picks = junk.draw_junk(len(truth.view), settings.junk_fraction, settings.seed, source.box)
+        truth = replace(truth, view=np.where(picks.kind == junk.PARTICLE, truth.view, -1), junk=picks)
     noise_rngs = {s: np.random.default_rng([settings.seed, i + 1]) for i, s in enumerate(noisy)}
     n, box, px = settings.n_particles, source.box, source.pixel_size
     log.info("simulating %d particles of %d x %d px at %.3f A/px from %s (%s); SNR levels: %s",
@@ -412,7 +360,7 @@ def simulate(
         "rlnOriginXAngst": origin_from_shift(truth.shift_x, px),
         "rlnOriginYAngst": origin_from_shift(truth.shift_y, px),
         "rlnClassNumber": truth.view + 1,
-        **({"cdaeTrueKind": truth.kind} if truth.kind is not None else {}),
+        **({"cdaeTrueKind": truth.junk.kind} if truth.junk is not None else {}),
     })
     write_star(new_particle_table(truth_particles, optics), out / "truth.star")
 
