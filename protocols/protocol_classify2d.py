@@ -24,38 +24,17 @@ from pwem.objects import Particle, SetOfAverages, SetOfClasses2D, SetOfParticles
 from pwem.protocols import ProtClassify2D
 
 from cdae_em.job.result import JobResult
-from cdae_em.settings import RUN, Setting, setting, settings_tree
+from cdae_em.settings import RUN, setting, settings_tree
 
 from . import scipion_convert as convert
+from .scipion_form import PHASE_FLIP, form_args, tree as _tree
 
 METHODS = list(setting("classify.method").option.choices)
-PHASE_FLIP = ["auto", "yes", "no"]  # the form's choices for a Yes / No / auto setting
-UNSET = {"maxShift": -1, "workingBox": 0}  # what the form holds where the setting is unset (None)
 JOB_DIR = "cdae"  # the job's output directory, under the protocol's extra/
 # the selected classes' input particles (where a class was selected): a second SetOfParticles,
 # so not in ``outputs`` (an Enum member of the same value would be an alias of outputParticles)
 SELECTED_OUTPUT = "outputSelectedParticles"
 MIN_CLASSES = 2  # the core refuses fewer
-
-
-def form_default(s: Setting):
-    """A setting's default (or suggested value) as the form holds it: an index for choices, a
-    sentinel for "unset"."""
-    value = s.option.suggested if s.option.required else s.default
-    if s.tristate:
-        return PHASE_FLIP.index("auto" if value is None else "yes" if value else "no")
-    if s.option.choices:
-        return s.option.choices.index(value)
-    if value is None:
-        return UNSET.get(s.option.scipion)
-    return value
-
-
-def _tree(name: str) -> dict:
-    """``default`` and ``help`` of the form parameter ``name``, from the setting it sets."""
-    s = next(s for s in settings_tree(RUN) if s.option.scipion == name)
-    unset = f" {UNSET[name]}: {s.option.unset}." if name in UNSET else ""
-    return dict(default=form_default(s), help=s.option.help[0].upper() + s.option.help[1:] + "." + unset)
 
 
 class outputs(Enum):
@@ -387,23 +366,6 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
         if self.usesGpu():
             args += ["--gpu", ",".join(str(g) for g in self.getGpuList())]  # several: one process each (torchrun)
         return [str(a) for a in args]
-
-
-def form_args(s: Setting, value) -> list:
-    """The command-line arguments that set setting ``s`` to the form's ``value``."""
-    flag, negated = s.option.name, f"--no-{s.option.name[2:]}"
-    if s.tristate:
-        choice = PHASE_FLIP[value]
-        return [] if choice == "auto" else [flag if choice == "yes" else negated]
-    if s.type is bool:
-        return [flag if value else negated]
-    if s.option.choices:
-        return [flag, s.option.choices[value]]
-    if value is None or value == "" or value == UNSET.get(s.option.scipion):
-        return []
-    if s.type is str:
-        value = os.path.abspath(value)  # a file: the job runs in another directory
-    return [flag, value]
 
 
 def job_error(job_dir: str) -> str:

@@ -212,7 +212,8 @@ def test_form_and_workflow_template_follow_the_settings_tree(project, monkeypatc
 
     from cdae_em.cli import build_parser
     from cdae_em.commands.options import job_settings
-    from cdae_em.protocols.protocol_classify2d import ProtCdaeDenoiseClassify2D, form_default
+    from cdae_em.protocols.protocol_classify2d import ProtCdaeDenoiseClassify2D
+    from cdae_em.protocols.scipion_form import form_default
     from cdae_em.settings import ClassifySettings, build, settings_tree
 
     proj, _ = project
