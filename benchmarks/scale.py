@@ -224,6 +224,55 @@ def cmd_inference(args) -> list[dict]:
     return [row]
 
 
+def cmd_classes(args) -> list[dict]:
+    """`cdae-em run` on one junk-laden stack (``benchmarks.selection``'s) at several K, each with the
+    default shortlist and with none (every reference compared in full, as before it existed)."""
+    from benchmarks.selection import score, simulate_case
+
+    case = simulate_case(args.protein, args.junk, args.n, 64, args.work / "selection")
+    rows = []
+    for k in [int(v) for v in args.K.split(",")]:
+        for shortlist in [int(v) for v in args.shortlists.split(",")]:
+            out = case / f"run_K{k}_shortlist{shortlist}"
+            shutil.rmtree(out, ignore_errors=True)
+            log(f"cdae-em run {case.name}, K = {k}, shortlist {shortlist or 'none'} ...")
+            wall, rss, anon = measured([sys.executable, "-m", "benchmarks.scale", "run-one", "--star",
+                                        "particles.star", "--o", out.name, "--K", str(k),
+                                        "--shortlist", str(shortlist), "--j", str(args.j)], case)
+            summary = json.loads((out / "summary.json").read_text())
+            history = summary.get("classify") or []
+            quality = score(case, out)
+            rows.append({"stack": case.name, "n": args.n, "K": k, "shortlist": shortlist, "threads": args.j,
+                         "wall": wall, "classify": summary["timings"].get("classify"), "rounds": len(history),
+                         "coarse_round_s": _mean_seconds(history, "coarse"), "fine_round_s": _mean_seconds(history, "fine"),
+                         "peak_rss_mib": rss, "peak_anon_mib": anon,
+                         **{key: quality[key] for key in ("junk_recall", "good_kept", "precision", "good_view_purity")}})
+            log(f"  {rows[-1]}")
+            merge("classes", rows[-1:], ("stack", "K", "shortlist", "threads"))
+    return rows
+
+
+def _mean_seconds(history: list[dict], search: str) -> float | None:
+    """Mean wall time of the classification rounds of one kind of search (summary.json's history)."""
+    times = [h["seconds"] for h in history if h["search"] == search and "seconds" in h]
+    return float(np.mean(times)) if times else None
+
+
+def run_one(args) -> None:
+    """One `cdae-em run` job with ``classify.shortlist`` set (not a command-line option)."""
+    import dataclasses
+
+    from cdae_em.commands.common import apply_threads
+    from cdae_em.job.runner import run_job
+    from cdae_em.settings import build
+
+    settings = build({"particles": args.star, "out_dir": args.o, "classify.n_classes": args.K, "threads": args.j,
+                      "overwrite": True})
+    settings = dataclasses.replace(settings, classify=dataclasses.replace(settings.classify, shortlist=args.shortlist))
+    apply_threads(settings.threads)
+    run_job(settings)
+
+
 # ----------------------------------------------------------------------------------------------
 # results and report
 # ----------------------------------------------------------------------------------------------
@@ -331,14 +380,25 @@ def report(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["knn", "run", "inference", "report"])
+    parser.add_argument("what", choices=["knn", "run", "inference", "classes", "report", "run-one"])
     parser.add_argument("--sizes", help="comma list (knn default 100000,1000000; run default 2000,8000,32000)")
     parser.add_argument("--real-n", type=int, default=100000, help="simulated particles for real kNN features")
     parser.add_argument("--procs", default="1,2", help="process counts for `run` (default: 1,2)")
-    parser.add_argument("--n", type=int, default=100000, help="particles for `inference`")
+    parser.add_argument("--n", type=int, help="particles for `inference` (default 100000) and `classes` (1200)")
     parser.add_argument("--j", type=int, default=2, help="CPU threads in all (default: 2)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cdae_scale"), help="simulated data (kept for reruns)")
+    parser.add_argument("--K", default="12,50,100", help="classes for `classes` (comma list)")
+    parser.add_argument("--shortlists", default="8,0", help="`classes`: classify.shortlist values (0: none)")
+    parser.add_argument("--protein", default="1BHL", help="`classes`: the junk stack's structure")
+    parser.add_argument("--junk", type=float, default=0.3, help="`classes`: the junk stack's junk fraction")
+    parser.add_argument("--star", help=argparse.SUPPRESS)  # run-one
+    parser.add_argument("--o", help=argparse.SUPPRESS)
+    parser.add_argument("--shortlist", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.what == "run-one":
+        args.K = int(args.K)
+        run_one(args)
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     if args.what == "knn":
         args.sizes = args.sizes or "100000,1000000"
@@ -346,7 +406,11 @@ def main(argv=None) -> int:
     elif args.what == "run":
         args.sizes = args.sizes or "2000,8000,32000"
         results = merge("run", cmd_run(args), ("n", "processes"))
+    elif args.what == "classes":
+        args.n = args.n or 1200
+        results = merge("classes", cmd_classes(args), ("stack", "K", "shortlist", "threads"))
     elif args.what == "inference":
+        args.n = args.n or 100000
         results = merge("inference", cmd_inference(args), ("n",))
     else:
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

@@ -157,3 +157,31 @@ def test_ring_average_keeps_what_turns_with_the_image_and_averages_the_rest():
     fx = torch.fft.rfftfreq(box)[None, None, :].expand(1, box, box // 2 + 1)
     assert float((ring_average(fx) - fx).abs().max()) > 0.1  # not the same on a ring: averaged
     assert torch.allclose(ring_average(radial + fx - ring_average(fx)), radial, atol=1e-6)
+
+
+def test_a_shortlist_gives_the_classes_the_search_over_all_references_gives(tmp_path, monkeypatch):
+    """With classify.shortlist < K each round compares a particle in full with only its best
+    references in a cheaper search (coarse rounds: below shortlist_band at 4 x psi_step; fine
+    rounds: the coarse search); on well-separated views the classes are those of the full search."""
+    import cdae_em.classify.stage as stage
+    from sklearn.metrics import adjusted_rand_score
+
+    simulate(load_source(None, box=32), SimulationSettings(n_particles=120, n_views=6, in_plane=True,
+                                                           snrs=[1.0], seed=4), tmp_path)
+    images = mrcfile.read(tmp_path / "particles.mrcs").astype(np.float32)
+    settings = ClassifySettings(n_classes=6, n_iter=3, fine_rounds=1, split_merge=0, seed=0)
+    every = classify(images, replace(settings, shortlist=0), torch.device("cpu"))
+    seen = []
+    search = stage.align_to_references
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("shortlist"))
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "align_to_references", spy)
+    short = classify(images, replace(settings, shortlist=2), torch.device("cpu"))
+    psi = settings.psi_step
+    assert seen[0] == stage.Shortlist(2, settings.shortlist_band, 4 * psi)  # a coarse round
+    assert seen[-1] == stage.Shortlist(2, settings.coarse_band, 2 * psi)  # the fine round
+    assert adjusted_rand_score(every.labels, short.labels) > 0.95
+    assert all(h["seconds"] > 0 for h in short.history)

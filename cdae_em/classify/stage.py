@@ -10,7 +10,10 @@
    re-averaged from the aligned particles. Coarse to fine: all rounds but the last ``fine_rounds``
    search at twice the psi step and a lower frequency band; the ``rescore`` references that match a
    particle best within the band are then compared with it at full resolution, where views that
-   differ only in fine detail are told apart. In the fine rounds of CTF phase-flipped particles,
+   differ only in fine detail are told apart. With K above ``shortlist``, each round searches a
+   particle in full only against the ``shortlist`` references that match it best in a cheaper
+   search over all K (coarse rounds: below ``shortlist_band`` at 4 x psi_step; fine rounds: the
+   coarse rounds' search). In the fine rounds of CTF phase-flipped particles,
    each is compared with the references multiplied by its |CTF| (``ctf_aware``), and the
    references are CTF-corrected averages. Empty classes are re-seeded with the worst-fitting
    particles of the largest class.
@@ -35,8 +38,9 @@ Classes are returned ordered by size (class 1 the largest), with each particle's
 RELION's convention (applying them to the particle brings it onto its class average).
 
 Cost: step 3 dominates, N x K x (360 / psi_step) cross-correlations per round, computed by FFT in
-batches (see ``align.align_to_references``); memory holds the features (N x n_components) and the
-per-particle alignment (N x 4), images are streamed.
+batches (see ``align.align_to_references``); the shortlist makes the part that grows with K the
+cheaper search's (docs/scale.md). Memory holds the features (N x n_components) and the
+per-particle alignment (N x 4), images are streamed. Each round's wall time is in the history.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ import torch
 from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 
 from cdae_em.runtime import distributed
-from cdae_em.core.align import align_pairs, align_to_references, estimate_particle_radius
+from cdae_em.core.align import Shortlist, align_pairs, align_to_references, estimate_particle_radius
 from cdae_em.core.averages import (apply_ring_filter, averages_from_sums, centred_origins, class_means, class_sums,
                                masked_rows, ssnr_filter)
 from cdae_em.errors import InputError
@@ -205,6 +209,15 @@ class _Rounds:
         weights = ssnr_filter(half_means[0::2], half_means[1::2], n_half[:, 0], n_half[:, 1])
         return _State(labels, psi, origin, score, references, counts, apply_ring_filter(references, weights))
 
+    def shortlist(self, fine: bool) -> Shortlist | None:
+        """The cheaper search that picks the references a round compares each particle with in full."""
+        s = self.settings
+        if not s.shortlist:
+            return None
+        if fine:
+            return Shortlist(s.shortlist, s.coarse_band, 2 * s.psi_step)
+        return Shortlist(s.shortlist, s.shortlist_band, 4 * s.psi_step)
+
     def run(self, state: _State, fine: bool, limit: int, stage: str = "refine") -> _State:
         """Up to ``limit`` rounds from ``state``'s references; coarse rounds stop once fewer than
         ``settled`` of the particles change class, fine ones once none does."""
@@ -213,12 +226,13 @@ class _Rounds:
         for _ in range(limit):
             if self.should_stop is not None:
                 self.should_stop()
+            t0 = time.perf_counter()
             ref_idx, p, o, sc = distributed.per_row(
                 align_to_references, images,
                 torch.as_tensor(state.references if state.filtered is None else state.filtered, device=self.device),
                 psi_step=s.psi_step * (1 if fine else 2), max_shift=self.max_shift, batch_size=s.batch_size,
                 device=self.device, progress=True, band=s.fine_band if fine else s.coarse_band, ctf=ctf,
-                rescore=s.rescore, rows_too=("ctf",))
+                rescore=s.rescore, shortlist=self.shortlist(fine), rows_too=("ctf",))
             new, score = ref_idx.cpu().numpy(), sc.cpu().numpy()
             changed = float(np.mean(new != state.labels))
             labels = _reseed_empty(new, score, k)
@@ -227,7 +241,8 @@ class _Rounds:
             self.history.append({"iteration": len(self.history) + 1, "changed": changed,
                                  "mean_score": float(score.mean()), "sizes": state.counts.tolist(), "search": search,
                                  "stage": stage, "ctf": ctf is not None, "ssnr": self.ssnr, "in_result": True,
-                                 "energy": None if ctf is not None else explained_energy(state.references, state.counts)})
+                                 "energy": None if ctf is not None else explained_energy(state.references, state.counts),
+                                 "seconds": round(time.perf_counter() - t0, 2)})
             log.info("classification round %d (%s, %s search): %.1f%% of particles changed class, mean score %.3f",
                      len(self.history), stage, search, 100 * changed, float(score.mean()))
             report(len(self.history), self.budget, "round")
