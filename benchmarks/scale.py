@@ -348,6 +348,22 @@ def report(results: dict) -> str:
             lines.append(f"| {r['n']:,} | {fmt(r['wall'])} | {fmt(r['images_per_s'])} | {fmt(r['peak_rss_mib'], 0)} | "
                          f"{fmt(r['work_gb'], 2)} | {r.get('note', '')} |")
         lines += ["", f"Machine: {results['machine'].get('inference', '?')}", ""]
+    if results.get("classes"):
+        lines += ["## Classes: K (`python -m benchmarks.scale classes`)", "",
+                  "`cdae-em run --K K` on one junk-laden stack (`benchmarks.selection`'s: held-out 1BHL, 30% junk, real-data "
+                  "conditions, 64 px), each K with the default shortlist (each round searches a particle in full only "
+                  "against the 8 references that match it best in a cheaper search over all K) and with none (every "
+                  "reference in full). Round times are means over the job's rounds of each kind (summary.json); "
+                  "junk recall, good kept, selection precision and good-view purity as in docs/selection.md.", "",
+                  "| stack | K | shortlist | threads | wall s | classify s | rounds | coarse round s | fine round s | "
+                  "peak RSS MiB | junk recall | good kept | precision | good-view purity |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(results["classes"], key=lambda r: (r["stack"], r["K"], -r["shortlist"])):
+            lines.append(f"| {r['stack']} | {r['K']} | {r['shortlist'] or 'none'} | {r['threads']} | {fmt(r['wall'], 0)} | "
+                         f"{fmt(r['classify'], 0)} | {r['rounds']} | {fmt(r['coarse_round_s'])} | {fmt(r['fine_round_s'])} | "
+                         f"{fmt(r['peak_rss_mib'], 0)} | {fmt(r['junk_recall'], 3)} | {fmt(r['good_kept'], 3)} | "
+                         f"{fmt(r['precision'], 3)} | {fmt(r['good_view_purity'], 3)} |")
+        lines += ["", f"Machine: {results['machine'].get('classes', '?')}", ""]
     missing = [f"`cdae-em run` at {n:,} particles, {p} process(es)" for n in (2000, 8000, 32000) for p in (1, 2)
                if (n, p) not in {(r["n"], r["processes"]) for r in results.get("run", [])}]
     if not any(r["n"] >= 100000 for r in results.get("inference", [])):
