@@ -59,7 +59,10 @@ def add_partners_and_cuts(source, junk: Junk, rows: slice, images: torch.Tensor)
             if np.isnan(rot):
                 continue
             partner = source.project(euler_to_matrix(np.array([rot]), np.array([tilt]), np.array([psi])))
-            images[i] += translate(partner, np.array([[dx, dy]]))[0]
+            # shifted in a box twice the size, then cut: a partner beyond the edge is lost, not
+            # wrapped round to the opposite side
+            padded = torch.nn.functional.pad(partner, (box // 2,) * 4)
+            images[i] += translate(padded, np.array([[dx, dy]]))[0, box // 2:box // 2 + box, box // 2:box // 2 + box]
     fragments = np.flatnonzero(kind == "fragment")
     if len(fragments):
         c = (torch.arange(box, dtype=torch.float32) - box // 2) / box
