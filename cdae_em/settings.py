@@ -194,9 +194,9 @@ class ClassifySettings:
     fine_band: float = 0.25
     rescore: int = 4  # the references matching best within the band compared at full resolution (1: none)
     # each round compares a particle in full (its band, psi step, shifts) with only the ``shortlist``
-    # references that match it best in a cheaper search over all K: for the fine rounds the coarse
-    # rounds' search, for the coarse rounds one below ``shortlist_band`` at 4 x psi_step. The cost of
-    # a round then grows with K through the cheaper search alone (0: every reference in full)
+    # references that match it best in a cheaper search over all K, below ``shortlist_band`` at
+    # 4 x psi_step. The cost of a round then grows with K through the cheaper search alone (0: every
+    # reference in full)
     shortlist: int = 8
     shortlist_band: float = 0.125
     # merge-and-split moves tried after the coarse rounds, and with the CTF again after the fine ones

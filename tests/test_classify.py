@@ -160,9 +160,9 @@ def test_ring_average_keeps_what_turns_with_the_image_and_averages_the_rest():
 
 
 def test_a_shortlist_gives_the_classes_the_search_over_all_references_gives(tmp_path, monkeypatch):
-    """With classify.shortlist < K each round compares a particle in full with only its best
-    references in a cheaper search (coarse rounds: below shortlist_band at 4 x psi_step; fine
-    rounds: the coarse search); on well-separated views the classes are those of the full search."""
+    """With classify.shortlist < K each round, coarse and fine, compares a particle in full with
+    only its best references in a cheaper search (below shortlist_band at 4 x psi_step); on
+    well-separated views the classes are those of the full search."""
     import cdae_em.classify.stage as stage
     from sklearn.metrics import adjusted_rand_score
 
@@ -181,7 +181,6 @@ def test_a_shortlist_gives_the_classes_the_search_over_all_references_gives(tmp_
     monkeypatch.setattr(stage, "align_to_references", spy)
     short = classify(images, replace(settings, shortlist=2), torch.device("cpu"))
     psi = settings.psi_step
-    assert seen[0] == stage.Shortlist(2, settings.shortlist_band, 4 * psi)  # a coarse round
-    assert seen[-1] == stage.Shortlist(2, settings.coarse_band, 2 * psi)  # the fine round
+    assert len(seen) >= 2 and set(seen) == {stage.Shortlist(2, settings.shortlist_band, 4 * psi)}  # coarse and fine
     assert adjusted_rand_score(every.labels, short.labels) > 0.95
     assert all(h["seconds"] > 0 for h in short.history)

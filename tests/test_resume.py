@@ -179,6 +179,26 @@ def test_classify_command_uses_the_stage_runner(tiny, tmp_path):
     assert (out / "particles.star").read_bytes() == stamp
     r = run_cli("classify", "--i", tiny, "--o", out, "--K", 3, "--iter", 1, "--j", 1)
     assert r.returncode == 0 and "stage 2/3 classify: already done (resuming)" in r.stderr
+    assert (out / "particles.star").read_bytes() == stamp  # crowding and all, from classes.npz
+    assert "cdaeCrowding" in starfile.read(out / "particles.star")["particles"]
+
+
+def test_classes_saved_by_an_earlier_version_resume_without_what_it_did_not_save(tiny, tmp_path):
+    """classes.npz of a version before noise whitening and crowding: the job resumes from it and
+    writes particles.star without cdaeCrowding; the selection goes on without that rule."""
+    from cdae_em.job.runner import JOB_DIR
+
+    out = tmp_path / "cls"
+    assert run_cli("classify", "--i", tiny, "--o", out, "--K", 3, "--iter", 1, "--j", 1).returncode == 0
+    saved = out / JOB_DIR / "classes.npz"
+    earlier = {k: v for k, v in np.load(saved).items() if k not in ("crowding", "whitening")}
+    with open(saved, "wb") as f:
+        np.savez(f, **earlier)
+    (out / "particles.star").unlink()
+    r = run_cli("classify", "--i", tiny, "--o", out, "--K", 3, "--iter", 1, "--j", 1)
+    assert r.returncode == 0 and "already done (resuming)" in r.stderr, r.stderr
+    particles = starfile.read(out / "particles.star")["particles"]
+    assert "cdaeCrowding" not in particles and "cdaeClassFit" in particles
 
 
 def test_second_job_into_the_same_directory_is_refused(tiny, small_weights, tmp_path):

@@ -7,6 +7,7 @@ import starfile
 from conftest import run_cli
 
 from cdae_em.job.result import CONTRACT
+from cdae_em.job.selection import CROWDING_Z
 from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
 
@@ -49,7 +50,8 @@ def test_selection_keeps_the_particles_and_leaves_the_junk(junk_job):
         m = labels == c
         mad = 1.4826 * np.median(np.abs(fit[m] - np.median(fit[m])))
         poor[m] = fit[m] < np.median(fit[m]) - 2 * mad
-    expected = p["rlnImageName"][p["rlnClassNumber"].isin(chosen).to_numpy() & ~poor]
+    crowded = p["cdaeCrowding"].to_numpy() > CROWDING_Z  # another particle just outside: an aggregate
+    expected = p["rlnImageName"][p["rlnClassNumber"].isin(chosen).to_numpy() & ~poor & ~crowded]
     assert list(selected["particles"]["rlnImageName"]) == list(expected)
     assert list(starfile.read(out / "class_averages_selected.star")["rlnClassNumber"]) == sorted(chosen)
     kinds = _kinds(sim, p)
@@ -60,6 +62,9 @@ def test_selection_keeps_the_particles_and_leaves_the_junk(junk_job):
     # measured: junk recall 0.89, good particles kept 1.00 (all in one class of junk: 0, all kept: 0)
     assert junk_recall > 0.7 and good_kept > 0.9, (junk_recall, good_kept)
     assert -1 <= p["cdaeClassFit"].min() and p["cdaeClassFit"].max() <= 1
+    crowding = p["cdaeCrowding"].to_numpy()
+    assert np.median(crowding[kinds == "aggregate"]) > np.median(crowding[good]) + 2, \
+        {k: np.median(crowding[kinds == k]) for k in set(kinds)}
 
 
 def test_select_again_with_another_threshold(junk_job, tmp_path):

@@ -12,8 +12,9 @@
    particle best within the band are then compared with it at full resolution, where views that
    differ only in fine detail are told apart. With K above ``shortlist``, each round searches a
    particle in full only against the ``shortlist`` references that match it best in a cheaper
-   search over all K (coarse rounds: below ``shortlist_band`` at 4 x psi_step; fine rounds: the
-   coarse rounds' search). In the fine rounds of CTF phase-flipped particles,
+   search over all K (below ``shortlist_band`` at 4 x psi_step). Views that differ only in fine
+   detail look alike there, so they are shortlisted together. In the fine rounds of CTF
+   phase-flipped particles,
    each is compared with the references multiplied by its |CTF| (``ctf_aware``), and the
    references are CTF-corrected averages. Empty classes are re-seeded with the worst-fitting
    particles of the largest class.
@@ -209,14 +210,10 @@ class _Rounds:
         weights = ssnr_filter(half_means[0::2], half_means[1::2], n_half[:, 0], n_half[:, 1])
         return _State(labels, psi, origin, score, references, counts, apply_ring_filter(references, weights))
 
-    def shortlist(self, fine: bool) -> Shortlist | None:
+    def shortlist(self) -> Shortlist | None:
         """The cheaper search that picks the references a round compares each particle with in full."""
         s = self.settings
-        if not s.shortlist:
-            return None
-        if fine:
-            return Shortlist(s.shortlist, s.coarse_band, 2 * s.psi_step)
-        return Shortlist(s.shortlist, s.shortlist_band, 4 * s.psi_step)
+        return Shortlist(s.shortlist, s.shortlist_band, 4 * s.psi_step) if s.shortlist else None
 
     def run(self, state: _State, fine: bool, limit: int, stage: str = "refine") -> _State:
         """Up to ``limit`` rounds from ``state``'s references; coarse rounds stop once fewer than
@@ -232,7 +229,7 @@ class _Rounds:
                 torch.as_tensor(state.references if state.filtered is None else state.filtered, device=self.device),
                 psi_step=s.psi_step * (1 if fine else 2), max_shift=self.max_shift, batch_size=s.batch_size,
                 device=self.device, progress=True, band=s.fine_band if fine else s.coarse_band, ctf=ctf,
-                rescore=s.rescore, shortlist=self.shortlist(fine), rows_too=("ctf",))
+                rescore=s.rescore, shortlist=self.shortlist(), rows_too=("ctf",))
             new, score = ref_idx.cpu().numpy(), sc.cpu().numpy()
             changed = float(np.mean(new != state.labels))
             labels = _reseed_empty(new, score, k)

@@ -49,10 +49,12 @@ def original_class_averages(table: ParticleTable, images: ImageSource, labels: n
 
 def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray,
                   score: np.ndarray, references: np.ndarray, work_box: int, device: torch.device,
-                  should_stop: Callable[[], None] | None = None, diameter_px: float | None = None) -> dict:
+                  should_stop: Callable[[], None] | None = None, diameter_px: float | None = None,
+                  crowding: np.ndarray | None = None) -> dict:
     """Write particles.star, class_averages.{mrcs,star} (with each class's score), the selection
     (particles_selected.star, class_averages_selected.star), class_averages_denoised.mrcs and
-    gallery.png. ``diameter_px``: the particle's diameter in the input's pixels, if known."""
+    gallery.png. ``diameter_px``: the particle's diameter in the input's pixels, if known;
+    ``crowding``: each particle's (``cdae_em.core.crowding``), if measured."""
     out = Path(settings.out_dir)
     k = settings.n_classes
     per = table.per_particle()
@@ -77,6 +79,8 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
     # the fit of each particle to its class: normalised cross-correlation with the class reference
     updates = {"rlnClassNumber": labels + 1, "rlnAnglePsi": psi.astype(np.float64),
                "cdaeClassFit": np.round(score.astype(np.float64), 4)}
+    if crowding is not None:  # another particle overlapping this one: a robust z-score over the particles
+        updates["cdaeCrowding"] = np.round(crowding.astype(np.float64), 3)
     if table.flavour == "3.1":
         updates["rlnOriginXAngst"] = origin_px[:, 0] * per["rlnImagePixelSize"].to_numpy()
         updates["rlnOriginYAngst"] = origin_px[:, 1] * per["rlnImagePixelSize"].to_numpy()

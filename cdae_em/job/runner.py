@@ -5,7 +5,7 @@ contract (the README's table) into ``out_dir``:
 
 | file | what |
 |---|---|
-| particles.star | every input row/block kept, plus rlnClassNumber (1..K), rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst (alignment to the class average, RELION conventions), cdaeClassFit (normalised cross-correlation with the class reference); images = the original particles |
+| particles.star | every input row/block kept, plus rlnClassNumber (1..K), rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst (alignment to the class average, RELION conventions), cdaeClassFit (normalised cross-correlation with the class reference), cdaeCrowding (another particle just outside this one: robust z, see cdae_em.core.crowding); images = the original particles |
 | denoised_particles.star | same rows; rlnImageName -> denoised stacks, rlnImageOriginalName -> input image |
 | denoised/*.mrcs | denoised images, float32, voxel size set |
 | class_averages.mrcs | K aligned averages of the original particles (class k at index k, classes by size) |
@@ -175,8 +175,8 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     if settings.stages in ("all", "denoise"):
         summary["denoise"] = _denoise_stage(settings, table, job_dir, device, should_stop, progress, timings)
     if classify_stage:
-        labels, psi, origin, score, refs, box = _classify_stage(settings, job_dir, device, should_stop, progress,
-                                                                 summary, timings)
+        labels, psi, origin, score, refs, box, crowd = _classify_stage(settings, job_dir, device, should_stop,
+                                                                        progress, summary, timings)
 
         # 4. class averages of the original particles and the output STAR files
         progress.stage(3, "outputs")
@@ -187,7 +187,7 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
         # one rank writes the outputs (not sharded: one pass over the originals)
         diameter = (summary.get("working_scale") or {}).get("particle_diameter_px")
         summary.update(distributed.on_main(write_outputs, settings, table, labels, psi, origin, score, refs, box,
-                                           device, should_stop, diameter))
+                                           device, should_stop, diameter, crowd))
         timings["outputs"] = round(time.perf_counter() - t, 2)
     summary["timings"] = {**timings, "total": round(time.perf_counter() - t0, 2)}
     if part.size > 1:
@@ -289,7 +289,8 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
                     summary: dict, timings: dict) -> tuple:
     """3. classification: of the denoised particles (then alignment rounds on the originals), or
     with ``stages="classify"`` of the input particles as they are. Returns labels, psi, origin,
-    score, references and the box the origins are in."""
+    score, references, the box the origins are in and each particle's crowding (None: not
+    measured)."""
     from cdae_em.classify.stage import classify
     from cdae_em.core.averages import class_means
     from cdae_em.core.prepare import prepared_images, prepared_particles, whitening_record
@@ -304,7 +305,8 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
         if "whitening" in saved.files:  # (classes saved by an earlier version have no record)
             summary["whitening"] = json.loads(str(saved["whitening"]))
         log.info("stage 2/3 classify: already done (resuming)")
-        return labels, psi, origin, score, refs, int(saved["box"])
+        crowd = saved["crowding"] if "crowding" in saved.files else None  # (not saved by earlier versions)
+        return labels, psi, origin, score, refs, int(saved["box"]), None if crowd is None or not crowd.size else crowd
     log.info("stage 2/3 classify: K=%d by %s", settings.n_classes, settings.classify.method)
     t = time.perf_counter()
     cs = settings.classify
@@ -314,6 +316,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
             whitening = images.transform.preparer.whitening
             result = classify(images, cs, device, should_stop, work=work, ctf=images.ctf)
             box = images.shape[-1]
+            crowd = _crowding(images, result, settings, summary, device)
         refs = result.references
     else:
         # the denoised stacks are faithful images unless --equalise: equalise them here for clustering
@@ -335,6 +338,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
                 init = classify(denoised, replace(cs, n_iter=0), device, should_stop,
                                 work=work).labels
                 result = classify(originals, cs, device, should_stop, initial_labels=init, work=work, ctf=originals.ctf)
+            crowd = _crowding(originals, result, settings, summary, device)
             refs, _ = class_means(denoised, result.labels, result.psi, result.origin, settings.n_classes, device,
                                   cs.batch_size)
     labels, psi, origin, score = result.labels, result.psi, result.origin, result.score
@@ -345,9 +349,29 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
     if distributed.world().main:
         with atomic_path(result_file) as tmp, open(tmp, "wb") as f:
             np.savez(f, labels=labels, psi=psi, origin=origin, score=score, references=refs, box=box,
+                     crowding=np.zeros(0) if crowd is None else crowd,
                      history=json.dumps(result.history), whitening=json.dumps(summary["whitening"]))
     timings["classify"] = round(time.perf_counter() - t, 2)
-    return labels, psi, origin, score, refs, box
+    return labels, psi, origin, score, refs, box, crowd
+
+
+def _crowding(images, result, settings: JobSettings, summary: dict, device) -> np.ndarray | None:
+    """Each particle's crowding (``cdae_em.core.crowding``) in ``images``, the working box's prepared
+    particles; None (and a log line) where the particle's diameter is not known."""
+    from cdae_em.core.crowding import crowding
+    from cdae_em.core.prepare import estimate_particle_diameter
+
+    diameter = (summary.get("working_scale") or {}).get("particle_diameter_px")  # native pixels
+    if not diameter and settings.denoise.mask_diameter:
+        diameter = settings.denoise.mask_diameter / images.table.pixel_size()
+    diameter = diameter or estimate_particle_diameter(images)
+    if not diameter:
+        log.info("crowding not measured: the particles' diameter is not known (give --mask-diameter)")
+        return None
+    counts = np.bincount(result.labels, minlength=len(result.references))
+    radius = diameter / 2 * images.shape[-1] / images.box
+    return crowding(images, result.references, counts, result.psi, result.origin, radius, device,
+                    settings.classify.batch_size)
 
 
 def _pretrain_on_reference(settings: JobSettings, out: Path, device) -> None:

@@ -17,7 +17,9 @@ Score = consistency x compactness, clamped to [0, 1].
 Within a selected class, a particle that fits its class far worse than the others (its
 cdaeClassFit, the normalised cross-correlation with the class reference, more than ``FIT_Z``
 robust standard deviations below the class median) is left out too: fragments, empty boxes and
-carbon edges that the classification put among good particles.
+carbon edges that the classification put among good particles. So is a particle whose crowding
+(``cdae_em.core.crowding``: another particle-sized blob just outside it, as in an aggregate) is
+more than ``CROWDING_Z`` robust standard deviations above the particles' median.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import starfile
 
+from cdae_em.core.crowding import robust_z
 from cdae_em.errors import InputError
 from cdae_em.io.star import read_particles, write_star, write_table
 from cdae_em.job.result import SELECTION
@@ -40,6 +43,8 @@ THRESHOLD = setting("select_threshold")  # its default chosen on the (not held-o
 MIN_SHARE = 0.01  # classes smaller than this share of the particles never set the best consistency
 MARGIN_PX = 2.0  # the particle's extent: its diameter plus this margin on each side
 FIT_Z = -2.0  # particles of a selected class fitting it worse than this (robust z of cdaeClassFit) are left out
+CROWDING_Z = 2.7  # particles of a selected class more crowded than this (cdaeCrowding) are left out: on the
+# (not held-out) default map's junk stack, 1% of the single particles are (docs/selection.md)
 
 
 def class_scores(averages: np.ndarray, ssnr: np.ndarray, counts: np.ndarray,
@@ -92,6 +97,9 @@ def write_selection(out_dir: str | Path, threshold: float = THRESHOLD.default) -
     in_chosen = int(keep.sum())
     if "cdaeClassFit" in table.particles:
         keep &= fit_z(labels, table.particles["cdaeClassFit"].to_numpy(np.float64)) >= FIT_Z
+    fitting = int(keep.sum())
+    if "cdaeCrowding" in table.particles:
+        keep &= table.particles["cdaeCrowding"].to_numpy(np.float64) <= CROWDING_Z
     if not keep.any():
         for name in (SELECTED_PARTICLES, SELECTED_CLASSES):  # no empty table for a pipeline to pick up
             (out / name).unlink(missing_ok=True)
@@ -102,21 +110,20 @@ def write_selection(out_dir: str | Path, threshold: float = THRESHOLD.default) -
         selected = classes[classes["rlnClassNumber"].isin(chosen)].reset_index(drop=True)
         write_table(selected, out / SELECTED_CLASSES)
     record = {"threshold": threshold, "classes": chosen.tolist(), "particles": int(keep.sum()),
-              "of_particles": int(len(keep)), "left_out_for_poor_fit": in_chosen - int(keep.sum())}
-    log.info("class selection (score >= %.2f): %d of %d classes, %d of %d particles (%d of their members left out "
-             "for a poor fit to their class) -> %s", threshold, len(chosen), len(classes), record["particles"],
-             len(keep), record["left_out_for_poor_fit"], out / SELECTED_PARTICLES)
+              "of_particles": int(len(keep)), "left_out_for_poor_fit": in_chosen - fitting,
+              "left_out_for_crowding": fitting - int(keep.sum())}
+    log.info("class selection (score >= %.2f): %d of %d classes, %d of %d particles (of their members %d left out "
+             "for a poor fit to their class, %d for crowding) -> %s", threshold, len(chosen), len(classes),
+             record["particles"], len(keep), record["left_out_for_poor_fit"], record["left_out_for_crowding"],
+             out / SELECTED_PARTICLES)
     return record
 
 
 def fit_z(labels: np.ndarray, fit: np.ndarray) -> np.ndarray:
-    """Each particle's fit to its class as a robust z-score within the class: (fit - median) /
-    (1.4826 MAD); 0 in classes whose fits do not vary."""
+    """Each particle's fit to its class as a robust z-score within the class (``crowding.robust_z``);
+    0 in classes whose fits do not vary."""
     z = np.zeros(len(fit))
     for c in np.unique(labels):
         members = labels == c
-        median = np.median(fit[members])
-        spread = 1.4826 * np.median(np.abs(fit[members] - median))
-        if spread > 0:
-            z[members] = (fit[members] - median) / spread
+        z[members] = robust_z(fit[members])
     return z
