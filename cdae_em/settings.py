@@ -237,7 +237,7 @@ class JobSettings:
                                                 help="class averages from CTF phase-flipped originals")
     # automatic class selection (cdae_em.job.selection); not part of the signature: a rerun with
     # another threshold resumes and selects again (as `cdae-em select` does)
-    select_threshold: float = option(0.3, flags=("--select-threshold",), group="classification", minimum=0,
+    select_threshold: float = option(0.5, flags=("--select-threshold",), group="classification", minimum=0,
                                      maximum=1, metavar="X", kinds=(RUN, CLASSIFY), relion=("select_threshold",),
                                      scipion="selectThreshold",
                                      help="classes whose score (rlnClassScore, 0-1) is at least this are selected: "

@@ -7,7 +7,7 @@ import starfile
 from conftest import run_cli
 
 from cdae_em.job.result import CONTRACT
-from cdae_em.job.selection import CROWDING_Z
+from cdae_em.job.selection import CROWDING_Z, THRESHOLD
 from cdae_em.simulate.simulator import SimulationSettings, load_source, simulate
 
 
@@ -40,7 +40,7 @@ def test_selection_keeps_the_particles_and_leaves_the_junk(junk_job):
     assert set(selected) == set(everything) == {"optics", "particles"}
     assert list(selected["particles"].columns) == list(everything["particles"].columns)
     assert selected["optics"].equals(everything["optics"])
-    chosen = set(classes.loc[classes["rlnClassScore"] >= 0.3, "rlnClassNumber"])
+    chosen = set(classes.loc[classes["rlnClassScore"] >= THRESHOLD.default, "rlnClassNumber"])
     assert set(selected["particles"]["rlnClassNumber"]) == chosen
     p = everything["particles"]
     # members of the chosen classes, less those fitting their class far worse than the others
@@ -104,3 +104,44 @@ def test_a_job_refuses_a_threshold_outside_0_1_before_it_starts(junk_job, tmp_pa
     r = run_cli("classify", "--i", sim / "particles.star", "--o", tmp_path / "o", "--K", 2, "--select-threshold", 2)
     assert r.returncode != 0 and "--select-threshold" in r.stderr and "Traceback" not in r.stderr
     assert not any((tmp_path / "o" / name).exists() for name in CONTRACT)
+
+
+def test_compactness_counts_the_signal_not_the_noise_left_in_small_classes():
+    """A centred particle's average with as much noise again as signal: the noise, estimated
+    from the two half-set averages, is taken out of the power, so the particle's compactness is
+    ~1 as for a clean average; without it the noise spread over the box pulls it far down."""
+    from cdae_em.job.selection import average_noise, class_scores
+
+    box, n = 48, 10
+    c = np.arange(box) - box // 2
+    r = np.hypot(c[:, None], c[None, :])
+    particle = np.exp(-(r / 6.0) ** 2)
+    rng = np.random.default_rng(0)
+    sigma = 1.0  # per image
+    half_a = particle + rng.normal(0, sigma / np.sqrt(n / 2), (box, box))
+    half_b = particle + rng.normal(0, sigma / np.sqrt(n / 2), (box, box))
+    average = (half_a + half_b) / 2
+    noise = average_noise(half_a[None], half_b[None], np.array([n // 2]), np.array([n // 2]))
+    assert abs(float(noise.std()) - sigma / np.sqrt(n)) < 0.1 * sigma / np.sqrt(n)
+    ssnr = np.ones((1, box // 2))
+    _, noisy = class_scores(average[None], ssnr, np.array([n]), diameter_px=24)
+    _, cleaned = class_scores(average[None], ssnr, np.array([n]), diameter_px=24, noise=noise)
+    _, clean = class_scores(particle[None], ssnr, np.array([n]), diameter_px=24)
+    assert clean["compactness"][0] > 0.99
+    assert cleaned["compactness"][0] > 0.9 > 0.7 > noisy["compactness"][0]  # the test can fail: noise matters
+
+
+def test_one_small_noisy_class_does_not_set_the_consistency_of_all():
+    """Full consistency is a typical good class's member SSNR (the particle-weighted 85% quantile),
+    not the best class's: one small class with an inflated estimate leaves the others' scores."""
+    from cdae_em.job.selection import class_scores
+
+    box = 32
+    averages = np.zeros((5, box, box))
+    averages[:, box // 2, box // 2] = 1.0
+    counts = np.array([300, 300, 300, 100, 20])
+    member = np.array([0.2, 0.2, 0.2, 0.05, 2.0])  # class 5: 20 particles, a noisy high estimate
+    ssnr = np.repeat((member * counts)[:, None], box // 2, axis=1)
+    score, parts = class_scores(averages, ssnr, counts)
+    assert np.allclose(parts["consistency"][:3], 1.0) and abs(parts["consistency"][3] - 0.25) < 1e-3
+    assert parts["consistency"][4] == 1.0  # clipped

@@ -22,7 +22,7 @@ from cdae_em.core.prepare import BatchPreparer
 from cdae_em.io.stacks import write_stack
 from cdae_em.io.images import ImageSource
 from cdae_em.io.star import ParticleTable, write_star, write_table
-from cdae_em.job.selection import class_scores, write_selection
+from cdae_em.job.selection import average_noise, class_scores, write_selection
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def write_outputs(settings, table: ParticleTable, labels: np.ndarray, psi: np.nd
     avg_name = star_path_name(out / "class_averages.mrcs")
     if diameter_px is None and settings.denoise.mask_diameter:
         diameter_px = settings.denoise.mask_diameter / pixel
-    class_score, score_parts = class_scores(averages, stats.ssnr, counts, diameter_px)
+    noise = average_noise(half_means[0::2], half_means[1::2], n_half[:, 0], n_half[:, 1])
+    class_score, score_parts = class_scores(averages, stats.ssnr, counts, diameter_px, noise)
     classes = pd.DataFrame({
         "rlnReferenceImage": [f"{i:06d}@{avg_name}" for i in range(1, k + 1)],
         "rlnClassNumber": np.arange(1, k + 1),

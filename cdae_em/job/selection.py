@@ -7,11 +7,16 @@ The score (docs/selection.md has the recipe's measurements) asks two things of a
 - **consistency**: do its particles agree with each other? The spectral SSNR of the class average
   (from the half-set FRC) divided by the class size is the SSNR of one member; averaged over the
   Fourier rings from 2 to a quarter of the box, it is near 0 for junk (empty boxes, aggregates with
-  partners anywhere, fragments cut anywhere), whatever the class size. It is divided by the best
-  class's (the classes of at least ``MIN_SHARE`` of the particles), so the score does not depend on
-  the data's SNR;
+  partners anywhere, fragments cut anywhere), whatever the class size. It is divided by that of a
+  typical good class, so that the score does not depend on the data's SNR: the particle-weighted
+  ``REFERENCE_QUANTILE`` quantile over the classes of at least ``MIN_SHARE`` of the particles (the
+  best class's alone is a noisy maximum where K is large and the classes small; the quantile is
+  still a good class's with up to ~85% junk);
 - **compactness**: is the average a particle, centred in its box? The fraction of the average's
-  power inside the particle's diameter (carbon edges and aggregates spread it to the box's edges).
+  signal power inside the particle's diameter (carbon edges and aggregates spread it to the box's
+  edges). The noise left in the average (estimated per pixel from the difference of its two
+  half-set averages) is subtracted first: it spreads evenly over the box, and in the small classes
+  of a large K it would otherwise pull every class towards the disc's share of the box's area.
 Score = consistency x compactness, clamped to [0, 1].
 
 Within a selected class, a particle that fits its class far worse than the others (its
@@ -40,7 +45,8 @@ log = logging.getLogger(__name__)
 
 SELECTED_PARTICLES, SELECTED_CLASSES = SELECTION
 THRESHOLD = setting("select_threshold")  # its default chosen on the (not held-out) default map: docs/selection.md
-MIN_SHARE = 0.01  # classes smaller than this share of the particles never set the best consistency
+MIN_SHARE = 0.01  # classes smaller than this share of the particles never set the reference consistency
+REFERENCE_QUANTILE = 0.85  # the particle-weighted quantile of member SSNR that counts as full consistency
 MARGIN_PX = 2.0  # the particle's extent: its diameter plus this margin on each side
 FIT_Z = -2.0  # particles of a selected class fitting it worse than this (robust z of cdaeClassFit) are left out
 CROWDING_Z = 2.7  # particles of a selected class more crowded than this (cdaeCrowding) are left out: on the
@@ -48,27 +54,44 @@ CROWDING_Z = 2.7  # particles of a selected class more crowded than this (cdaeCr
 
 
 def class_scores(averages: np.ndarray, ssnr: np.ndarray, counts: np.ndarray,
-                 diameter_px: float | None = None) -> tuple[np.ndarray, dict]:
+                 diameter_px: float | None = None, noise: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Each class's score in [0, 1] (module docstring), and its parts per class for the summary.
     ``averages`` (K, box, box), ``ssnr`` (K, rings) of the class averages, ``counts`` (K,),
-    ``diameter_px`` the particle's diameter in the averages' pixels (None: 0.9 of the box)."""
+    ``diameter_px`` the particle's diameter in the averages' pixels (None: 0.9 of the box),
+    ``noise`` (K, box, box) an estimate of the noise left in each average (``average_noise``)."""
     k, box = averages.shape[0], averages.shape[-1]
     counts = np.asarray(counts, dtype=np.float64)
     diameter = 0.9 * box if diameter_px is None else float(diameter_px)
     band = ssnr[:, 2:max(3, box // 4)]
     per_particle = np.where(counts > 0, band.mean(axis=1) / np.maximum(counts, 1), 0.0)
-    big = counts >= MIN_SHARE * counts.sum()
-    best = per_particle[big].max() if big.any() else per_particle.max()
-    consistency = np.clip(per_particle / best, 0.0, 1.0) if best > 0 else np.zeros(k)
+    big = (counts >= MIN_SHARE * counts.sum()) & (counts > 0)
+    pool = big if big.any() else counts > 0
+    order = np.argsort(per_particle[pool])
+    weight = np.cumsum(counts[pool][order]) / max(counts[pool].sum(), 1.0)
+    reference = per_particle[pool][order][np.searchsorted(weight, REFERENCE_QUANTILE)] if pool.any() else 0.0
+    consistency = np.clip(per_particle / reference, 0.0, 1.0) if reference > 0 else np.zeros(k)
     c = np.arange(box) - box // 2
     r = np.hypot(c[:, None], c[None, :])
     background = averages[:, r > 0.45 * box].mean(axis=1)[:, None, None]
     power = (averages - background) ** 2
-    inside = power[:, r <= diameter / 2 + MARGIN_PX].sum(axis=1) / np.maximum(power.reshape(k, -1).sum(axis=1), 1e-30)
+    if noise is not None:
+        power = power - noise**2
+    total = power.reshape(k, -1).sum(axis=1)
+    inside = np.where(total > 0, power[:, r <= diameter / 2 + MARGIN_PX].sum(axis=1) / np.maximum(total, 1e-30), 0.0)
+    inside = np.clip(inside, 0.0, 1.0)
     score = np.where(counts > 0, np.clip(consistency * inside, 0.0, 1.0), 0.0)
     parts = {"consistency": np.round(consistency, 4).tolist(), "compactness": np.round(inside, 4).tolist(),
              "member_ssnr": [float(f"{x:.4g}") for x in per_particle]}
     return score, parts
+
+
+def average_noise(half_a: np.ndarray, half_b: np.ndarray, n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
+    """The noise of each class's whole average (n_a h_a + n_b h_b) / n, estimated per pixel from its
+    two half-set averages (K, box, box) of n_a and n_b members: (h_a - h_b) sqrt(n_a n_b) / n, which
+    has the variance of that noise where the halves share their signal; 0 where a half is empty."""
+    n_a, n_b = np.asarray(n_a, dtype=np.float64), np.asarray(n_b, dtype=np.float64)
+    factor = np.sqrt(n_a * n_b) / np.maximum(n_a + n_b, 1)
+    return (half_a - half_b) * factor[:, None, None]
 
 
 def write_selection(out_dir: str | Path, threshold: float = THRESHOLD.default) -> dict:
