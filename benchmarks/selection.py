@@ -62,7 +62,8 @@ def score(case: Path, job: Path) -> dict:
     kind = dict(zip(names, truth["cdaeTrueKind"]))
     view = dict(zip(names, truth["rlnClassNumber"]))
     p = starfile.read(job / "particles.star", always_dict=True)["particles"]
-    good = np.array([kind[n] == "particle" for n in p["rlnImageName"]])
+    kinds = np.array([kind[n] for n in p["rlnImageName"]])
+    good = kinds == "particle"
     labels = p["rlnClassNumber"].to_numpy()
     chosen = job / "particles_selected.star"
     selected = set(starfile.read(chosen, always_dict=True)["particles"]["rlnImageName"]) if chosen.exists() else set()
@@ -84,6 +85,7 @@ def score(case: Path, job: Path) -> dict:
             "good_view_purity": float(purity),
             "junk_in_junk_classes": float(np.isin(labels, majority)[~good].mean()) if (~good).any() else 0.0,
             "classes_selected": len(summary.get("selection", {}).get("classes", [])),
+            "rejected_by_kind": {k: round(float((~picked[kinds == k]).mean()), 3) for k in sorted(set(kinds)) if k != "particle"},
             "scores": summary.get("class_scores", {}).get("score")}
 
 
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
                      f"{n} ({k})", box, f"{r['junk_in_junk_classes']:.3f}", f"{r['junk_recall']:.3f}",
                      f"{r['good_kept']:.3f}", f"{r['precision']:.3f}", f"{r['good_view_purity']:.3f}",
                      str(r["classes_selected"]), f"{r['lowest_good_class_score']:.2f} / {r['highest_junk_class_score']:.2f}",
+                     ", ".join(f"{k} {v:.2f}" for k, v in r.get("rejected_by_kind", {}).items()) or "n/a",
                      f"{r['wall_s']:.0f}"])
     text = "\n".join([
         "# Automatic class selection on junk-laden particles", "",
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
         (__doc__ or "").split("\n\n")[3].strip().replace("\n", " "), "",
         md_table(["protein", "junk", "particles (K)", "box", "junk in majority-junk classes", "junk recall",
                   "good kept", "selection precision", "good-view purity (selected)", "classes selected",
-                  "lowest score of a mostly-good class / highest of a mostly-junk class", "wall s"], rows),
+                  "lowest score of a mostly-good class / highest of a mostly-junk class", "junk rejected, by kind",
+                  "wall s"], rows),
         ""])
     args.out.write_text(text)
     print(text)

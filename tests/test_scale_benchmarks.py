@@ -15,7 +15,10 @@ def test_gpu_script_runs_on_cpu(capsys):
 
 def test_report_renders_every_section():
     results = {
-        "machine": {"knn": "m", "run": "m", "inference": "m"},
+        "machine": {"knn": "m", "run": "m", "inference": "m", "classes": "m"},
+        "classes": [{"stack": "s", "n": 1200, "K": 50, "shortlist": s, "threads": 2, "wall": 300.0, "classify": 250.0,
+                     "rounds": 30, "coarse_round_s": 4.4, "fine_round_s": None if s else 30.7, "peak_rss_mib": 1100.0,
+                     "junk_recall": 0.8, "good_kept": 0.9, "precision": 0.95, "good_view_purity": 0.5} for s in (0, 8)],
         "knn": [{"n": 100000, "data": "features", "method": "exact (torch, tiled)", "queries": 100000,
                  "seconds": 48.0, "recall": 1.0, "note": "measured"}],
         "run": [{"n": 2000, "processes": 1, "threads": 2, "wall": 100.0, "denoise": 60.0, "classify": 30.0,
@@ -35,6 +38,9 @@ def test_report_renders_every_section():
     assert "| 900 | 612 | 0.10 | (reference)" in text  # the anonymous peak next to the RSS
     assert "| 900 | n/a | 0.10 | yes" in text  # a row measured before the anonymous peak was
     assert "Pending: no GPU" in text  # CPU smoke rows are not a GPU table
+    rows = [line for line in text.splitlines() if line.startswith("| s | 50 |")]
+    assert rows[0].startswith("| s | 50 | 8 | 2 | 300 | 250 | 30 | 4.4 | n/a | 1,100 | 0.800 |")  # with the shortlist first
+    assert rows[1].startswith("| s | 50 | none | 2 | 300 | 250 | 30 | 4.4 | 30.7 |")
 
 
 def test_benchmarks_report_carries_the_scale_tables():
