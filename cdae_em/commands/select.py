@@ -2,7 +2,8 @@
 
 Reads --job/class_averages.star (each class's rlnClassScore) and --job/particles.star, and
 rewrites --job/particles_selected.star and class_averages_selected.star with the classes
-scoring at least --threshold (0-1). The score's recipe: ``cdae_em.job.selection``. gallery.png
+scoring at least --threshold (0-1), less their members that fit their class poorly or are crowded
+(cdaeClassFit, cdaeCrowding). The score's recipe: ``cdae_em.job.selection``. gallery.png
 keeps the job's own selection (green frames); summary.json too.
 
 example:

@@ -316,7 +316,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
             whitening = images.transform.preparer.whitening
             result = classify(images, cs, device, should_stop, work=work, ctf=images.ctf)
             box = images.shape[-1]
-            crowd = _crowding(images, result, settings, summary, device)
+            crowd = distributed.on_main(_crowding, images, result, settings, summary, device)
         refs = result.references
     else:
         # the denoised stacks are faithful images unless --equalise: equalise them here for clustering
@@ -338,7 +338,7 @@ def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, p
                 init = classify(denoised, replace(cs, n_iter=0), device, should_stop,
                                 work=work).labels
                 result = classify(originals, cs, device, should_stop, initial_labels=init, work=work, ctf=originals.ctf)
-            crowd = _crowding(originals, result, settings, summary, device)
+            crowd = distributed.on_main(_crowding, originals, result, settings, summary, device)
             refs, _ = class_means(denoised, result.labels, result.psi, result.origin, settings.n_classes, device,
                                   cs.batch_size)
     labels, psi, origin, score = result.labels, result.psi, result.origin, result.score
