@@ -14,8 +14,10 @@ Scores (truth.star's cdaeTrueKind): junk recall (junk picks not selected, over a
 good kept (true particles selected, over all of them), selection precision (true particles among
 the selected), the purity of the selected true particles' classes (the share of each class's most
 common true view, over the selected true particles), and the fraction of junk in majority-junk
-classes (a class counted as junk when most of its members are junk). RELION Class2D is not run
-here yet.
+classes (a class counted as junk when most of its members are junk). With ``--relion-bin`` RELION
+Class2D (EM, 25 iterations, as ``benchmarks.class2d`` runs it) classifies the same stack into the
+same K on the same threads; its classes are scored by the junk in majority-junk classes (RELION
+selects no classes by itself; our selection rule is not applied to its classes yet).
 """
 
 from __future__ import annotations
@@ -58,9 +60,8 @@ def score(case: Path, job: Path) -> dict:
     import starfile
 
     truth = starfile.read(case / "truth.star", always_dict=True)["particles"]
-    names = truth["rlnImageName"].str.replace("clean.mrcs", "particles.mrcs")
-    kind = dict(zip(names, truth["cdaeTrueKind"]))
-    view = dict(zip(names, truth["rlnClassNumber"]))
+    kind = truth_kinds(case)
+    view = dict(zip(truth["rlnImageName"].str.replace("clean.mrcs", "particles.mrcs"), truth["rlnClassNumber"]))
     p = starfile.read(job / "particles.star", always_dict=True)["particles"]
     kinds = np.array([kind[n] for n in p["rlnImageName"]])
     good = kinds == "particle"
@@ -68,25 +69,65 @@ def score(case: Path, job: Path) -> dict:
     chosen = job / "particles_selected.star"
     selected = set(starfile.read(chosen, always_dict=True)["particles"]["rlnImageName"]) if chosen.exists() else set()
     picked = np.array([n in selected for n in p["rlnImageName"]])
-    majority = [c for c in np.unique(labels) if (~good[labels == c]).mean() > 0.5]
+    majority = junk_classes(labels, good)
     kept = picked & good
     views = np.array([view[n] for n in p["rlnImageName"][kept]])
     # purity of the selected good particles' classes: the share of each class's largest true view
     purity = sum(np.bincount(views[labels[kept] == c]).max() for c in np.unique(labels[kept])) / max(kept.sum(), 1)
     summary = json.loads((job / "summary.json").read_text())
     scores = np.asarray(summary.get("class_scores", {}).get("score", []))
-    junk_classes = np.isin(np.arange(1, len(scores) + 1), majority)
+    mostly_junk = np.isin(np.arange(1, len(scores) + 1), majority)
     present = np.isin(np.arange(1, len(scores) + 1), labels)
-    return {"lowest_good_class_score": float(scores[present & ~junk_classes].min()) if (present & ~junk_classes).any() else None,
-            "highest_junk_class_score": float(scores[present & junk_classes].max()) if (present & junk_classes).any() else None,
+    return {"lowest_good_class_score": float(scores[present & ~mostly_junk].min()) if (present & ~mostly_junk).any() else None,
+            "highest_junk_class_score": float(scores[present & mostly_junk].max()) if (present & mostly_junk).any() else None,
 "junk_recall": float((~picked & ~good).sum() / max((~good).sum(), 1)),
             "good_kept": float(kept.sum() / max(good.sum(), 1)),
             "precision": float(kept.sum() / max(picked.sum(), 1)),
             "good_view_purity": float(purity),
-            "junk_in_junk_classes": float(np.isin(labels, majority)[~good].mean()) if (~good).any() else 0.0,
+            "junk_in_junk_classes": junk_in_junk_classes(labels, good),
             "classes_selected": len(summary.get("selection", {}).get("classes", [])),
             "rejected_by_kind": {k: round(float((~picked[kinds == k]).mean()), 3) for k in sorted(set(kinds)) if k != "particle"},
             "scores": summary.get("class_scores", {}).get("score")}
+
+
+def truth_kinds(case: Path) -> dict:
+    """Image name (of particles.mrcs) -> truth.star's cdaeTrueKind."""
+    import starfile
+
+    truth = starfile.read(case / "truth.star", always_dict=True)["particles"]
+    return dict(zip(truth["rlnImageName"].str.replace("clean.mrcs", "particles.mrcs"), truth["cdaeTrueKind"]))
+
+
+def junk_classes(labels: np.ndarray, good: np.ndarray) -> list:
+    """The classes whose members are mostly junk."""
+    return [c for c in np.unique(labels) if (~good[labels == c]).mean() > 0.5]
+
+
+def junk_in_junk_classes(labels: np.ndarray, good: np.ndarray) -> float:
+    """The fraction of the junk in classes whose members are mostly junk."""
+    return float(np.isin(labels, junk_classes(labels, good))[~good].mean()) if (~good).any() else 0.0
+
+
+def relion_classes(case: Path, k: int, j: int, relion: Path, box: int) -> dict:
+    """RELION Class2D (EM) on the case's particles: its time, peak RSS and junk in majority-junk classes."""
+    import shutil
+
+    import starfile
+
+    from benchmarks.class2d import last_iteration, measured, read_labels, relion_command
+
+    out = case / f"relion_K{k}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    px = float(starfile.read(case / "particles.star", always_dict=True)["optics"]["rlnImagePixelSize"][0])
+    wall, rss = measured(relion_command("relion", relion, k, j, diameter=0.8 * box * px, out=f"{out.name}/run"), case,
+                         out / "log.txt")
+    labels = read_labels(last_iteration(out, "run_it*_data.star"))
+    kind = truth_kinds(case)
+    names = list(labels)
+    good = np.array([kind[n] == "particle" for n in names])
+    return {"junk_in_junk_classes": junk_in_junk_classes(np.array([labels[n] for n in names]), good),
+            "wall_s": round(wall, 1), "rss_mib": round(rss), "classes_used": len(set(labels.values()))}
 
 
 def main(argv=None) -> int:
@@ -101,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "selection.md")
     p.add_argument("--redo", action="store_true")
     p.add_argument("--rescore", action="store_true", help="score the kept runs again from their output files")
+    p.add_argument("--relion-bin", type=Path, help="directory of relion_refine: also run RELION Class2D on each stack")
     args = p.parse_args(argv)
     results_file = args.out.with_suffix(".json")
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
@@ -127,6 +169,15 @@ def main(argv=None) -> int:
             results[key] = {**score(case, job), "wall_s": round(time.perf_counter() - t, 1)}
             log(f"{key}: {results[key]}")
             results_file.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    for key in sorted(results) if args.relion_bin else []:
+        protein, junk, k, n, box = key.split("|")
+        if "relion" in results[key] and not args.redo:
+            continue
+        log(f"{key}: RELION Class2D ...")
+        case = simulate_case(protein, float(junk), int(n), int(box), args.work)
+        results[key]["relion"] = relion_classes(case, int(k), args.j, args.relion_bin, int(box))
+        log(f"{key}: RELION {results[key]['relion']}")
+        results_file.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     rows = []
     for key, r in sorted(results.items()):
         protein, junk, k, n, box = key.split("|")
@@ -135,7 +186,9 @@ def main(argv=None) -> int:
                      f"{r['good_kept']:.3f}", f"{r['precision']:.3f}", f"{r['good_view_purity']:.3f}",
                      str(r["classes_selected"]), f"{r['lowest_good_class_score']:.2f} / {r['highest_junk_class_score']:.2f}",
                      ", ".join(f"{k} {v:.2f}" for k, v in r.get("rejected_by_kind", {}).items()) or "n/a",
-                     f"{r['wall_s']:.0f}"])
+                     f"{r['wall_s']:.0f}",
+                     f"{r['relion']['junk_in_junk_classes']:.3f} ({r['relion']['wall_s']:.0f} s, "
+                     f"{r['relion']['rss_mib']:,} MiB)" if "relion" in r else "not run"])
     text = "\n".join([
         "# Automatic class selection on junk-laden particles", "",
         f"Generated by `python -m benchmarks.selection` (see its docstring); {machine()}.", "",
@@ -144,7 +197,7 @@ def main(argv=None) -> int:
         md_table(["protein", "junk", "particles (K)", "box", "junk in majority-junk classes", "junk recall",
                   "good kept", "selection precision", "good-view purity (selected)", "classes selected",
                   "lowest score of a mostly-good class / highest of a mostly-junk class", "junk rejected, by kind",
-                  "wall s"], rows),
+                  "wall s", "RELION Class2D: junk in majority-junk classes (wall, peak RSS)"], rows),
         ""])
     args.out.write_text(text)
     print(text)
