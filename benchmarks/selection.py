@@ -169,7 +169,9 @@ def main(argv=None) -> int:
             results[key] = {**score(case, job), "wall_s": round(time.perf_counter() - t, 1)}
             log(f"{key}: {results[key]}")
             results_file.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    for key in sorted(results) if args.relion_bin else []:
+    asked = [f"{protein}|{float(junk):g}|{args.K}|{args.n}|{args.box}" for protein in args.proteins.split(",")
+             for junk in args.junk.split(",")]
+    for key in [key for key in asked if key in results] if args.relion_bin else []:
         protein, junk, k, n, box = key.split("|")
         if "relion" in results[key] and not args.redo:
             continue
