@@ -233,12 +233,13 @@ def cmd_classes(args) -> list[dict]:
     case = simulate_case(args.protein, args.junk, args.n, 64, args.work / "selection")
     rows = []
     quality = ("junk_recall", "good_kept", "precision", "good_view_purity")
+    measured_rows = {(r["stack"], r["K"], r["shortlist"], r["threads"]): r
+                     for r in (json.loads(RESULTS.read_text()) if RESULTS.exists() else {}).get("classes", [])}
     for k in [int(v) for v in args.K.split(",")]:
         for shortlist in [int(v) for v in args.shortlists.split(",")]:
             out = case / f"run_K{k}_shortlist{shortlist}"
             if args.rescore:  # the job resumed: its outputs and selection written again by this version
-                row = next((r for r in (json.loads(RESULTS.read_text()) if RESULTS.exists() else {}).get("classes", [])
-                            if (r["stack"], r["K"], r["shortlist"], r["threads"]) == (case.name, k, shortlist, args.j)), None)
+                row = measured_rows.get((case.name, k, shortlist, args.j))
                 if row is None or not (out / "summary.json").exists():
                     continue
                 measured([sys.executable, "-m", "benchmarks.scale", "run-one", "--star", "particles.star", "--o", out.name,
