@@ -5,7 +5,7 @@ results in docs/scale.json, tables in docs/scale.md.
     python -m benchmarks.scale knn [--sizes 100000,1000000] [--work DIR]
     python -m benchmarks.scale run [--sizes 2000,8000,32000] [--procs 1,2] [--work DIR]
     python -m benchmarks.scale inference [--n 100000] [--work DIR]
-    python -m benchmarks.scale classes [--K 12,50,100] [--shortlists 8,0] [--n 1200] [--rescore]
+    python -m benchmarks.scale classes [--K 12,50,100] [--shortlists 8,0] [--subsets 100] [--n 1200] [--rescore]
     python -m benchmarks.scale report          # docs/scale.md from docs/scale.json
 
 Every measuring command adds its rows to docs/scale.json (replacing rows of the same size) and
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import sys
@@ -33,14 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "docs" / "scale.json"
-REPORT = ROOT / "docs" / "scale.md"
+from benchmarks.scale_classes import KEYS, classes_report, cmd_classes, run_one
+from benchmarks.scale_results import REPORT, RESULTS, fmt, log, measured, merge
+
 K = 30
-
-
-def log(msg: str) -> None:
-    print(f"[scale {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,17 +138,6 @@ def cmd_knn(args) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # `cdae-em run` and streamed inference, in child processes
 # ----------------------------------------------------------------------------------------------
-def measured(cmd: list[str], cwd: Path) -> tuple[float, float, float | None]:
-    """Wall time (s), peak RSS and peak anonymous RSS (MiB, the largest single process; see
-    benchmarks.measure) of a child command."""
-    from benchmarks.measure import run_measured
-
-    m = run_measured(cmd, cwd, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)})
-    if m.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{m.output[-3000:]}")
-    return m.wall, m.peak_rss_mib, m.peak_anon_mib
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -225,95 +209,9 @@ def cmd_inference(args) -> list[dict]:
     return [row]
 
 
-def cmd_classes(args) -> list[dict]:
-    """`cdae-em run` on one junk-laden stack (``benchmarks.selection``'s) at several K, each with the
-    default shortlist and with none (every reference compared in full, as before it existed)."""
-    from benchmarks.selection import score, simulate_case
-
-    case = simulate_case(args.protein, args.junk, args.n, 64, args.work / "selection")
-    rows = []
-    quality = ("junk_recall", "good_kept", "precision", "good_view_purity")
-    measured_rows = {(r["stack"], r["K"], r["shortlist"], r["threads"]): r
-                     for r in (json.loads(RESULTS.read_text()) if RESULTS.exists() else {}).get("classes", [])}
-    for k in [int(v) for v in args.K.split(",")]:
-        for shortlist in [int(v) for v in args.shortlists.split(",")]:
-            out = case / f"run_K{k}_shortlist{shortlist}"
-            if args.rescore:  # the job resumed: its outputs and selection written again by this version
-                row = measured_rows.get((case.name, k, shortlist, args.j))
-                if row is None or not (out / "summary.json").exists():
-                    continue
-                measured([sys.executable, "-m", "benchmarks.scale", "run-one", "--star", "particles.star", "--o", out.name,
-                          "--K", str(k), "--shortlist", str(shortlist), "--j", str(args.j)], case)
-                rows.append({**row, **{key: score(case, out)[key] for key in quality}})
-                merge("classes", rows[-1:], ("stack", "K", "shortlist", "threads"))
-                continue
-            shutil.rmtree(out, ignore_errors=True)
-            log(f"cdae-em run {case.name}, K = {k}, shortlist {shortlist or 'none'} ...")
-            wall, rss, anon = measured([sys.executable, "-m", "benchmarks.scale", "run-one", "--star",
-                                        "particles.star", "--o", out.name, "--K", str(k),
-                                        "--shortlist", str(shortlist), "--j", str(args.j)], case)
-            summary = json.loads((out / "summary.json").read_text())
-            history = summary.get("classify") or []
-            measures = score(case, out)
-            rows.append({"stack": case.name, "n": args.n, "K": k, "shortlist": shortlist, "threads": args.j,
-                         "wall": wall, "classify": summary["timings"].get("classify"), "rounds": len(history),
-                         "coarse_round_s": _mean_seconds(history, "coarse"), "fine_round_s": _mean_seconds(history, "fine"),
-                         "peak_rss_mib": rss, "peak_anon_mib": anon,
-                         **{key: measures[key] for key in quality}})
-            log(f"  {rows[-1]}")
-            merge("classes", rows[-1:], ("stack", "K", "shortlist", "threads"))
-    return rows
-
-
-def _mean_seconds(history: list[dict], search: str) -> float | None:
-    """Mean wall time of the classification rounds of one kind of search (summary.json's history)."""
-    times = [h["seconds"] for h in history if h["search"] == search and "seconds" in h]
-    return float(np.mean(times)) if times else None
-
-
-def run_one(args) -> None:
-    """One `cdae-em run` job with ``classify.shortlist`` set (not a command-line option)."""
-    import dataclasses
-
-    from cdae_em.commands.common import apply_threads
-    from cdae_em.job.runner import run_job
-    from cdae_em.settings import build
-
-    settings = build({"particles": args.star, "out_dir": args.o, "classify.n_classes": args.K, "threads": args.j,
-                      "overwrite": True})
-    settings = dataclasses.replace(settings, classify=dataclasses.replace(settings.classify, shortlist=args.shortlist))
-    apply_threads(settings.threads)
-    run_job(settings)
-
-
 # ----------------------------------------------------------------------------------------------
 # results and report
 # ----------------------------------------------------------------------------------------------
-def merge(section: str, rows: list[dict], keys: tuple) -> dict:
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    new = {tuple(r[k] for k in keys) for r in rows}
-    results[section] = [r for r in results.get(section, []) if tuple(r[k] for k in keys) not in new] + rows
-    results.setdefault("machine", {})[section] = machine()
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    return results
-
-
-def machine() -> str:
-    from benchmarks.report import machine as describe
-
-    return describe()
-
-
-def fmt(v, digits: int = 1) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
-
-
 def same_classes(row: dict) -> str:
     """The run table's "same classes as 1 process" cell: a 1-process row is the reference itself."""
     return "(reference)" if row["processes"] == 1 else fmt(row["same_classes_as_1"])
@@ -361,22 +259,7 @@ def report(results: dict) -> str:
             lines.append(f"| {r['n']:,} | {fmt(r['wall'])} | {fmt(r['images_per_s'])} | {fmt(r['peak_rss_mib'], 0)} | "
                          f"{fmt(r['work_gb'], 2)} | {r.get('note', '')} |")
         lines += ["", f"Machine: {results['machine'].get('inference', '?')}", ""]
-    if results.get("classes"):
-        lines += ["## Classes: K (`python -m benchmarks.scale classes`)", "",
-                  "`cdae-em run --K K` on one junk-laden stack (`benchmarks.selection`'s: held-out 1BHL, 30% junk, real-data "
-                  "conditions, 64 px), each K with the default shortlist (each round searches a particle in full only "
-                  "against the 8 references that match it best in a cheaper search over all K) and with none (every "
-                  "reference in full). Round times are means over the job's rounds of each kind (summary.json); "
-                  "junk recall, good kept, selection precision and good-view purity as in docs/selection.md.", "",
-                  "| stack | K | shortlist | threads | wall s | classify s | rounds | coarse round s | fine round s | "
-                  "peak RSS MiB | junk recall | good kept | precision | good-view purity |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(results["classes"], key=lambda r: (r["stack"], r["K"], -r["shortlist"])):
-            lines.append(f"| {r['stack']} | {r['K']} | {r['shortlist'] or 'none'} | {r['threads']} | {fmt(r['wall'], 0)} | "
-                         f"{fmt(r['classify'], 0)} | {r['rounds']} | {fmt(r['coarse_round_s'])} | {fmt(r['fine_round_s'])} | "
-                         f"{fmt(r['peak_rss_mib'], 0)} | {fmt(r['junk_recall'], 3)} | {fmt(r['good_kept'], 3)} | "
-                         f"{fmt(r['precision'], 3)} | {fmt(r['good_view_purity'], 3)} |")
-        lines += ["", f"Machine: {results['machine'].get('classes', '?')}", ""]
+    lines += classes_report(results)
     missing = [f"`cdae-em run` at {n:,} particles, {p} process(es)" for n in (2000, 8000, 32000) for p in (1, 2)
                if (n, p) not in {(r["n"], r["processes"]) for r in results.get("run", [])}]
     if not any(r["n"] >= 100000 for r in results.get("inference", [])):
@@ -418,6 +301,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/cdae_scale"), help="simulated data (kept for reruns)")
     parser.add_argument("--K", default="12,50,100", help="classes for `classes` (comma list)")
     parser.add_argument("--shortlists", default="8,0", help="`classes`: classify.shortlist values (0: none)")
+    parser.add_argument("--subsets", default="100", help="`classes`: --subset-per-class values (0: every particle)")
     parser.add_argument("--protein", default="1BHL", help="`classes`: the junk stack's structure")
     parser.add_argument("--junk", type=float, default=0.3, help="`classes`: the junk stack's junk fraction")
     parser.add_argument("--rescore", action="store_true",
@@ -425,6 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--star", help=argparse.SUPPRESS)  # run-one
     parser.add_argument("--o", help=argparse.SUPPRESS)
     parser.add_argument("--shortlist", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--subset", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.what == "run-one":
         args.K = int(args.K)
@@ -439,7 +324,7 @@ def main(argv=None) -> int:
         results = merge("run", cmd_run(args), ("n", "processes"))
     elif args.what == "classes":
         args.n = args.n or 1200
-        results = merge("classes", cmd_classes(args), ("stack", "K", "shortlist", "threads"))
+        results = merge("classes", cmd_classes(args), KEYS)
     elif args.what == "inference":
         args.n = args.n or 100000
         results = merge("inference", cmd_inference(args), ("n",))

@@ -208,6 +208,12 @@ class ClassifySettings:
                                    "another is split; each is kept only if it lowers the classes' squared error "
                                    "(0: none)")
     move_rounds: int = 4  # coarse rounds after a move, before it is judged
+    subset_per_class: int = option(100, flags=("--subset-per-class",), group="classification", minimum=0,
+                                   kinds=(RUN, CLASSIFY), scipion="subsetPerClass", metavar="N",
+                                   help="with more than N x K particles, the classes are found on a random "
+                                        "N x K of them, then the last fine rounds assign every particle "
+                                        "(the cost of a large job then grows with K, not with the particle "
+                                        "count; 0: every particle in every round)")
     center_classes: bool = True  # shift each class average's centre of mass to the box centre (RELION's --center_classes)
     # with the particles' |CTF| (phase-flipped images), the fine rounds compare each particle with the
     # references multiplied by its |CTF| (the coarse rounds and moves compare plain images)

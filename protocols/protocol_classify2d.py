@@ -79,6 +79,8 @@ class ProtCdaeDenoiseClassify2D(ProtClassify2D):
                       label="Whiten the noise for alignment?")
         form.addParam("splitMerge", params.IntParam, **_tree("splitMerge"), validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="Merge-and-split moves")
+        form.addParam("subsetPerClass", params.IntParam, **_tree("subsetPerClass"), validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label="Particles per class to find the classes on")
         form.addParam("psiStep", params.FloatParam, **_tree("psiStep"), validators=[params.Positive],
                       expertLevel=params.LEVEL_ADVANCED, label="In-plane angular step (deg)")
         form.addParam("maxShift", params.FloatParam, **_tree("maxShift"), expertLevel=params.LEVEL_ADVANCED,

@@ -184,3 +184,45 @@ def test_a_shortlist_gives_the_classes_the_search_over_all_references_gives(tmp_
     assert len(seen) >= 2 and set(seen) == {stage.Shortlist(2, settings.shortlist_band, 4 * psi)}  # coarse and fine
     assert adjusted_rand_score(every.labels, short.labels) > 0.95
     assert all(h["seconds"] > 0 for h in short.history)
+
+
+def test_classes_found_on_a_subset_then_every_particle_assigned(tmp_path, monkeypatch):
+    """With more than subset_per_class x K particles every round but the last fine_rounds reads
+    only a seeded subset of that size (and its particles' |CTF|, row for row); the last rounds
+    assign every particle, and the classes are the views."""
+    import cdae_em.classify.stage as stage
+    import starfile
+    from sklearn.metrics import adjusted_rand_score
+    from cdae_em.core.ctf import CtfAmplitudes, CtfParams
+
+    n = 240
+    simulate(load_source(None, box=32), SimulationSettings(n_particles=n, n_views=4, in_plane=True,
+                                                           snrs=[1.0], seed=5), tmp_path)
+    images = mrcfile.read(tmp_path / "particles.mrcs").astype(np.float32)
+    truth = starfile.read(tmp_path / "truth.star", always_dict=True)["particles"]["rlnClassNumber"].to_numpy()
+    defocus = np.random.default_rng(0).uniform(8000, 30000, n)
+    amp = CtfAmplitudes(CtfParams(defocus_u=defocus, defocus_v=defocus, defocus_angle=np.zeros(n),
+                                  voltage=np.full(n, 300.0), cs=np.full(n, 2.7), amplitude_contrast=np.full(n, 0.1)),
+                        3.0, 32)
+    settings = ClassifySettings(n_classes=4, n_iter=3, fine_rounds=2, split_merge=0, seed=0, subset_per_class=20)
+    rows = stage._subset(n, settings)
+    assert len(rows) == 80 and len(set(rows)) == 80
+    seen = []
+    search = stage.align_to_references
+
+    def spy(images, *args, **kwargs):
+        ctf = kwargs.get("ctf")
+        seen.append((len(images), None if ctf is None else np.array_equal(ctf[[0]], amp[[rows[0]] if len(images) < n else [0]])))
+        return search(images, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "align_to_references", spy)
+    result = classify(images, settings, torch.device("cpu"), ctf=amp)
+    sizes = [s for s, _ in seen]
+    assert sizes[-2:] == [n, n] and set(sizes[:-2]) == {80}  # the last fine_rounds read every particle
+    assert all(same for _, same in seen if same is not None) and seen[-1][1] is not None
+    assert result.history[-1]["stage"] == "all particles" and sum(result.history[-1]["sizes"]) == n
+    assert sum(result.history[0]["sizes"]) == 80
+    assert set(np.unique(result.labels)) == set(range(4))
+    assert adjusted_rand_score(truth, result.labels) > 0.9
+    assert stage._subset(n, replace(settings, subset_per_class=60)) is None  # 240 = 60 x 4: every particle
+    assert stage._subset(n, replace(settings, subset_per_class=0)) is None

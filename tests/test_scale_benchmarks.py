@@ -18,7 +18,10 @@ def test_report_renders_every_section():
         "machine": {"knn": "m", "run": "m", "inference": "m", "classes": "m"},
         "classes": [{"stack": "s", "n": 1200, "K": 50, "shortlist": s, "threads": 2, "wall": 300.0, "classify": 250.0,
                      "rounds": 30, "coarse_round_s": 4.4, "fine_round_s": None if s else 30.7, "peak_rss_mib": 1100.0,
-                     "junk_recall": 0.8, "good_kept": 0.9, "precision": 0.95, "good_view_purity": 0.5} for s in (0, 8)],
+                     "junk_recall": 0.8, "good_kept": 0.9, "precision": 0.95, "good_view_purity": 0.5} for s in (0, 8)]
+        + [{"stack": "s", "n": 10000, "K": 50, "shortlist": 8, "subset": 100, "threads": 2, "wall": 900.0,
+            "classify": 800.0, "rounds": 40, "coarse_round_s": 10.0, "fine_round_s": 20.0, "all_round_s": 70.0,
+            "peak_rss_mib": 1200.0, "junk_recall": 0.8, "good_kept": 0.9, "precision": 0.95, "good_view_purity": 0.5}],
         "knn": [{"n": 100000, "data": "features", "method": "exact (torch, tiled)", "queries": 100000,
                  "seconds": 48.0, "recall": 1.0, "note": "measured"}],
         "run": [{"n": 2000, "processes": 1, "threads": 2, "wall": 100.0, "denoise": 60.0, "classify": 30.0,
@@ -39,8 +42,9 @@ def test_report_renders_every_section():
     assert "| 900 | n/a | 0.10 | yes" in text  # a row measured before the anonymous peak was
     assert "Pending: no GPU" in text  # CPU smoke rows are not a GPU table
     rows = [line for line in text.splitlines() if line.startswith("| s | 50 |")]
-    assert rows[0].startswith("| s | 50 | 8 | 2 | 300 | 250 | 30 | 4.4 | n/a | 1,100 | 0.800 |")  # with the shortlist first
-    assert rows[1].startswith("| s | 50 | none | 2 | 300 | 250 | 30 | 4.4 | 30.7 |")
+    assert rows[0].startswith("| s | 50 | 8 | 100 | 2 | 900 | 800 | 40 | 10.0 | 20.0 | 70.0 | 1,200 |")  # on a subset
+    assert rows[1].startswith("| s | 50 | 8 | all | 2 | 300 | 250 | 30 | 4.4 | n/a | n/a | 1,100 | 0.800 |")
+    assert rows[2].startswith("| s | 50 | none | all | 2 | 300 | 250 | 30 | 4.4 | 30.7 |")  # a row from before subsets
 
 
 def test_benchmarks_report_carries_the_scale_tables():
@@ -57,3 +61,19 @@ def test_benchmarks_report_carries_the_scale_tables():
     results = json.loads(scale.RESULTS.read_text())
     for row in results.get("run", []):
         assert f"| {row['n']:,} | {row['processes']} x {row['threads']} |" in section
+
+
+def test_classes_rows_name_the_subset_the_job_uses():
+    """A job finds its classes on a subset only above subset_per_class x K particles; the benchmark
+    records (and names its job directory by) what the job does."""
+    from benchmarks.scale_classes import effective_subset, job_name, mean_seconds
+    from cdae_em.classify.stage import _subset
+    from cdae_em.settings import ClassifySettings
+
+    for n, k, per_class in [(1200, 12, 100), (10000, 50, 100), (10000, 50, 200), (100000, 100, 0)]:
+        chosen = _subset(n, ClassifySettings(n_classes=k, subset_per_class=per_class))
+        assert effective_subset(n, k, per_class) * k == (0 if chosen is None else len(chosen))
+    assert job_name(50, 8, 0) == "run_K50_shortlist8" and job_name(50, 8, 100) == "run_K50_shortlist8_subset100"
+    history = [{"search": "coarse", "stage": "refine", "seconds": 1.0}, {"search": "fine", "stage": "refine", "seconds": 2.0},
+               {"search": "fine", "stage": "all particles", "seconds": 9.0}]
+    assert (mean_seconds(history, "fine"), mean_seconds(history, "fine", "all particles")) == (2.0, 9.0)

@@ -35,12 +35,14 @@
    residuals from their CTF-corrected average weighted by |CTF| (not their defocus), the merge takes
    the pair that costs the objective least (a small, noisy class that the correlation passes over).
    Class averages (plain, CTF-corrected, SSNR-filtered) are computed in ``cdae_em.core.averages``.
+7. With more than ``subset_per_class`` x K particles, steps 1-6 run on a random subset of that
+   size, and then ``fine_rounds`` fine rounds assign every particle to the classes found there.
 Classes are returned ordered by size (class 1 the largest), with each particle's psi and origin in
 RELION's convention (applying them to the particle brings it onto its class average).
 
 Cost: step 3 dominates, N x K x (360 / psi_step) cross-correlations per round, computed by FFT in
 batches (see ``align.align_to_references``); the shortlist makes the part that grows with K the
-cheaper search's (docs/scale.md). Memory holds the features (N x n_components) and the
+cheaper search's, and step 7 bounds N in all but the last rounds (docs/scale.md). Memory holds the features (N x n_components) and the
 per-particle alignment (N x 4), images are streamed. Each round's wall time is in the history.
 """
 
@@ -136,19 +138,13 @@ def classify(images, settings: ClassifySettings, device: torch.device,
     max_shift = settings.max_shift if settings.max_shift is not None else box / 8
     t0 = time.perf_counter()
     ctf = ctf if settings.ctf_aware else None
-    labels, psi, origin, score = _initial_classes(images, settings, device, max_shift, initial_labels, work)
-    rounds = _Rounds(images, settings, device, max_shift, should_stop, ctf)
-    state = rounds.state(labels, psi, origin, score)
-    passes = []
-    if settings.n_iter > 0:
-        n_fine = min(settings.fine_rounds, settings.n_iter)
-        if settings.ssnr_filter and settings.n_iter > n_fine:
-            state, passes = _coarse_plain_and_filtered(rounds, state, images, settings, device, n_fine)
-        else:
-            state = _coarse(rounds, state, images, settings, device, n_fine)
-        state = rounds.run(state, fine=True, limit=n_fine)
-        if ctf is not None:
-            state = _split_merge(state, rounds, images, settings, device, fine=True)
+    subset = _subset(n, settings)
+    if subset is None:
+        state, rounds, passes = _find_classes(images, settings, device, max_shift, should_stop, initial_labels,
+                                              work, ctf)
+    else:
+        state, rounds, passes = _find_classes_on_subset(images, subset, settings, device, max_shift, should_stop,
+                                                        initial_labels, work, ctf)
     labels, psi, origin, score, references, counts = state[:6]
     history = rounds.history
 
@@ -162,6 +158,76 @@ def classify(images, settings: ClassifySettings, device: torch.device,
     log.info("classified %d particles into %d classes in %.1f s", n, k, time.perf_counter() - t0)
     return Classification(labels=rank[labels], psi=psi, origin=origin, score=score,
                           references=references[order], history=history, coarse_passes=passes)
+
+
+def _find_classes(images, settings: ClassifySettings, device: torch.device, max_shift: float,
+                  should_stop: Callable[[], None] | None, initial_labels: np.ndarray | None, work: Path | None,
+                  ctf, later_rounds: int = 0) -> tuple[_State, _Rounds, list[dict]]:
+    """Steps 1-6 on ``images``: the final state, the rounds (their history) and the coarse passes.
+    ``later_rounds``: rounds the caller runs afterwards, counted in the progress."""
+    labels, psi, origin, score = _initial_classes(images, settings, device, max_shift, initial_labels, work)
+    rounds = _Rounds(images, settings, device, max_shift, should_stop, ctf, later_rounds)
+    state = rounds.state(labels, psi, origin, score)
+    passes = []
+    if settings.n_iter > 0:
+        n_fine = min(settings.fine_rounds, settings.n_iter)
+        if settings.ssnr_filter and settings.n_iter > n_fine:
+            state, passes = _coarse_plain_and_filtered(rounds, state, images, settings, device, n_fine)
+        else:
+            state = _coarse(rounds, state, images, settings, device, n_fine)
+        state = rounds.run(state, fine=True, limit=n_fine)
+        if ctf is not None:
+            state = _split_merge(state, rounds, images, settings, device, fine=True)
+    return state, rounds, passes
+
+
+def _subset(n: int, settings: ClassifySettings) -> np.ndarray | None:
+    """The rows (sorted, seeded) the classes are found on when there are more than
+    ``subset_per_class`` x K particles; None: all of them."""
+    size = settings.subset_per_class * settings.n_classes
+    if not size or n <= size or settings.n_iter == 0:
+        return None
+    return np.sort(np.random.default_rng(settings.seed).choice(n, size=size, replace=False))
+
+
+def _find_classes_on_subset(images, subset: np.ndarray, settings: ClassifySettings, device: torch.device,
+                            max_shift: float, should_stop: Callable[[], None] | None,
+                            initial_labels: np.ndarray | None, work: Path | None, ctf
+                            ) -> tuple[_State, _Rounds, list[dict]]:
+    """Steps 1-6 on the ``subset`` rows, then the fine rounds on every particle from the classes
+    found there (no moves: they were made on the subset). Only these last ``fine_rounds`` read
+    every particle, so the cost of the rest does not grow with N."""
+    n_fine = min(settings.fine_rounds, settings.n_iter)
+    log.info("finding the classes on %d of the %d particles (%d a class), then assigning every particle",
+             len(subset), len(images), settings.subset_per_class)
+    part, part_rounds, passes = _find_classes(
+        _Rows(images, subset), settings, device, max_shift, should_stop,
+        None if initial_labels is None else np.asarray(initial_labels)[subset], work,
+        None if ctf is None else _Rows(ctf, subset), later_rounds=n_fine)
+    n = len(images)
+    labels = np.full(n, -1)  # not yet assigned
+    psi, origin, score = np.zeros(n, np.float32), np.zeros((n, 2), np.float32), np.zeros(n, np.float32)
+    labels[subset], psi[subset], origin[subset], score[subset] = part.labels, part.psi, part.origin, part.score
+    rounds = _Rounds(images, settings, device, max_shift, should_stop, ctf, after=part_rounds)
+    state = part._replace(labels=labels, psi=psi, origin=origin, score=score)
+    # every particle is assigned by the first round, so the stop on no change cannot end it early
+    return rounds.run(state, fine=True, limit=n_fine, stage="all particles"), rounds, passes
+
+
+class _Rows:
+    """Rows ``rows`` of an array-like (``len``, ``shape``, ``[rows]``) as an array-like."""
+
+    def __init__(self, images, rows: np.ndarray):
+        self.images, self.rows = images, rows
+        self.shape = (len(rows), *images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, rows):
+        if isinstance(rows, torch.Tensor):
+            rows = rows.cpu().numpy()
+        return self.images[self.rows[rows]]
 
 
 class _State(NamedTuple):
@@ -180,9 +246,16 @@ class _Rounds:
     """Step 3: rounds of multi-reference alignment on ``images``, with their history."""
 
     def __init__(self, images, settings: ClassifySettings, device: torch.device, max_shift: float,
-                 should_stop: Callable[[], None] | None, ctf=None):
+                 should_stop: Callable[[], None] | None, ctf=None, later_rounds: int = 0,
+                 after: _Rounds | None = None):
+        """``later_rounds``: rounds run after these, counted in the progress; ``after``: the rounds
+        (on other images of the same particles) these continue: their history, progress and
+        choice of references."""
         self.images, self.settings, self.device, self.max_shift = images, settings, device, max_shift
         self.should_stop, self.ctf = should_stop, ctf  # used by the fine rounds
+        if after is not None:
+            self.ssnr, self.history, self.budget = after.ssnr, after.history, after.budget
+            return
         self.ssnr = False  # whether the rounds align to the references filtered by their half-set SSNR
         self.history: list[dict] = []
         # for progress only: every round once, the coarse rounds and moves again with ssnr_filter,
@@ -190,7 +263,7 @@ class _Rounds:
         once = settings.n_iter + settings.split_merge * settings.move_rounds
         n_fine = min(settings.fine_rounds, settings.n_iter)
         self.budget = once + (once - n_fine if settings.ssnr_filter and settings.n_iter > n_fine else 0)
-        self.budget += settings.split_merge * n_fine if ctf is not None else 0
+        self.budget += (settings.split_merge * n_fine if ctf is not None else 0) + later_rounds
         report(0, self.budget, "round")
 
     def state(self, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray, score: np.ndarray, ctf=None) -> _State:

@@ -1,0 +1,117 @@
+"""`python -m benchmarks.scale classes`: `cdae-em run` on one junk-laden stack
+(``benchmarks.selection``'s) at several K, with and without the shortlist, and at N above
+``subset_per_class`` x K with the classes found on a subset or on every particle; the rows go to
+docs/scale.json's "classes" section and the table to docs/scale.md."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+
+from benchmarks.scale_results import RESULTS, fmt, log, measured, merge
+
+KEYS = ("stack", "K", "shortlist", "subset", "threads")
+QUALITY = ("junk_recall", "good_kept", "precision", "good_view_purity")
+
+
+def effective_subset(n: int, k: int, per_class: int) -> int:
+    """The particles per class the classes are found on (0: every particle), as the job decides."""
+    return per_class if per_class and n > per_class * k else 0
+
+
+def job_name(k: int, shortlist: int, subset: int) -> str:
+    return f"run_K{k}_shortlist{shortlist}" + (f"_subset{subset}" if subset else "")
+
+
+def cmd_classes(args) -> list[dict]:
+    """Each K x shortlist x subset-per-class job on the stack (``--rescore``: the measured jobs
+    resumed, so that their outputs and selection are written by this version, and scored again)."""
+    from benchmarks.selection import score, simulate_case
+
+    case = simulate_case(args.protein, args.junk, args.n, 64, args.work / "selection")
+    rows = []
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    measured_rows = {tuple(r.get(key, 0) for key in KEYS): r for r in results.get("classes", [])}
+    for k in [int(v) for v in args.K.split(",")]:
+        for shortlist in [int(v) for v in args.shortlists.split(",")]:
+            for subset in sorted({effective_subset(args.n, k, int(v)) for v in args.subsets.split(",")}):
+                out = case / job_name(k, shortlist, subset)
+                child = [sys.executable, "-m", "benchmarks.scale", "run-one", "--star", "particles.star", "--o",
+                         out.name, "--K", str(k), "--shortlist", str(shortlist), "--subset", str(subset),
+                         "--j", str(args.j)]
+                if args.rescore:
+                    row = measured_rows.get((case.name, k, shortlist, subset, args.j))
+                    if row is None or not (out / "summary.json").exists():
+                        continue
+                    measured(child, case)
+                    rows.append({**row, **{key: score(case, out)[key] for key in QUALITY}})
+                    merge("classes", rows[-1:], KEYS)
+                    continue
+                shutil.rmtree(out, ignore_errors=True)
+                log(f"cdae-em run {case.name}, K = {k}, shortlist {shortlist or 'none'}, "
+                    f"{subset or 'every particle'} a class ...")
+                wall, rss, anon = measured(child, case)
+                summary = json.loads((out / "summary.json").read_text())
+                history = summary.get("classify") or []
+                measures = score(case, out)
+                rows.append({"stack": case.name, "n": args.n, "K": k, "shortlist": shortlist, "subset": subset,
+                             "threads": args.j, "wall": wall, "classify": summary["timings"].get("classify"),
+                             "rounds": len(history), "coarse_round_s": mean_seconds(history, "coarse"),
+                             "fine_round_s": mean_seconds(history, "fine"),
+                             "all_round_s": mean_seconds(history, "fine", "all particles"),
+                             "peak_rss_mib": rss, "peak_anon_mib": anon, **{key: measures[key] for key in QUALITY}})
+                log(f"  {rows[-1]}")
+                merge("classes", rows[-1:], KEYS)
+    return rows
+
+
+def mean_seconds(history: list[dict], search: str, stage: str | None = None) -> float | None:
+    """Mean wall time of the classification rounds of one kind of search (summary.json's history):
+    of ``stage`` where given, else of the rounds of any other stage (those that find the classes)."""
+    times = [h["seconds"] for h in history if h["search"] == search and "seconds" in h
+             and (h.get("stage") == stage if stage else h.get("stage") != "all particles")]
+    return float(np.mean(times)) if times else None
+
+
+def run_one(args) -> None:
+    """One `cdae-em run` job with ``classify.shortlist`` and ``classify.subset_per_class`` set."""
+    import dataclasses
+
+    from cdae_em.commands.common import apply_threads
+    from cdae_em.job.runner import run_job
+    from cdae_em.settings import build
+
+    settings = build({"particles": args.star, "out_dir": args.o, "classify.n_classes": args.K, "threads": args.j,
+                      "classify.subset_per_class": args.subset, "overwrite": True})
+    settings = dataclasses.replace(settings, classify=dataclasses.replace(settings.classify, shortlist=args.shortlist))
+    apply_threads(settings.threads)
+    run_job(settings)
+
+
+def classes_report(results: dict) -> list[str]:
+    """The "Classes" section of docs/scale.md."""
+    if not results.get("classes"):
+        return []
+    lines = ["## Classes: K (`python -m benchmarks.scale classes`)", "",
+             "`cdae-em run --K K` on one junk-laden stack (`benchmarks.selection`'s: held-out 1BHL, 30% junk, real-data "
+             "conditions, 64 px), each K with the default shortlist (each round searches a particle in full only "
+             "against the 8 references that match it best in a cheaper search over all K) and with none (every "
+             "reference in full). Subset: with more than `--subset-per-class` x K particles the classes are found "
+             "on a random subset of that size and the last fine rounds assign every particle ('all': every "
+             "particle in every round). Round times are means over the job's rounds of each kind (summary.json): "
+             "coarse and fine on the particles the classes are found on, 'all-particle' the last rounds on every "
+             "particle. Junk recall, good kept, selection precision and good-view purity as in docs/selection.md.", "",
+             "| stack | K | shortlist | subset a class | threads | wall s | classify s | rounds | coarse round s | "
+             "fine round s | all-particle round s | peak RSS MiB | junk recall | good kept | precision | "
+             "good-view purity |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results["classes"], key=lambda r: (r["stack"], r["K"], -r["shortlist"], -r.get("subset", 0))):
+        lines.append(f"| {r['stack']} | {r['K']} | {r['shortlist'] or 'none'} | {r.get('subset') or 'all'} | "
+                     f"{r['threads']} | {fmt(r['wall'], 0)} | {fmt(r['classify'], 0)} | {r['rounds']} | "
+                     f"{fmt(r['coarse_round_s'])} | {fmt(r['fine_round_s'])} | {fmt(r.get('all_round_s'))} | "
+                     f"{fmt(r['peak_rss_mib'], 0)} | {fmt(r['junk_recall'], 3)} | {fmt(r['good_kept'], 3)} | "
+                     f"{fmt(r['precision'], 3)} | {fmt(r['good_view_purity'], 3)} |")
+    return lines + ["", f"Machine: {results['machine'].get('classes', '?')}", ""]
