@@ -33,6 +33,7 @@ class Measured:
     peak_anon_mib: float | None  # the largest RssAnon sampled in any process of the tree (None: no /proc)
     returncode: int
     output: str  # the last 20,000 characters of stdout and stderr
+    stopped: bool = False  # ended early by ``until``
 
 
 def memory_mib(pid: int) -> tuple[float, float] | None:
@@ -72,19 +73,22 @@ def descendants(root: int) -> set[int]:
 
 
 def run_measured(cmd: list[str], cwd: Path | str | None = None, env: dict | None = None,
-                 log_file: Path | None = None, poll_s: float = 0.2) -> Measured:
+                 log_file: Path | None = None, poll_s: float = 0.2, until=None) -> Measured:
     """Run ``cmd`` (stdout and stderr to ``log_file``, else kept for ``Measured.output``) and
-    measure it while it runs."""
+    measure it while it runs; ``until`` (a function of nothing) ends it early (SIGTERM) once true."""
     peaks: dict[int, float] = {}
     anon: dict[int, float] = {}
     with open(log_file, "w") if log_file else tempfile.TemporaryFile("w+") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=None if cwd is None else str(cwd), env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
-        done = threading.Event()
+        done, stopped = threading.Event(), threading.Event()
 
         def poll() -> None:
             while not done.is_set():
+                if until is not None and not stopped.is_set() and until():
+                    stopped.set()
+                    proc.terminate()
                 for pid in descendants(proc.pid):
                     mem = memory_mib(pid)
                     if mem is not None:
@@ -105,4 +109,4 @@ def run_measured(cmd: list[str], cwd: Path | str | None = None, env: dict | None
         out.seek(0)
         text = out.read() if not log_file else Path(log_file).read_text(errors="replace")
     peak = max(peaks.values()) if peaks else usage.ru_maxrss / 1024
-    return Measured(wall, peak, max(anon.values()) if anon else None, proc.returncode, text[-20000:])
+    return Measured(wall, peak, max(anon.values()) if anon else None, proc.returncode, text[-20000:], stopped.is_set())

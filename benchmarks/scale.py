@@ -6,6 +6,7 @@ results in docs/scale.json, tables in docs/scale.md.
     python -m benchmarks.scale run [--sizes 2000,8000,32000] [--procs 1,2] [--work DIR]
     python -m benchmarks.scale inference [--n 100000] [--work DIR]
     python -m benchmarks.scale classes [--K 12,50,100] [--shortlists 8,0] [--subsets 100] [--n 1200] [--rescore]
+    python -m benchmarks.scale relion --relion-bin DIR [--K 50] [--n 10000] [--iterations 5]
     python -m benchmarks.scale report          # docs/scale.md from docs/scale.json
 
 Every measuring command adds its rows to docs/scale.json (replacing rows of the same size) and
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.scale_classes import KEYS, classes_report, cmd_classes, run_one
+from benchmarks.scale_classes import KEYS, classes_report, cmd_classes, cmd_relion, run_one
 from benchmarks.scale_results import REPORT, RESULTS, fmt, log, measured, merge
 
 K = 30
@@ -292,7 +293,7 @@ def report(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["knn", "run", "inference", "classes", "report", "run-one"])
+    parser.add_argument("what", choices=["knn", "run", "inference", "classes", "relion", "report", "run-one"])
     parser.add_argument("--sizes", help="comma list (knn default 100000,1000000; run default 2000,8000,32000)")
     parser.add_argument("--real-n", type=int, default=100000, help="simulated particles for real kNN features")
     parser.add_argument("--procs", default="1,2", help="process counts for `run` (default: 1,2)")
@@ -306,6 +307,9 @@ def main(argv=None) -> int:
     parser.add_argument("--junk", type=float, default=0.3, help="`classes`: the junk stack's junk fraction")
     parser.add_argument("--rescore", action="store_true",
                         help="`classes`: resume the measured jobs (outputs and selection written again), score again")
+    parser.add_argument("--relion-bin", type=Path, help="`relion`: directory of relion_refine")
+    parser.add_argument("--iterations", type=int, default=5,
+                        help="`relion`: stop RELION after this many iterations (25: a whole run; default: 5)")
     parser.add_argument("--star", help=argparse.SUPPRESS)  # run-one
     parser.add_argument("--o", help=argparse.SUPPRESS)
     parser.add_argument("--shortlist", type=int, help=argparse.SUPPRESS)
@@ -325,6 +329,9 @@ def main(argv=None) -> int:
     elif args.what == "classes":
         args.n = args.n or 1200
         results = merge("classes", cmd_classes(args), KEYS)
+    elif args.what == "relion":
+        args.n = args.n or 10000
+        results = merge("relion_classes", cmd_relion(args), ("stack", "K", "threads"))
     elif args.what == "inference":
         args.n = args.n or 100000
         results = merge("inference", cmd_inference(args), ("n",))

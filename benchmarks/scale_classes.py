@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 
 import numpy as np
 
@@ -68,6 +69,46 @@ def cmd_classes(args) -> list[dict]:
     return rows
 
 
+RELION_ITERATIONS = 25  # relion_refine's Class2D (EM) iterations, as benchmarks.class2d runs it
+
+
+def cmd_relion(args) -> list[dict]:
+    """RELION Class2D (EM) on the stack at each K, stopped after ``--iterations`` iterations (all 25:
+    a whole run); each iteration's time from its files. Its first iterations are the slow ones
+    (at 1,200 picks, K = 20: 37 s, 15 s, then 7-9 s each), so the whole run's time is estimated as
+    the measured part plus the rest at the mean of the last two iterations measured."""
+    import starfile
+
+    from benchmarks.class2d import relion_command
+    from benchmarks.measure import run_measured
+    from benchmarks.selection import simulate_case
+
+    case = simulate_case(args.protein, args.junk, args.n, 64, args.work / "selection")
+    px = float(starfile.read(case / "particles.star", always_dict=True)["optics"]["rlnImagePixelSize"][0])
+    rows = []
+    for k in [int(v) for v in args.K.split(",")]:
+        out = case / f"relion_K{k}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        last = out / f"run_it{args.iterations:03d}_data.star"
+        log(f"RELION Class2D {case.name}, K = {k}, {args.iterations} of {RELION_ITERATIONS} iterations ...")
+        t0 = time.time()
+        m = run_measured(relion_command("relion", args.relion_bin, k, args.j, diameter=0.8 * 64 * px,
+                                        out=f"{out.name}/run"), case, log_file=out / "log.txt",
+                         until=last.exists if args.iterations < RELION_ITERATIONS else None)
+        if not last.exists():
+            raise RuntimeError(f"RELION stopped before iteration {args.iterations}: see {out / 'log.txt'}")
+        ends = [(out / f"run_it{i:03d}_data.star").stat().st_mtime - t0 for i in range(args.iterations + 1)]
+        steps = np.diff(ends)
+        rest = (RELION_ITERATIONS - args.iterations) * float(np.mean(steps[-2:]))
+        rows.append({"stack": case.name, "n": args.n, "K": k, "threads": args.j, "iterations": args.iterations,
+                     "seconds": round(ends[-1], 1), "iteration_s": [round(float(x), 1) for x in steps],
+                     "estimated_s": round(ends[-1] + rest, 0), "peak_rss_mib": round(m.peak_rss_mib)})
+        log(f"  {rows[-1]}")
+        merge("relion_classes", rows[-1:], ("stack", "K", "threads"))
+    return rows
+
+
 def mean_seconds(history: list[dict], search: str, stage: str | None = None) -> float | None:
     """Mean wall time of the classification rounds of one kind of search (summary.json's history):
     of ``stage`` where given, else of the rounds of any other stage (those that find the classes)."""
@@ -114,4 +155,25 @@ def classes_report(results: dict) -> list[str]:
                      f"{fmt(r['coarse_round_s'])} | {fmt(r['fine_round_s'])} | {fmt(r.get('all_round_s'))} | "
                      f"{fmt(r['peak_rss_mib'], 0)} | {fmt(r['junk_recall'], 3)} | {fmt(r['good_kept'], 3)} | "
                      f"{fmt(r['precision'], 3)} | {fmt(r['good_view_purity'], 3)} |")
-    return lines + ["", f"Machine: {results['machine'].get('classes', '?')}", ""]
+    lines += ["", f"Machine: {results['machine'].get('classes', '?')}", ""]
+    if results.get("relion_classes"):
+        ours = {(r["stack"], r["K"], r["threads"]): r for r in sorted(results["classes"], key=lambda r: r["wall"])}
+        lines += ["### RELION Class2D on the same stacks (`python -m benchmarks.scale relion`)", "",
+                  f"RELION 5 Class2D (EM, {RELION_ITERATIONS} iterations, as `benchmarks.class2d` runs it) on the "
+                  "same stack, K and threads. Where stopped early, its whole time is estimated: the measured "
+                  "iterations plus the rest at the mean of the last two (its first iterations are the slowest). "
+                  "'ours': the fastest `cdae-em run` row above on that stack and K (the whole job, denoising "
+                  "included).", "",
+                  "| stack | K | threads | iterations run | their s | seconds per iteration | whole run s "
+                  "(estimated where stopped) | peak RSS MiB | ours s | ours / RELION |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(results["relion_classes"], key=lambda r: (r["stack"], r["K"])):
+            mine = ours.get((r["stack"], r["K"], r["threads"]))
+            estimated = r["iterations"] < RELION_ITERATIONS
+            lines.append(f"| {r['stack']} | {r['K']} | {r['threads']} | {r['iterations']} | {fmt(r['seconds'], 0)} | "
+                         f"{', '.join(f'{x:.0f}' for x in r['iteration_s'])} | "
+                         f"{'~' if estimated else ''}{fmt(r['estimated_s'], 0)} | {fmt(r['peak_rss_mib'], 0)} | "
+                         f"{fmt(mine['wall'], 0) if mine else 'n/a'} | "
+                         f"{fmt(mine['wall'] / r['estimated_s'], 2) if mine else 'n/a'} |")
+        lines += ["", f"Machine: {results['machine'].get('relion_classes', '?')}", ""]
+    return lines

@@ -16,8 +16,9 @@ the selected), the purity of the selected true particles' classes (the share of 
 common true view, over the selected true particles), and the fraction of junk in majority-junk
 classes (a class counted as junk when most of its members are junk). With ``--relion-bin`` RELION
 Class2D (EM, 25 iterations, as ``benchmarks.class2d`` runs it) classifies the same stack into the
-same K on the same threads; its classes are scored by the junk in majority-junk classes (RELION
-selects no classes by itself; our selection rule is not applied to its classes yet).
+same K on the same threads; its classes are scored by the junk in majority-junk classes and, since
+RELION selects no classes by itself, selected by our rule (`cdae-em classify --classes-from` its
+last _data.star: the same class score, fit and crowding rules and threshold as our own jobs).
 """
 
 from __future__ import annotations
@@ -130,6 +131,40 @@ def relion_classes(case: Path, k: int, j: int, relion: Path, box: int) -> dict:
             "wall_s": round(wall, 1), "rss_mib": round(rss), "classes_used": len(set(labels.values()))}
 
 
+def relion_selected(case: Path, k: int, j: int) -> dict:
+    """RELION's classes (``relion_classes``' last iteration) scored and selected by our rule:
+    `cdae-em classify --classes-from` its _data.star, scored as our own jobs are; and how well our
+    averages of the particles at RELION's poses match RELION's own class averages (the median
+    correlation over classes of 10+ particles: a check that its psi and origins are read right)."""
+    import mrcfile
+    import starfile
+
+    from benchmarks.class2d import last_iteration
+
+    data = last_iteration(case / f"relion_K{k}", "run_it*_data.star")
+    job = case / f"relion_K{k}_selected"
+    cmd = [sys.executable, "-m", "cdae_em", "classify", "--i", "particles.star", "--o", job.name, "--K", str(k),
+           "--j", str(j), "--classes-from", str(data.relative_to(case)), "--overwrite"]
+    with open(case / f"{job.name}.log", "w") as f:
+        subprocess.run(cmd, cwd=case, check=True, stdout=f, stderr=subprocess.STDOUT)
+    ours = mrcfile.read(job / "class_averages.mrcs")
+    theirs = mrcfile.read(str(data).replace("_data.star", "_classes.mrcs"))
+    counts = np.bincount(starfile.read(job / "particles.star", always_dict=True)["particles"]["rlnClassNumber"],
+                         minlength=k + 1)[1:]
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b, n in zip(ours, theirs, counts) if n >= 10]
+    measures = score(case, job)
+    return {**{key: measures[key] for key in ("junk_recall", "good_kept", "precision", "good_view_purity",
+                                               "classes_selected", "rejected_by_kind")},
+            "average_match": round(float(np.median(corr)), 3)}
+
+
+def relion_row(selected: dict | None) -> str:
+    if not selected:
+        return "not run"
+    return (f"{selected['junk_recall']:.3f} / {selected['good_kept']:.3f} / {selected['precision']:.3f} / "
+            f"{selected['good_view_purity']:.3f} ({selected['average_match']:.2f})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--proteins", default="1BHL")
@@ -173,11 +208,13 @@ def main(argv=None) -> int:
              for junk in args.junk.split(",")]
     for key in [key for key in asked if key in results] if args.relion_bin else []:
         protein, junk, k, n, box = key.split("|")
-        if "relion" in results[key] and not args.redo:
-            continue
-        log(f"{key}: RELION Class2D ...")
         case = simulate_case(protein, float(junk), int(n), int(box), args.work)
-        results[key]["relion"] = relion_classes(case, int(k), args.j, args.relion_bin, int(box))
+        if "relion" not in results[key] or args.redo:
+            log(f"{key}: RELION Class2D ...")
+            results[key]["relion"] = relion_classes(case, int(k), args.j, args.relion_bin, int(box))
+        elif "selected" in results[key]["relion"]:
+            continue
+        results[key]["relion"]["selected"] = relion_selected(case, int(k), args.j)
         log(f"{key}: RELION {results[key]['relion']}")
         results_file.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     rows = []
@@ -190,7 +227,9 @@ def main(argv=None) -> int:
                      ", ".join(f"{k} {v:.2f}" for k, v in r.get("rejected_by_kind", {}).items()) or "n/a",
                      f"{r['wall_s']:.0f}",
                      f"{r['relion']['junk_in_junk_classes']:.3f} ({r['relion']['wall_s']:.0f} s, "
-                     f"{r['relion']['rss_mib']:,} MiB)" if "relion" in r else "not run"])
+                     f"{r['relion']['rss_mib']:,} MiB{'; ' + r['relion']['note'] if r['relion'].get('note') else ''})"
+                     if "relion" in r else "not run",
+                     relion_row(r.get("relion", {}).get("selected"))])
     text = "\n".join([
         "# Automatic class selection on junk-laden particles", "",
         f"Generated by `python -m benchmarks.selection` (see its docstring); {machine()}.", "",
@@ -199,7 +238,9 @@ def main(argv=None) -> int:
         md_table(["protein", "junk", "particles (K)", "box", "junk in majority-junk classes", "junk recall",
                   "good kept", "selection precision", "good-view purity (selected)", "classes selected",
                   "lowest score of a mostly-good class / highest of a mostly-junk class", "junk rejected, by kind",
-                  "wall s", "RELION Class2D: junk in majority-junk classes (wall, peak RSS)"], rows),
+                  "wall s", "RELION Class2D: junk in majority-junk classes (wall, peak RSS)",
+                  "RELION's classes, our selection: junk recall / good kept / precision / purity "
+                  "(average match)"], rows),
         ""])
     args.out.write_text(text)
     print(text)

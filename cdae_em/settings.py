@@ -248,6 +248,12 @@ class JobSettings:
                                      scipion="selectThreshold",
                                      help="classes whose score (rlnClassScore, 0-1) is at least this are selected: "
                                           "particles_selected.star and class_averages_selected.star")
+    classes_from: str | None = option(None, flags=("--classes-from",), group="classification", metavar="STAR",
+                                      kinds=(RUN, CLASSIFY), unset="none: the job classifies",
+                                      help="take each particle's class, psi and origin from this STAR file (e.g. "
+                                           "RELION Class2D's _data.star; rows matched by rlnImageName) instead "
+                                           "of classifying, and score and select those classes as the job does "
+                                           "its own")
     project_dir: str | None = option(None, flags=("--project-dir",), metavar="DIR", relion=(),
                                      unset="the working directory", help="directory that image paths are relative to")
     reference_map: str | None = option(None, flags=("--ref",), metavar="MAP", kinds=(RUN, DENOISE), relion=(),

@@ -39,3 +39,15 @@ def test_mapped_file_pages_are_resident_but_not_anonymous(tmp_path):
     assert m.returncode == 0, m.output
     assert m.peak_rss_mib > 200
     assert m.peak_anon_mib < 100
+
+
+def test_a_command_is_stopped_once_until_holds(tmp_path):
+    """``until`` ends a long command early (RELION stopped after a few iterations) and says so."""
+    import time
+
+    marker = tmp_path / "iteration_done"
+    script = f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"
+    t0 = time.perf_counter()
+    m = run_measured([sys.executable, "-c", script], until=marker.exists)
+    assert m.stopped and m.returncode != 0 and time.perf_counter() - t0 < 30
+    assert not run_measured([sys.executable, "-c", "pass"], until=lambda: False).stopped

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from cdae_em.errors import InputError
@@ -55,3 +57,23 @@ def test_a_failing_callback_does_not_stop_the_job(tmp_path):
     progress.stage(1, "denoise")
     progress.count(2, 2, "epoch")  # a finished count is always written
     assert read_status(tmp_path).done == 2
+
+
+def test_denoising_reports_its_images_in_the_status(tmp_path):
+    """Reading, denoising and writing the images count in status.json (a job of 10^5 particles
+    spends minutes in each): every pass reports its images done, to the last."""
+    import torch
+
+    from cdae_em.denoise.cascade import Cascade
+    from cdae_em.denoise.inference import run_cascade
+
+    seen = []
+    progress = JobProgress(tmp_path, callback=lambda s: seen.append((s.step, s.done, s.total)))
+    progress.stage(1, "denoise")
+    images = np.random.default_rng(0).normal(size=(10, 16, 16)).astype(np.float32)
+    with tracking(progress):
+        run_cascade(Cascade(channels=(4, 4, 4)), images, tmp_path / "x.npy", torch.device("cpu"), batch_size=4)
+    for j in (1, 2, 3):
+        counts = [(done, total) for step, done, total in seen if step == f"block {j}: denoise"]
+        assert counts == [(4, 10), (8, 10), (10, 10)]
+    assert read_status(tmp_path).step == "block 3: denoise" and read_status(tmp_path).done == 10

@@ -145,3 +145,49 @@ def test_one_small_noisy_class_does_not_set_the_consistency_of_all():
     score, parts = class_scores(averages, ssnr, counts)
     assert np.allclose(parts["consistency"][:3], 1.0) and abs(parts["consistency"][3] - 0.25) < 1e-3
     assert parts["consistency"][4] == 1.0  # clipped
+
+
+def test_classes_from_another_program_are_scored_and_selected_as_the_jobs_own(junk_job, tmp_path):
+    """`--classes-from` takes each particle's class, psi and origin from another classification's
+    STAR file (rows matched by rlnImageName, its class numbers kept) and scores and selects those
+    classes as the job does its own: the job's own particles.star, shuffled and renumbered, gives
+    back its class averages and scores."""
+    import mrcfile
+
+    sim, out = junk_job
+    own = starfile.read(out / "particles.star", always_dict=True)
+    k = 6
+    given = {**own, "particles": own["particles"].sample(frac=1.0, random_state=0).reset_index(drop=True)}
+    given["particles"]["rlnClassNumber"] = k + 1 - given["particles"]["rlnClassNumber"]  # renumbered
+    starfile.write(given, tmp_path / "given.star")
+    r = run_cli("classify", "--i", sim / "particles.star", "--o", tmp_path / "o", "--K", k, "--j", 2,
+                "--classes-from", tmp_path / "given.star")
+    assert r.returncode == 0, r.stderr
+    mine, theirs = own["particles"], starfile.read(tmp_path / "o" / "particles.star", always_dict=True)["particles"]
+    assert (theirs["rlnImageName"] == mine["rlnImageName"]).all()  # the input's order
+    assert (theirs["rlnClassNumber"] == k + 1 - mine["rlnClassNumber"]).all()  # the given numbers
+    for column in ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
+        assert np.allclose(theirs[column], mine[column], atol=1e-3)
+    averages = mrcfile.read(out / "class_averages.mrcs")
+    again = mrcfile.read(tmp_path / "o" / "class_averages.mrcs")[::-1]
+    assert np.abs(again - averages).max() < 1e-3 * np.abs(averages).max()
+    scores = starfile.read(out / "class_averages.star")["rlnClassScore"].to_numpy()
+    rescored = starfile.read(tmp_path / "o" / "class_averages.star")["rlnClassScore"].to_numpy()[::-1]
+    # the random half-set split follows the class numbering, so the scores differ by its noise
+    assert np.abs(rescored - scores).max() < 0.2 and ((rescored >= 0.5) == (scores >= 0.5)).all()
+    assert np.corrcoef(theirs["cdaeClassFit"], mine["cdaeClassFit"])[0, 1] > 0.8  # the fit, measured again
+    assert "cdaeCrowding" in theirs and (tmp_path / "o" / "particles_selected.star").exists()
+
+
+@pytest.mark.parametrize("fault", ["a particle missing", "a class above K"])
+def test_classes_from_a_file_that_does_not_match_is_refused_before_any_work(junk_job, tmp_path, fault):
+    sim, out = junk_job
+    own = starfile.read(out / "particles.star", always_dict=True)
+    p = own["particles"]
+    p = p.iloc[1:] if fault == "a particle missing" else p.assign(rlnClassNumber=p["rlnClassNumber"] + 6)
+    starfile.write({**own, "particles": p}, tmp_path / "given.star")
+    r = run_cli("classify", "--i", sim / "particles.star", "--o", tmp_path / "o", "--K", 6,
+                "--classes-from", tmp_path / "given.star")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "given.star" in r.stderr
+    assert ("no row for 1 of" if fault == "a particle missing" else "not within 1..K=6") in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -14,6 +14,7 @@ from cdae_em.runtime import distributed
 from cdae_em.denoise.cascade import Cascade
 from cdae_em.io.memory import Releaser
 from cdae_em.denoise.train import autocast
+from cdae_em.runtime.progress import report
 from cdae_em.runtime.workarrays import shared_work_array
 
 
@@ -33,6 +34,7 @@ def run_block(block: torch.nn.Module, src: np.ndarray, dst: np.ndarray, device: 
             y = block(x)
         dst[start:start + len(x)] = y.float().cpu().numpy()
         pages.step(2 * x.numel() * 4)
+        report(start + len(x) - lo, hi - lo, desc)  # status.json: the images done (of this rank's)
     if isinstance(dst, np.memmap):
         dst.flush()
     pages.now()

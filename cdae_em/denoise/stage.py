@@ -75,6 +75,7 @@ def prepare_inputs(table: ParticleTable, images: ImageSource, settings: DenoiseS
         blank += (start + np.flatnonzero(flat.max(axis=1) == flat.min(axis=1))).tolist()
         out[rows] = prepare(batch, rows).cpu().numpy()
         pages.step(batch.nbytes)
+        progress.report(rows.stop - lo, hi - lo, "reading images")
     out.flush()
     pages.now()
     blank = distributed.gather_rows(torch.as_tensor(blank, dtype=torch.int64)).numpy()
@@ -139,6 +140,7 @@ def write_denoised(table: ParticleTable, images: np.ndarray, out_dir: Path, pixe
                 if len(here):  # blank images pass through as they are
                     x[torch.as_tensor(here - start)] = torch.from_numpy(np.array(inputs[here])).to(x)
                 writer.write(start - lo, x.cpu().numpy())
+                progress.report(start + len(x), n, "writing denoised images")
         rel = star_path_name(path)
         names += [f"{k:06d}@{rel}" for k in range(1, hi - lo + 1)]
     (out_dir / "denoised").mkdir(exist_ok=True)

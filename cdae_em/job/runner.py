@@ -32,15 +32,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-
 from cdae_em.runtime import distributed
-from cdae_em.io.atomic_write import atomic_path
 from cdae_em.io.images import ImageSource
 from cdae_em.io.atomic_write import write_text as atomic_text
-from cdae_em.runtime.workarrays import WORK_DIR, remove_work
+from cdae_em.runtime.workarrays import WORK_DIR
 from cdae_em.errors import InputError, OutputError, ResourceError, resource_errors
 from cdae_em.job.result import CONTRACT, SELECTION, SUMMARY, JobResult
+from cdae_em.job.classes import classes_stage
 from cdae_em.job.lock import LOCK_FILE, job_lock, make_out_dir, refuse_if_locked  # noqa: F401 (re-exported)
 from cdae_em.runtime.progress import JobProgress, ProgressCallback, tracking
 from cdae_em.settings import JobSettings, get, settings_tree  # noqa: F401 (JobSettings re-exported)
@@ -152,6 +150,10 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     for option, path in (("--weights", settings.denoise.weights), ("--ref", settings.reference_map)):
         if path and not Path(path).is_file():
             raise InputError(path, f"{option}: file not found")
+    if classify_stage and settings.classes_from:  # its rows and classes checked before any work
+        from cdae_em.classify.given import read_assignment
+
+        read_assignment(settings.classes_from, table, settings.n_classes)
     settings = _resolve_phase_flip(settings, table)
     with ImageSource(table, project_dir=settings.project_dir) as images:  # every stack's header checked, once
         _check_files(settings, table, images.box)
@@ -175,7 +177,7 @@ def _run_job(settings: JobSettings, should_stop: Callable[[], None] | None, prog
     if settings.stages in ("all", "denoise"):
         summary["denoise"] = _denoise_stage(settings, table, job_dir, device, should_stop, progress, timings)
     if classify_stage:
-        labels, psi, origin, score, refs, box, crowd = _classify_stage(settings, job_dir, device, should_stop,
+        labels, psi, origin, score, refs, box, crowd = classes_stage(settings, job_dir, device, should_stop,
                                                                         progress, summary, timings)
 
         # 4. class averages of the original particles and the output STAR files
@@ -285,95 +287,6 @@ def _denoise_stage(settings: JobSettings, table, job_dir: Path, device, should_s
     return result
 
 
-def _classify_stage(settings: JobSettings, job_dir: Path, device, should_stop, progress: JobProgress,
-                    summary: dict, timings: dict) -> tuple:
-    """3. classification: of the denoised particles (then alignment rounds on the originals), or
-    with ``stages="classify"`` of the input particles as they are. Returns labels, psi, origin,
-    score, references, the box the origins are in and each particle's crowding (None: not
-    measured)."""
-    from cdae_em.classify.stage import classify
-    from cdae_em.core.averages import class_means
-    from cdae_em.core.prepare import prepared_images, prepared_particles, whitening_record
-
-    out = Path(settings.out_dir)
-    progress.stage(2, "classify")
-    result_file = job_dir / "classes.npz"
-    if result_file.exists():
-        saved = np.load(result_file)
-        labels, psi, origin, score, refs = (saved[k] for k in ("labels", "psi", "origin", "score", "references"))
-        summary["classify"] = json.loads(str(saved["history"]))
-        if "whitening" in saved.files:  # (classes saved by an earlier version have no record)
-            summary["whitening"] = json.loads(str(saved["whitening"]))
-        log.info("stage 2/3 classify: already done (resuming)")
-        crowd = saved["crowding"] if "crowding" in saved.files else None  # (not saved by earlier versions)
-        return labels, psi, origin, score, refs, int(saved["box"]), None if crowd is None or not crowd.size else crowd
-    log.info("stage 2/3 classify: K=%d by %s", settings.n_classes, settings.classify.method)
-    t = time.perf_counter()
-    cs = settings.classify
-    work = out / WORK_DIR  # the invariant features' work array (memory-mapped, removed after use)
-    if settings.stages == "classify":
-        with prepared_particles(Path(settings.particles), settings.project_dir, settings.denoise, device) as images:
-            whitening = images.transform.preparer.whitening
-            result = classify(images, cs, device, should_stop, work=work, ctf=images.ctf)
-            box = images.shape[-1]
-            crowd = distributed.on_main(_crowding, images, result, settings, summary, device)
-        refs = result.references
-    else:
-        # the denoised stacks are faithful images unless --equalise: equalise them here for clustering
-        diameter = None
-        if not settings.denoise.equalise:
-            diameter = 0.0 if settings.denoise.mask_diameter is None else settings.denoise.mask_diameter / _pixel_size(out)
-        # the (phase-flipped, resized, whitened) originals keep the detail alignment needs; the
-        # denoised particles are whitened by the same filter for clustering (docs/notes.md)
-        with prepared_particles(Path(settings.particles), settings.project_dir, settings.denoise, device) as originals, \
-                prepared_images(out / "denoised_particles.star", settings.project_dir, equalise_diameter=diameter,
-                                whitening=originals.transform.preparer.whitening) as denoised:
-            whitening = originals.transform.preparer.whitening
-            box = denoised.shape[-1]
-            if settings.align_on == "denoised":
-                result = classify(denoised, cs, device, should_stop, work=work)
-            else:
-                # Initial classes from the denoised particles' invariant features, then the
-                # alignment rounds on the originals
-                init = classify(denoised, replace(cs, n_iter=0), device, should_stop,
-                                work=work).labels
-                result = classify(originals, cs, device, should_stop, initial_labels=init, work=work, ctf=originals.ctf)
-            crowd = distributed.on_main(_crowding, originals, result, settings, summary, device)
-            refs, _ = class_means(denoised, result.labels, result.psi, result.origin, settings.n_classes, device,
-                                  cs.batch_size)
-    labels, psi, origin, score = result.labels, result.psi, result.origin, result.score
-    summary["classify"] = result.history
-    summary["whitening"] = whitening_record(settings.denoise, whitening)
-    if distributed.world().main and not settings.keep_work:
-        remove_work(out)
-    if distributed.world().main:
-        with atomic_path(result_file) as tmp, open(tmp, "wb") as f:
-            np.savez(f, labels=labels, psi=psi, origin=origin, score=score, references=refs, box=box,
-                     crowding=np.zeros(0) if crowd is None else crowd,
-                     history=json.dumps(result.history), whitening=json.dumps(summary["whitening"]))
-    timings["classify"] = round(time.perf_counter() - t, 2)
-    return labels, psi, origin, score, refs, box, crowd
-
-
-def _crowding(images, result, settings: JobSettings, summary: dict, device) -> np.ndarray | None:
-    """Each particle's crowding (``cdae_em.core.crowding``) in ``images``, the working box's prepared
-    particles; None (and a log line) where the particle's diameter is not known."""
-    from cdae_em.core.crowding import crowding
-    from cdae_em.core.prepare import estimate_particle_diameter
-
-    diameter = (summary.get("working_scale") or {}).get("particle_diameter_px")  # native pixels
-    if not diameter and settings.denoise.mask_diameter:
-        diameter = settings.denoise.mask_diameter / images.table.pixel_size()
-    diameter = diameter or estimate_particle_diameter(images)
-    if not diameter:
-        log.info("crowding not measured: the particles' diameter is not known (give --mask-diameter)")
-        return None
-    counts = np.bincount(result.labels, minlength=len(result.references))
-    radius = diameter / 2 * images.shape[-1] / images.box
-    return crowding(images, result.references, counts, result.psi, result.origin, radius, device,
-                    settings.classify.batch_size)
-
-
 def _pretrain_on_reference(settings: JobSettings, out: Path, device) -> None:
     """Pre-train a cascade on simulated particles of the reference map (``--ref``): the map projected
     at ``pretrain_particles`` views, ``pretrain_epochs`` passes' worth of optimiser steps for block 1
@@ -398,13 +311,6 @@ def _pretrain_on_reference(settings: JobSettings, out: Path, device) -> None:
     first = max(1, settings.pretrain_particles * settings.pretrain_epochs // train.batch_size)
     train = dataclasses.replace(train, steps=(first, max(1, first // 3), max(1, first // 3)))
     pretrain(PairSampler(bank, pairs), out, train, device, metadata={"command": f"reference map {settings.reference_map}"})
-
-
-def _pixel_size(out: Path) -> float:
-    """Pixel size of the denoised stacks (Angstrom)."""
-    from cdae_em.io.star import read_particles
-
-    return float(read_particles(out / "denoised_particles.star").pixel_size())
 
 
 def _jsonable(d: dict) -> dict:
