@@ -147,14 +147,14 @@ def classes_report(results: dict) -> list[str]:
              "particle. Junk recall, good kept, selection precision and good-view purity as in docs/selection.md.", "",
              "| stack | K | shortlist | subset a class | threads | wall s | classify s | rounds | coarse round s | "
              "fine round s | all-particle round s | peak RSS MiB | junk recall | good kept | precision | "
-             "good-view purity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "good-view purity | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results["classes"], key=lambda r: (r["stack"], r["K"], -r["shortlist"], -r.get("subset", 0))):
         lines.append(f"| {r['stack']} | {r['K']} | {r['shortlist'] or 'none'} | {r.get('subset') or 'all'} | "
                      f"{r['threads']} | {fmt(r['wall'], 0)} | {fmt(r['classify'], 0)} | {r['rounds']} | "
                      f"{fmt(r['coarse_round_s'])} | {fmt(r['fine_round_s'])} | {fmt(r.get('all_round_s'))} | "
                      f"{fmt(r['peak_rss_mib'], 0)} | {fmt(r['junk_recall'], 3)} | {fmt(r['good_kept'], 3)} | "
-                     f"{fmt(r['precision'], 3)} | {fmt(r['good_view_purity'], 3)} |")
+                     f"{fmt(r['precision'], 3)} | {fmt(r['good_view_purity'], 3)} | {r.get('note', '')} |")
     lines += ["", f"Machine: {results['machine'].get('classes', '?')}", ""]
     if results.get("relion_classes"):
         ours = {(r["stack"], r["K"], r["threads"]): r for r in sorted(results["classes"], key=lambda r: r["wall"])}
