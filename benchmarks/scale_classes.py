@@ -87,7 +87,8 @@ def cmd_relion(args) -> list[dict]:
     px = float(starfile.read(case / "particles.star", always_dict=True)["optics"]["rlnImagePixelSize"][0])
     rows = []
     for k in [int(v) for v in args.K.split(",")]:
-        out = case / f"relion_K{k}"
+        whole = args.iterations >= RELION_ITERATIONS
+        out = case / (f"relion_K{k}" if whole else f"relion_K{k}_first{args.iterations}")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         last = out / f"run_it{args.iterations:03d}_data.star"
@@ -95,7 +96,7 @@ def cmd_relion(args) -> list[dict]:
         t0 = time.time()
         m = run_measured(relion_command("relion", args.relion_bin, k, args.j, diameter=0.8 * 64 * px,
                                         out=f"{out.name}/run"), case, log_file=out / "log.txt",
-                         until=last.exists if args.iterations < RELION_ITERATIONS else None)
+                         until=None if whole else last.exists)
         if not last.exists():
             raise RuntimeError(f"RELION stopped before iteration {args.iterations}: see {out / 'log.txt'}")
         ends = [(out / f"run_it{i:03d}_data.star").stat().st_mtime - t0 for i in range(args.iterations + 1)]
