@@ -188,7 +188,8 @@ def ceiling(case: Path, clean: np.ndarray) -> dict:
     aligning one onto the other (near 1: two views that look the same in 2D)."""
     import torch
 
-    from cdae_em.core.align import align_pairs, align_to_references
+    from cdae_em.core.align import align_pairs
+    from cdae_em.core.multiref import align_to_references
     from cdae_em.settings import DenoiseSettings
     from cdae_em.core.metrics import clustering_scores
     from cdae_em.io.star import read_particles

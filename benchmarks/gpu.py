@@ -7,7 +7,7 @@ round, at 64, 128 and 256 px; prints a table and records it in docs/scale.json /
 Random images (timings do not depend on content). Inference: the 3-block cascade of the shipped
 weights in eval mode (bf16 autocast on CUDA, as `cdae-em` runs it), batches of --batch images.
 Fine-tuning epoch: ``train.train_block`` on --n pairs (batch 32, as `cdae-em`). Alignment round:
-``align.align_to_references`` of --n images against --refs references (psi step 5 degrees).
+``multiref.align_to_references`` of --n images against --refs references (psi step 5 degrees).
 CUDA timings are synchronised; the first call of each is a warm-up and not timed.
 """
 
@@ -38,7 +38,7 @@ def timed(fn, device: torch.device) -> float:
 def measure(box: int, n: int, refs: int, batch: int, device: torch.device) -> dict:
     from dataclasses import replace
 
-    from cdae_em.core.align import align_to_references
+    from cdae_em.core.multiref import align_to_references
     from cdae_em.denoise.train import autocast, train_block
     from cdae_em.settings import TrainSettings
     from cdae_em.denoise.weights import default_weights_path, load_weights

@@ -41,7 +41,7 @@ Classes are returned ordered by size (class 1 the largest), with each particle's
 RELION's convention (applying them to the particle brings it onto its class average).
 
 Cost: step 3 dominates, N x K x (360 / psi_step) cross-correlations per round, computed by FFT in
-batches (see ``align.align_to_references``); the shortlist makes the part that grows with K the
+batches (see ``multiref.align_to_references``); the shortlist makes the part that grows with K the
 cheaper search's, and step 7 bounds N in all but the last rounds (docs/scale.md). Memory holds the features (N x n_components) and the
 per-particle alignment (N x 4), images are streamed. Each round's wall time is in the history.
 """
@@ -59,7 +59,8 @@ import torch
 from sklearn.cluster import AgglomerativeClustering, KMeans, MiniBatchKMeans
 
 from cdae_em.runtime import distributed
-from cdae_em.core.align import Shortlist, align_pairs, align_to_references, estimate_particle_radius
+from cdae_em.core.align import align_pairs, estimate_particle_radius
+from cdae_em.core.multiref import Shortlist, align_to_references
 from cdae_em.core.averages import (apply_ring_filter, averages_from_sums, centred_origins, class_means, class_sums,
                                masked_rows, ssnr_filter)
 from cdae_em.errors import InputError

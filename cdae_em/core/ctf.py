@@ -124,7 +124,7 @@ class CtfAmplitudes:
     (``len``, ``shape``, ``[rows]`` -> float32 array (n, box, box // 2 + 1)), computed per read.
 
     For phase-flipped particles x = |CTF| * projection + noise: the classification weighs them by
-    it again to compare them with CTF-free references (``cdae_em.core.align.align_to_references``).
+    it again to compare them with CTF-free references (``cdae_em.core.multiref.align_to_references``).
     ``pixel_size`` (per particle or scalar) is that of the working box (after any resizing).
     ``scale`` (filters (groups, box, box // 2 + 1), group of each particle) multiplies each
     particle's |CTF| by its group's filter: another transfer function the particles went through

@@ -1,7 +1,8 @@
 """Polar sampling and per-box geometry shared by 2D alignment (``cdae_em.core.align``) and the
 neighbour search (``cdae_em.core.neighbours``): batches of images as tensors, rotation about the box
 centre in RELION's convention, Fourier amplitudes resampled on polar rings, the disc of shifts a
-cross-correlation search covers, and :class:`AlignmentGrid`, which bundles them for one box size.
+cross-correlation search covers, :class:`AlignmentGrid`, which bundles them for one box size, and
+the band-limited spectra and their norms that the FFT searches (``cdae_em.core.multiref``) compare.
 """
 
 from __future__ import annotations
@@ -139,3 +140,30 @@ class AlignmentGrid:
         a = a * self.mask
         a = a - a.mean(dim=(-2, -1), keepdim=True)
         return torch.fft.rfft2(a), a.flatten(1).norm(dim=1)
+
+
+def crop_spectrum(f: torch.Tensor, m: int) -> torch.Tensor:
+    """Frequencies |ky|, kx < m / 2 of rfft2 spectra (..., box, box // 2 + 1) as an m x m rfft2 layout."""
+    box = f.shape[-2]
+    if m == box:
+        return f
+    h = m // 2
+    return torch.cat([f[..., :h, :h + 1], f[..., box - h:, :h + 1]], dim=-2)
+
+
+def half_spectrum_norm(f: torch.Tensor) -> torch.Tensor:
+    """Norm of the real image whose rfft2 (..., m, m // 2 + 1) is f (Parseval), DC excluded."""
+    m = f.shape[-2]
+    p = f.abs().square()
+    total = 2 * p.sum(dim=(-2, -1)) - p[..., 0].sum(-1) - p[..., -1].sum(-1) - p[..., 0, 0]
+    return total.clamp_min(0).sqrt() / m
+
+
+def parseval_weights(m: int, device: torch.device) -> torch.Tensor:
+    """Weights (m, m // 2 + 1) that make sum(w |F|^2) / m^2 the squared norm of a real image with
+    rfft2 F, DC excluded (as ``half_spectrum_norm``)."""
+    w = torch.full((m, m // 2 + 1), 2.0, device=device)
+    w[:, 0] = 1.0
+    w[:, -1] = 1.0
+    w[0, 0] = 0.0
+    return w
