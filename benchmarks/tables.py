@@ -200,10 +200,7 @@ def speed_table(cfg: Config, model) -> tuple[list, list]:
 
 def knn_table(cfg: Config) -> list:
     """Seconds of exact kNN (``nearest_neighbours``) per number of particles."""
-    try:
-        from cdae_em.core.neighbours import nearest_neighbours
-    except ImportError:  # before the split of align.py
-        from cdae_em.core.align import nearest_neighbours
+    from cdae_em.core.neighbours import nearest_neighbours
 
     rows = []
     g = torch.Generator().manual_seed(0)
