@@ -77,3 +77,22 @@ def test_denoising_reports_its_images_in_the_status(tmp_path):
         counts = [(done, total) for step, done, total in seen if step == f"block {j}: denoise"]
         assert counts == [(4, 10), (8, 10), (10, 10)]
     assert read_status(tmp_path).step == "block 3: denoise" and read_status(tmp_path).done == 10
+
+
+def test_the_first_classification_pass_reports_its_particles_in_the_status(tmp_path):
+    """Before its first round the classification reads every particle twice (invariant features,
+    then the alignment onto the class medoids): minutes at 10^5 particles, counted in status.json."""
+    import torch
+
+    from cdae_em.classify.stage import classify
+    from cdae_em.settings import ClassifySettings
+
+    seen = []
+    progress = JobProgress(tmp_path, callback=lambda s: seen.append((s.step, s.done, s.total)))
+    progress.stage(2, "classify")
+    images = np.random.default_rng(0).normal(size=(40, 16, 16)).astype(np.float32)
+    with tracking(progress):
+        classify(images, ClassifySettings(n_classes=2, n_iter=0, batch_size=16), torch.device("cpu"),
+                 work=tmp_path / "work")
+    assert [(d, t) for step, d, t in seen if step == "invariant features"] == [(40, 40)]
+    assert [(d, t) for step, d, t in seen if step == "alignment to the class medoids"] == [(16, 40), (32, 40), (40, 40)]

@@ -15,6 +15,7 @@ from cdae_em.core.align import align_pairs, estimate_particle_radius
 from cdae_em.core.averages import masked_rows
 from cdae_em.core.neighbours import reduced_invariant_features
 from cdae_em.runtime import distributed
+from cdae_em.runtime.progress import report
 from cdae_em.settings import ClassifySettings
 
 log = logging.getLogger(__name__)
@@ -83,5 +84,6 @@ def initial_classes(images, settings: ClassifySettings, device: torch.device, ma
         p, o, s = align_pairs(masked_rows(images, rows, device), refs, psi_step=settings.psi_step, max_shift=max_shift,
                               mask_radius=radius)
         psi[rows], origin[rows], score[rows] = p.cpu().numpy(), o.cpu().numpy(), s.cpu().numpy()
+        report(rows.stop - lo, hi - lo, "alignment to the class medoids")
     psi, origin, score = (distributed.gather_rows(torch.from_numpy(a[lo:hi])).numpy() for a in (psi, origin, score))
     return labels, psi, origin, score

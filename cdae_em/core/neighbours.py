@@ -116,6 +116,7 @@ def feature_array(images, work: Path, radius: float, device: torch.device, chunk
         feats[start:stop] = invariant_features(distributed.RowShard(images, start, stop), mask_radius=radius,
                                                device=device).cpu().numpy()
         pages.step(feats[start:stop].nbytes)
+        report(stop - lo, hi - lo, "invariant features")  # status.json: this rank's images done
     feats.flush()
     pages.now()
     distributed.barrier()
