@@ -158,13 +158,17 @@ def classes_report(results: dict) -> list[str]:
                      f"{fmt(r['precision'], 3)} | {fmt(r['good_view_purity'], 3)} | {r.get('note', '')} |")
     lines += ["", f"Machine: {results['machine'].get('classes', '?')}", ""]
     if results.get("relion_classes"):
-        ours = {(r["stack"], r["K"], r["threads"]): r for r in sorted(results["classes"], key=lambda r: r["wall"])}
+        ours = {}  # the fastest row of each stack, K and threads that had the machine to itself
+        for r in results["classes"]:
+            key = (r["stack"], r["K"], r["threads"])
+            if not r.get("note") and (key not in ours or r["wall"] < ours[key]["wall"]):
+                ours[key] = r
         lines += ["### RELION Class2D on the same stacks (`python -m benchmarks.scale relion`)", "",
                   f"RELION 5 Class2D (EM, {RELION_ITERATIONS} iterations, as `benchmarks.class2d` runs it) on the "
                   "same stack, K and threads. Where stopped early, its whole time is estimated: the measured "
                   "iterations plus the rest at the mean of the last two (its first iterations are the slowest). "
-                  "'ours': the fastest `cdae-em run` row above on that stack and K (the whole job, denoising "
-                  "included).", "",
+                  "'ours': the fastest `cdae-em run` row above on that stack and K that ran alone (the whole job, "
+                  "denoising included).", "",
                   "| stack | K | threads | iterations run | their s | seconds per iteration | whole run s "
                   "(estimated where stopped) | peak RSS MiB | ours s | ours / RELION |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
