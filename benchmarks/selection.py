@@ -201,9 +201,10 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             with open(case / f"{job.name}.log", "w") as f:
                 subprocess.run(cmd, cwd=case, check=True, stdout=f, stderr=subprocess.STDOUT)
-            # (RELION's entry is kept: its classes do not depend on ours)
-            results[key] = {**{k: v for k, v in results.get(key, {}).items() if k == "relion"}, **score(case, job),
-                            "wall_s": round(time.perf_counter() - t, 1)}
+            relion = results.get(key, {}).get("relion")  # kept: RELION's classes do not depend on ours
+            results[key] = {**score(case, job), "wall_s": round(time.perf_counter() - t, 1)}
+            if relion is not None:
+                results[key]["relion"] = relion
             log(f"{key}: {results[key]}")
             results_file.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     asked = [f"{protein}|{float(junk):g}|{args.K}|{args.n}|{args.box}" for protein in args.proteins.split(",")
