@@ -154,7 +154,9 @@ def crop_spectrum(f: torch.Tensor, m: int) -> torch.Tensor:
 def half_spectrum_norm(f: torch.Tensor) -> torch.Tensor:
     """Norm of the real image whose rfft2 (..., m, m // 2 + 1) is f (Parseval), DC excluded."""
     m = f.shape[-2]
-    return (f.abs().square() * parseval_weights(m, f.device)).sum(dim=(-2, -1)).sqrt() / m
+    p = f.abs().square()
+    total = 2 * p.sum(dim=(-2, -1)) - p[..., 0].sum(-1) - p[..., -1].sum(-1) - p[..., 0, 0]
+    return total.clamp_min(0).sqrt() / m
 
 
 def parseval_weights(m: int, device: torch.device) -> torch.Tensor:
