@@ -105,3 +105,25 @@ def test_rescore_tells_apart_references_that_differ_only_above_the_band(source):
     # a shortlist of one from a search below 0.125 cycles/pixel keeps A alone: B is never compared
     shortlisted = align_to_references(particle, references, band=0.1875, rescore=2, shortlist=Shortlist(1, 0.125, 20.0))
     assert int(shortlisted[0][0]) == 0
+
+
+def test_distance_sends_a_faint_image_to_a_faint_reference_where_correlation_does_not(source):
+    """A fragment-like image keeps 30% of a view's signal. The normalised CC leaves the scale free,
+    so it matches the view's strong reference best (CC 1); the least-squares distance fixes the
+    scale and prefers a faint, blurred average of the same view (as a junk class's mean is). The
+    whole view goes to its own reference either way, and the score returned is the CC both times."""
+    view = unit(projections(source, [30.0], [60.0], np.zeros(1)))
+    faint = 0.3 * band_pass(view, 0, 0.1)
+    references = torch.cat([view, faint])
+    images = torch.cat([0.3 * view, view])
+    by_cc = align_to_references(images, references, band=None, rescore=2)
+    by_distance = align_to_references(images, references, band=None, rescore=2, criterion="distance")
+    assert by_cc[0].tolist() == [0, 0]
+    assert by_distance[0].tolist() == [1, 0]
+    assert by_cc[3][0] > 0.98 and by_distance[3][0] < by_cc[3][0]  # the CC with the chosen reference
+    # the same through the cheaper search's shortlist of one: it too picks by the distance
+    short = align_to_references(images, references, band=None, rescore=2, criterion="distance",
+                                shortlist=Shortlist(1, 0.125, 20.0))
+    assert short[0].tolist() == [1, 0]
+    with pytest.raises(ValueError, match="criterion"):
+        align_to_references(images, references, criterion="likelihood")

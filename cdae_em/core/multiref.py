@@ -1,6 +1,7 @@
 """Multi-reference alignment: every image against K references (2D classification's rounds), the
 best reference, psi and origin of each, in RELION's convention (``cdae_em.core.align``). The search
-is by FFT cross-correlation over a psi grid, within a frequency band; with a ``Shortlist`` each
+is by FFT cross-correlation over a psi grid, within a frequency band, each match scored by
+normalised CC or by least-squares distance (``criterion``); with a ``Shortlist`` each
 image is searched in full only against the references that match it best in a cheaper search over
 all K, so that a round's cost grows slowly with K (docs/scale.md)."""
 
@@ -53,10 +54,12 @@ class _BandSearch:
         self.power = (self.band.abs().square() * parseval_weights(self.m, dev)).flatten(1) if ctf_aware else None
 
     def search(self, xf: torch.Tensor, amp: torch.Tensor | None, rows: torch.Tensor | None,
-               memory_mb: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best normalised CC over the shift disc, and where in the disc, of images (zero-mean rfft2
+               memory_mb: float, criterion: str = "correlation") -> tuple[torch.Tensor, torch.Tensor]:
+        """Best score over the shift disc, and where in the disc, of images (zero-mean rfft2
         ``xf``, B) against every row (``rows`` None) or against each image's own rows ((B, R)
-        indices): (B, 2, R) each, [:, 0] at psi, [:, 1] at psi + 180. ``amp``: the images' |CTF|."""
+        indices): (B, 2, R) each, [:, 0] at psi, [:, 1] at psi + 180. ``amp``: the images' |CTF|.
+        The score is the normalised CC, or with ``criterion`` "distance" 2 <x, r> - ||r||^2 (the
+        squared distance between image and reference, less ||x||^2, negated; see ``_score``)."""
         b, m = len(xf), self.m
         xc = crop_spectrum(xf, m)
         xc_norm = half_spectrum_norm(xc).clamp_min(1e-12)
@@ -83,14 +86,24 @@ class _BandSearch:
                     ref_norm = self.band_norm[picked]
                 else:
                     ref_norm = (self.power[picked] * amp_sq[:, None]).sum(-1).clamp_min(1e-24).sqrt() / m
-            norm = xc_norm[:, None] * ref_norm
             # flip 0: cc(t) = sum_u ref_rot(u) x(u + t); flip 1 (psi + 180): ref_rot(-u), a convolution
             for f, product in enumerate((rf.conj() * xc[:, None], rf * xc[:, None])):
                 maps = torch.fft.irfft2(product).flatten(2)[:, :, self.disc]
                 peak, w = maps.max(dim=2)
-                scores[:, f, c0:c1] = peak / norm
+                scores[:, f, c0:c1] = _score(peak, xc_norm[:, None], ref_norm, criterion)
                 where[:, f, c0:c1] = w
         return scores, where
+
+
+def _score(peak: torch.Tensor, x_norm: torch.Tensor, ref_norm: torch.Tensor, criterion: str) -> torch.Tensor:
+    """The match of images with references from their CC peak <x, r> and norms: the normalised CC
+    ("correlation"), or 2 <x, r> - ||r||^2 ("distance": -||x - r||^2 up to the image's own ||x||^2,
+    so the nearest reference in least squares scores highest, as in k-means and RELION's likelihood).
+    The distance leaves the scale of the match fixed: an image that holds only part of a
+    reference's signal (a fragment, an empty box) is nearer a weak average than a strong one."""
+    if criterion == "distance":
+        return 2 * peak - ref_norm.square()
+    return peak / (x_norm * ref_norm.clamp_min(1e-12))
 
 
 def align_to_references(
@@ -107,6 +120,7 @@ def align_to_references(
     ctf: Images | None = None,
     rescore: int = 1,
     shortlist: Shortlist | None = None,
+    criterion: str = "correlation",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Alignment of every image against K references: (class index, psi, origin, score).
 
@@ -135,7 +149,13 @@ def align_to_references(
     the references multiplied by its own |CTF|, score = <x, |CTF| r> / (|x| ||CTF| r|), the
     least-squares match (computed as the image weighted by |CTF| against r).
     Without it, frequencies where the CTF is near zero (pure noise) count as much as the others.
+
+    ``criterion``: what picks the reference, psi and shift: the normalised CC ("correlation") or
+    the least-squares distance to the reference ("distance", see ``_score``; with the CTF, to the
+    reference multiplied by the image's |CTF|). The returned score is the normalised CC either way.
     """
+    if criterion not in ("correlation", "distance"):
+        raise ValueError(f"unknown criterion {criterion!r}")
     dev = device_of(images, device)
     n, box = images.shape[0], images.shape[-1]
     refs = torch.as_tensor(references).to(device=dev, dtype=torch.float32)
@@ -161,11 +181,11 @@ def align_to_references(
         if pre is None:  # candidates: every reference
             candidates, rows = torch.arange(k, device=dev).expand(b, k), None
         else:
-            pre_scores, _ = pre.search(xf, amp, None, memory_mb)
+            pre_scores, _ = pre.search(xf, amp, None, memory_mb, criterion)
             per_ref = pre_scores.reshape(b, 2, k, pre.n_half).amax(dim=(1, 3))
             candidates = per_ref.topk(shortlist.count, dim=1).indices  # (b, count)
             rows = (candidates[..., None] * n_half + torch.arange(n_half, device=dev)).reshape(b, -1)
-        scores, where = search.search(xf, amp, rows, memory_mb)
+        scores, where = search.search(xf, amp, rows, memory_mb, criterion)
         if amp is not None:
             xf = xf * amp
         n_cand = candidates.shape[1]
@@ -176,8 +196,9 @@ def align_to_references(
         # peak) and the best full-resolution score wins
         pose = circle.argmax(dim=2)  # (b, n_cand)
         ranked = circle.gather(2, pose[..., None])[..., 0].topk(min(rescore, n_cand), dim=1).indices
+        # (criterion, index, psi, origin, normalised CC) of the best so far
         best = (torch.full((b,), -torch.inf, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
-                torch.zeros(b, device=dev), torch.zeros((b, 2), device=dev))
+                torch.zeros(b, device=dev), torch.zeros((b, 2), device=dev), torch.zeros(b, device=dev))
         for local in ranked.T:
             ref_idx = candidates[bi, local]
             p = pose[bi, local]
@@ -198,12 +219,14 @@ def align_to_references(
                 ref_norm = search.full_norm[row]
             else:
                 ref_norm = (amp.square() * full_weights * rf.abs().square()).sum(dim=(-2, -1)).sqrt() / box
-            score = peak / (xnorm * ref_norm.clamp_min(1e-12))
-            better = score > best[0]
-            best = (torch.where(better, score, best[0]), torch.where(better, ref_idx, best[1]),
+            cc = _score(peak, xnorm, ref_norm, "correlation")
+            value = cc if criterion == "correlation" else _score(peak, xnorm, ref_norm, criterion)
+            better = value > best[0]
+            best = (torch.where(better, value, best[0]), torch.where(better, ref_idx, best[1]),
                     torch.where(better, torch.remainder(psi, 360.0), best[2]),
-                    torch.where(better[:, None], -torch.stack([tx, ty], dim=1), best[3]))
-        out_score.append(best[0])
+                    torch.where(better[:, None], -torch.stack([tx, ty], dim=1), best[3]),
+                    torch.where(better, cc, best[4]))
+        out_score.append(best[4])
         out_ref.append(best[1])
         out_psi.append(best[2])
         out_origin.append(best[3])
