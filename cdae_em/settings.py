@@ -192,6 +192,10 @@ class ClassifySettings:
     settled: float = 0.01  # coarse rounds end early once fewer than this fraction of particles change class
     coarse_band: float = 0.1875
     fine_band: float = 0.25
+    # what picks a particle's class, psi and shift in the rounds: "distance", the least-squares
+    # distance to the reference (its scale fixed, so a fragment or empty box is nearer a faint junk
+    # average than a particle's; see multiref._score), or "correlation", the normalised CC
+    criterion: str = "distance"
     rescore: int = 4  # the references matching best within the band compared at full resolution (1: none)
     # each round compares a particle in full (its band, psi step, shifts) with only the ``shortlist``
     # references that match it best in a cheaper search over all K, below ``shortlist_band`` at
@@ -218,10 +222,11 @@ class ClassifySettings:
     # with the particles' |CTF| (phase-flipped images), the fine rounds compare each particle with the
     # references multiplied by its |CTF| (the coarse rounds and moves compare plain images)
     ctf_aware: bool = True
-    # the coarse rounds and moves run twice from the same start, aligning to the plain references and
-    # to the references Wiener-filtered by their SSNR (from the FRC of each class's two half
-    # averages); the run with the higher k-means objective is kept (see docs/notes.md)
-    ssnr_filter: bool = True
+    # what the rounds align to: "always" the references Wiener-filtered by their SSNR (from the FRC
+    # of each class's two half averages), "never" the plain references, "choose" both: the coarse
+    # rounds and moves run twice from the same start and the run with the higher k-means objective
+    # goes on (see docs/notes.md)
+    ssnr_filter: str = "always"
 
 
 @dataclass

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import mrcfile
 import numpy as np
+import pytest
 import torch
 
 from cdae_em.classify.stage import classify
@@ -119,17 +120,17 @@ def test_ssnr_filter_keeps_what_the_halves_share_and_drops_what_they_do_not():
 
 
 def test_the_coarse_rounds_run_twice_and_the_higher_objective_goes_on(tmp_path):
-    """With ssnr_filter the coarse rounds and moves run on plain and on SSNR-filtered references from
-    the same start; the run with the higher objective is the one the fine rounds continue, its
-    rounds marked in_result, the other's not. Without it, one run."""
-    from cdae_em.classify.splitmerge import explained_energy
-
+    """With ssnr_filter "choose" the coarse rounds and moves run on plain and on SSNR-filtered
+    references from the same start; the run with the higher objective is the one the fine rounds
+    continue, its rounds marked in_result, the other's not. With "never" or "always" (the default),
+    one run, on plain or on filtered references: the choice's runs from the same start."""
     simulate(load_source(None, box=32), SimulationSettings(n_particles=160, n_views=4, in_plane=True,
                                                            snrs=[0.1], seed=3), tmp_path)
     images = mrcfile.read(tmp_path / "particles.mrcs").astype(np.float32)
     settings = ClassifySettings(n_classes=4, n_iter=4, fine_rounds=1, split_merge=1, move_rounds=1, seed=0)
-    both = classify(images, settings, torch.device("cpu"))
-    plain = classify(images, replace(settings, ssnr_filter=False), torch.device("cpu"))
+    both = classify(images, replace(settings, ssnr_filter="choose"), torch.device("cpu"))
+    plain = classify(images, replace(settings, ssnr_filter="never"), torch.device("cpu"))
+    filtered = classify(images, settings, torch.device("cpu"))
     passes = {p["ssnr"]: p for p in both.coarse_passes}
     assert set(passes) == {False, True} and sum(p["kept"] for p in passes.values()) == 1
     kept = passes[True]["kept"]
@@ -142,6 +143,11 @@ def test_the_coarse_rounds_run_twice_and_the_higher_objective_goes_on(tmp_path):
     assert [h["energy"] for h in coarse if not h["ssnr"]] == [h["energy"] for h in plain.history
                                                               if h["search"] == "coarse"]
     assert not plain.coarse_passes and not any(h["ssnr"] for h in plain.history)
+    assert not filtered.coarse_passes and all(h["ssnr"] for h in filtered.history)
+    assert [h["energy"] for h in coarse if h["ssnr"]] == [h["energy"] for h in filtered.history
+                                                          if h["search"] == "coarse"]
+    with pytest.raises(ValueError, match="ssnr_filter"):
+        classify(images, replace(settings, ssnr_filter="sometimes"), torch.device("cpu"))
 
 
 def test_ring_average_keeps_what_turns_with_the_image_and_averages_the_rest():
@@ -226,3 +232,30 @@ def test_classes_found_on_a_subset_then_every_particle_assigned(tmp_path, monkey
     assert adjusted_rand_score(truth, result.labels) > 0.9
     assert stage._subset(n, replace(settings, subset_per_class=60)) is None  # 240 = 60 x 4: every particle
     assert stage._subset(n, replace(settings, subset_per_class=0)) is None
+
+
+def test_the_rounds_leave_faint_images_with_the_junk_by_distance_not_by_correlation():
+    """Whole particles of one view, faint copies of it (30% of its signal, like fragments) and
+    empty boxes, started in two classes: the particles in one, the faint copies and empty boxes in
+    the other. Picking references by least-squares distance (the default) the faint copies stay
+    with the empty boxes, whose average is faint; by normalised correlation, which leaves the scale
+    free, they move to the particles' sharp average."""
+    rng = np.random.default_rng(4)
+    source = load_source(None, box=32)
+    view = source.project(torch.eye(3)[None])[0].numpy()
+    kinds = np.repeat([0, 1, 2], [30, 15, 15])  # particles, faint copies, empty boxes
+    signal = np.where(kinds == 0, 1.0, np.where(kinds == 1, 0.3, 0.0))[:, None, None] * view / view.std()
+    images = (signal + 0.5 * rng.standard_normal((len(kinds), 32, 32))).astype(np.float32)
+    start = (kinds > 0).astype(int)
+    settings = ClassifySettings(n_classes=2, n_iter=2, fine_rounds=1, split_merge=0, ssnr_filter="never", seed=0,
+                                center_classes=False, max_shift=2.0)
+    by_distance = classify(images, settings, torch.device("cpu"), initial_labels=start)
+    by_cc = classify(images, replace(settings, criterion="correlation"), torch.device("cpu"), initial_labels=start)
+
+    def faint_with_empty(result) -> float:
+        empty_class = np.bincount(result.labels[kinds == 2]).argmax()
+        return float(np.mean(result.labels[kinds == 1] == empty_class))
+
+    assert faint_with_empty(by_distance) > 0.8
+    assert faint_with_empty(by_cc) < 0.5  # the test can fail: correlation moves them
+    assert np.all(by_distance.labels[kinds == 0] == by_distance.labels[0])  # the particles stay together

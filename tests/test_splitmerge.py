@@ -37,7 +37,7 @@ def _stuck_start(tmp_path, n_views=4, n=240, snr=0.3):
 
 def test_a_move_undoes_a_merged_and_a_split_view(tmp_path):
     images, views, stuck = _stuck_start(tmp_path)
-    settings = ClassifySettings(n_classes=4, n_iter=6, seed=0, ssnr_filter=False)  # the moves of one run
+    settings = ClassifySettings(n_classes=4, n_iter=6, seed=0, ssnr_filter="never")  # the moves of one run
     without = classify(images, replace(settings, split_merge=0), torch.device("cpu"), initial_labels=stuck)
     assert clustering_scores(views, without.labels)["hungarian_f1"] < 0.9  # stuck: the test can fail
     moved = classify(images, settings, torch.device("cpu"), initial_labels=stuck)
@@ -50,7 +50,7 @@ def test_a_move_undoes_a_merged_and_a_split_view(tmp_path):
 def test_a_move_that_does_not_help_is_undone(tmp_path):
     """On correct classes a move can only split a view and merge two: it is measured and undone."""
     images, views, _ = _stuck_start(tmp_path)
-    result = classify(images, ClassifySettings(n_classes=4, n_iter=6, seed=0, ssnr_filter=False), torch.device("cpu"),
+    result = classify(images, ClassifySettings(n_classes=4, n_iter=6, seed=0, ssnr_filter="never"), torch.device("cpu"),
                       initial_labels=views)
     moves = [h["move"] for h in result.history if "move" in h]
     assert moves and not moves[0]["kept"] and len(moves) == 1
@@ -119,7 +119,7 @@ def test_fine_moves_undo_a_merged_and_a_split_view_of_phase_flipped_particles(tm
     views = starfile.read(tmp_path / "truth.star")["particles"]["rlnClassNumber"].to_numpy().astype(int) - 1
     stuck = np.select([views <= 1, views == 2], [0, 1], 3)
     stuck[(views == 2) & (np.cumsum(views == 2) % 2 == 0)] = 2
-    settings = ClassifySettings(n_classes=4, n_iter=2, fine_rounds=2, seed=0, ssnr_filter=False)  # fine rounds only
+    settings = ClassifySettings(n_classes=4, n_iter=2, fine_rounds=2, seed=0, ssnr_filter="never")  # fine rounds only
     with prepared_images(tmp_path / "particles.star", None, prepare=DenoiseSettings(phase_flip=True)) as images:
         without = classify(images, replace(settings, split_merge=0), torch.device("cpu"), initial_labels=stuck,
                            ctf=images.ctf)

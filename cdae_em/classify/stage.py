@@ -7,8 +7,10 @@
 2. Initial references: each class's members aligned onto its medoid (the member nearest the
    class centre in feature space) and averaged.
 3. ``n_iter`` rounds of multi-reference alignment: every particle aligned to every reference
-   (rotation on a psi grid, shift by FFT cross-correlation), assigned to the best one, references
-   re-averaged from the aligned particles. Coarse to fine: all rounds but the last ``fine_rounds``
+   (rotation on a psi grid, shift by FFT cross-correlation), assigned to the nearest one in least
+   squares (``criterion``; the least-squares distance fixes the match's scale, so that an image
+   holding part of a particle's signal, a fragment or an empty box, is nearer a faint junk average
+   than a particle's, as in RELION's likelihood), references re-averaged from the aligned particles. Coarse to fine: all rounds but the last ``fine_rounds``
    search at twice the psi step and a lower frequency band; the ``rescore`` references that match a
    particle best within the band are then compared with it at full resolution, where views that
    differ only in fine detail are told apart. With K above ``shortlist``, each round searches a
@@ -23,12 +25,14 @@
    two most alike classes merged, the most heterogeneous one split, a few coarse rounds, and the
    move kept only if the k-means objective rose. They undo the local optimum where two views share
    a class while another view is split over two.
-5. With ``ssnr_filter``, steps 3 (coarse rounds) and 4 run a second time from the same start,
-   aligning to the references Wiener-filtered by their SSNR (per Fourier ring, from the FRC of the
-   averages of each class's two halves), and the run with the higher k-means objective goes on to
-   the fine rounds. Filtering keeps the frequencies where a class average is mostly noise from
-   deciding a particle's class, which wins at low SNR; where views differ only in faint detail
-   the plain references do better, and the objective tells which case holds.
+5. The rounds align to the references Wiener-filtered by their SSNR (``ssnr_filter`` "always"; per
+   Fourier ring, from the FRC of the averages of each class's two halves). Filtering keeps the
+   frequencies where a class average is mostly noise from deciding a particle's class, which wins
+   at low SNR, and makes the average of a class without consistent signal (junk) faint. With
+   ``ssnr_filter`` "choose", steps 3 (coarse rounds) and 4 run on the plain references and again
+   from the same start on the filtered ones, and the run with the higher k-means objective goes
+   on to the fine rounds (views that differ only in faint detail can do better on the plain
+   references); "never": the plain references.
 6. With the |CTF| of phase-flipped particles, after the fine rounds, up to ``split_merge`` moves
    again, each judged after ``fine_rounds`` fine rounds. Views that differ in faint detail (two
    views correlating at 0.98) are told apart only by the CTF-aware comparison, so a merge of two
@@ -79,7 +83,7 @@ class Classification:
     score: np.ndarray  # (N,) normalised cross-correlation with the class reference
     references: np.ndarray  # (K, box, box) aligned averages of the classified images
     history: list = field(default_factory=list)
-    # with ssnr_filter: the two runs of the coarse rounds, {"ssnr": bool, "energy": objective, "kept": bool}
+    # with ssnr_filter "choose": the two runs of the coarse rounds, {"ssnr": bool, "energy": objective, "kept": bool}
     coarse_passes: list = field(default_factory=list)
 
 
@@ -99,6 +103,8 @@ def classify(images, settings: ClassifySettings, device: torch.device,
     """
     n, box = len(images), images.shape[-1]
     k = settings.n_classes
+    if settings.ssnr_filter not in ("always", "never", "choose"):
+        raise ValueError(f"unknown ssnr_filter {settings.ssnr_filter!r}")
     if not 2 <= k <= n:
         raise InputError(None, f"number of classes K={k} must be between 2 and the number of particles ({n})")
     max_shift = settings.max_shift if settings.max_shift is not None else box / 8
@@ -133,11 +139,12 @@ def _find_classes(images, settings: ClassifySettings, device: torch.device, max_
     ``later_rounds``: rounds the caller runs afterwards, counted in the progress."""
     labels, psi, origin, score = initial_classes(images, settings, device, max_shift, initial_labels, work)
     rounds = _Rounds(images, settings, device, max_shift, should_stop, ctf, later_rounds)
+    rounds.ssnr = settings.ssnr_filter == "always"
     state = rounds.state(labels, psi, origin, score)
     passes = []
     if settings.n_iter > 0:
         n_fine = min(settings.fine_rounds, settings.n_iter)
-        if settings.ssnr_filter and settings.n_iter > n_fine:
+        if settings.ssnr_filter == "choose" and settings.n_iter > n_fine:
             state, passes = _coarse_plain_and_filtered(rounds, state, images, settings, device, n_fine)
         else:
             state = _coarse(rounds, state, images, settings, device, n_fine)
@@ -228,13 +235,14 @@ class _Rounds:
         # and with the CTF the fine moves
         once = settings.n_iter + settings.split_merge * settings.move_rounds
         n_fine = min(settings.fine_rounds, settings.n_iter)
-        self.budget = once + (once - n_fine if settings.ssnr_filter and settings.n_iter > n_fine else 0)
+        self.budget = once + (once - n_fine if settings.ssnr_filter == "choose" and settings.n_iter > n_fine else 0)
         self.budget += (settings.split_merge * n_fine if ctf is not None else 0) + later_rounds
         report(0, self.budget, "round")
 
     def state(self, labels: np.ndarray, psi: np.ndarray, origin: np.ndarray, score: np.ndarray, ctf=None) -> _State:
         """The state of an assignment: its references (CTF-corrected with ``ctf``), class counts and,
-        with ``ssnr_filter``, the references filtered by their half-set SSNR (halves: even and odd rows)."""
+        while the rounds align to filtered references (``ssnr``), the references filtered by their
+        half-set SSNR (halves: even and odd rows)."""
         k = self.settings.n_classes
         if not self.ssnr:
             return _State(labels, psi, origin, score,
@@ -268,7 +276,7 @@ class _Rounds:
                 torch.as_tensor(state.references if state.filtered is None else state.filtered, device=self.device),
                 psi_step=s.psi_step * (1 if fine else 2), max_shift=self.max_shift, batch_size=s.batch_size,
                 device=self.device, progress=True, band=s.fine_band if fine else s.coarse_band, ctf=ctf,
-                rescore=s.rescore, shortlist=self.shortlist(), rows_too=("ctf",))
+                rescore=s.rescore, shortlist=self.shortlist(), criterion=s.criterion, rows_too=("ctf",))
             new, score = ref_idx.cpu().numpy(), sc.cpu().numpy()
             changed = float(np.mean(new != state.labels))
             labels = _reseed_empty(new, score, k)
