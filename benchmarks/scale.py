@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.scale_classes import KEYS, classes_report, cmd_classes, cmd_relion, run_one
+from benchmarks.scale_classes import KEYS, RELION_KEYS, classes_report, cmd_classes, cmd_relion, run_one
 from benchmarks.scale_results import REPORT, RESULTS, fmt, log, measured, merge
 
 K = 30
@@ -310,6 +310,7 @@ def main(argv=None) -> int:
     parser.add_argument("--relion-bin", type=Path, help="`relion`: directory of relion_refine")
     parser.add_argument("--iterations", type=int, default=5,
                         help="`relion`: stop RELION after this many iterations (25: a whole run; default: 5)")
+    parser.add_argument("--note", help="`relion`: a note for its rows (e.g. that other jobs shared the machine)")
     parser.add_argument("--star", help=argparse.SUPPRESS)  # run-one
     parser.add_argument("--o", help=argparse.SUPPRESS)
     parser.add_argument("--shortlist", type=int, help=argparse.SUPPRESS)
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
         results = merge("classes", cmd_classes(args), KEYS)
     elif args.what == "relion":
         args.n = args.n or 10000
-        results = merge("relion_classes", cmd_relion(args), ("stack", "K", "threads"))
+        results = merge("relion_classes", cmd_relion(args), RELION_KEYS)
     elif args.what == "inference":
         args.n = args.n or 100000
         results = merge("inference", cmd_inference(args), ("n",))

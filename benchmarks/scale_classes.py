@@ -15,6 +15,7 @@ import numpy as np
 from benchmarks.scale_results import RESULTS, fmt, log, measured, merge
 
 KEYS = ("stack", "K", "shortlist", "subset", "threads")
+RELION_KEYS = ("stack", "K", "threads", "iterations")  # a whole run and an early stop are kept side by side
 QUALITY = ("junk_recall", "good_kept", "precision", "good_view_purity")
 
 
@@ -76,12 +77,13 @@ def cmd_relion(args) -> list[dict]:
     """RELION Class2D (EM) on the stack at each K, stopped after ``--iterations`` iterations (all 25:
     a whole run); each iteration's time from its files. Its first iterations are the slow ones
     (at 1,200 picks, K = 20: 37 s, 15 s, then 7-9 s each), so the whole run's time is estimated as
-    the measured part plus the rest at the mean of the last two iterations measured."""
+    the measured part plus the rest at the mean of the last two iterations measured. A whole run's
+    classes are also selected by our rule and scored (``benchmarks.selection.relion_selected``)."""
     import starfile
 
     from benchmarks.class2d import relion_command
     from benchmarks.measure import run_measured
-    from benchmarks.selection import simulate_case
+    from benchmarks.selection import relion_selected, simulate_case
 
     case = simulate_case(args.protein, args.junk, args.n, 64, args.work / "selection")
     px = float(starfile.read(case / "particles.star", always_dict=True)["optics"]["rlnImagePixelSize"][0])
@@ -105,8 +107,13 @@ def cmd_relion(args) -> list[dict]:
         rows.append({"stack": case.name, "n": args.n, "K": k, "threads": args.j, "iterations": args.iterations,
                      "seconds": round(ends[-1], 1), "iteration_s": [round(float(x), 1) for x in steps],
                      "estimated_s": round(ends[-1] + rest, 0), "peak_rss_mib": round(m.peak_rss_mib)})
+        if whole:
+            selected = relion_selected(case, k, args.j)
+            rows[-1].update({key: selected[key] for key in QUALITY})
+        if args.note:
+            rows[-1]["note"] = args.note
         log(f"  {rows[-1]}")
-        merge("relion_classes", rows[-1:], ("stack", "K", "threads"))
+        merge("relion_classes", rows[-1:], RELION_KEYS)
     return rows
 
 
@@ -168,17 +175,21 @@ def classes_report(results: dict) -> list[str]:
                   "same stack, K and threads. Where stopped early, its whole time is estimated: the measured "
                   "iterations plus the rest at the mean of the last two (its first iterations are the slowest). "
                   "'ours': the fastest `cdae-em run` row above on that stack and K that ran alone (the whole job, "
-                  "denoising included).", "",
+                  "denoising included). A whole run's classes are selected by our rule (`cdae-em classify "
+                  "--classes-from` its last _data.star) and scored as ours are.", "",
                   "| stack | K | threads | iterations run | their s | seconds per iteration | whole run s "
-                  "(estimated where stopped) | peak RSS MiB | ours s | ours / RELION |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(results["relion_classes"], key=lambda r: (r["stack"], r["K"])):
+                  "(estimated where stopped) | peak RSS MiB | ours s | ours / RELION | junk recall | good kept | "
+                  "precision | good-view purity | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(results["relion_classes"], key=lambda r: (r["stack"], r["K"], r["iterations"])):
             mine = ours.get((r["stack"], r["K"], r["threads"]))
             estimated = r["iterations"] < RELION_ITERATIONS
             lines.append(f"| {r['stack']} | {r['K']} | {r['threads']} | {r['iterations']} | {fmt(r['seconds'], 0)} | "
                          f"{', '.join(f'{x:.0f}' for x in r['iteration_s'])} | "
                          f"{'~' if estimated else ''}{fmt(r['estimated_s'], 0)} | {fmt(r['peak_rss_mib'], 0)} | "
                          f"{fmt(mine['wall'], 0) if mine else 'n/a'} | "
-                         f"{fmt(mine['wall'] / r['estimated_s'], 2) if mine else 'n/a'} |")
+                         f"{fmt(mine['wall'] / r['estimated_s'], 2) if mine else 'n/a'} | "
+                         f"{fmt(r.get('junk_recall'), 3)} | {fmt(r.get('good_kept'), 3)} | {fmt(r.get('precision'), 3)} | "
+                         f"{fmt(r.get('good_view_purity'), 3)} | {r.get('note', '')} |")
         lines += ["", f"Machine: {results['machine'].get('relion_classes', '?')}", ""]
     return lines

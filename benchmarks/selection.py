@@ -15,9 +15,9 @@ good kept (true particles selected, over all of them), selection precision (true
 the selected), the purity of the selected true particles' classes (the share of each class's most
 common true view, over the selected true particles), and the fraction of junk in majority-junk
 classes (a class counted as junk when most of its members are junk). With ``--relion-bin`` RELION
-Class2D (EM, 25 iterations, as ``benchmarks.class2d`` runs it) classifies the same stack into the
-same K on the same threads; its classes are scored by the junk in majority-junk classes and, since
-RELION selects no classes by itself, selected by our rule (`cdae-em classify --classes-from` its
+Class2D, EM (25 iterations) and VDAM (200 mini-batches) as ``benchmarks.class2d`` runs them,
+classifies the same stack into the same K on the same threads; their classes are scored by the junk
+in majority-junk classes and, since RELION selects no classes by itself, selected by our rule (`cdae-em classify --classes-from` its
 last _data.star: the same class score, fit and crowding rules and threshold as our own jobs).
 """
 
@@ -37,6 +37,7 @@ from benchmarks.datasets import pixel_size_for, structure_path
 from benchmarks.report import machine, md_table
 
 FILL, BFACTOR, SNR, VIEWS = 0.55, 150.0, 0.05, 8
+RELION_KINDS = ("relion", "vdam")  # RELION Class2D EM and VDAM (``benchmarks.class2d.relion_command``)
 
 
 def simulate_case(protein: str, junk: float, n: int, box: int, work: Path, seed: int = 0) -> Path:
@@ -109,29 +110,30 @@ def junk_in_junk_classes(labels: np.ndarray, good: np.ndarray) -> float:
     return float(np.isin(labels, junk_classes(labels, good))[~good].mean()) if (~good).any() else 0.0
 
 
-def relion_classes(case: Path, k: int, j: int, relion: Path, box: int) -> dict:
-    """RELION Class2D (EM) on the case's particles: its time, peak RSS and junk in majority-junk classes."""
+def relion_classes(case: Path, k: int, j: int, relion: Path, box: int, kind: str = "relion") -> dict:
+    """RELION Class2D on the case's particles (``kind`` "relion": EM, "vdam": VDAM, as
+    ``benchmarks.class2d`` runs them): its time, peak RSS and junk in majority-junk classes."""
     import shutil
 
     import starfile
 
     from benchmarks.class2d import last_iteration, measured, read_labels, relion_command
 
-    out = case / f"relion_K{k}"
+    out = case / f"{kind}_K{k}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     px = float(starfile.read(case / "particles.star", always_dict=True)["optics"]["rlnImagePixelSize"][0])
-    wall, rss = measured(relion_command("relion", relion, k, j, diameter=0.8 * box * px, out=f"{out.name}/run"), case,
+    wall, rss = measured(relion_command(kind, relion, k, j, diameter=0.8 * box * px, out=f"{out.name}/run"), case,
                          out / "log.txt")
     labels = read_labels(last_iteration(out, "run_it*_data.star"))
-    kind = truth_kinds(case)
+    truth = truth_kinds(case)
     names = list(labels)
-    good = np.array([kind[n] == "particle" for n in names])
+    good = np.array([truth[n] == "particle" for n in names])
     return {"junk_in_junk_classes": junk_in_junk_classes(np.array([labels[n] for n in names]), good),
             "wall_s": round(wall, 1), "rss_mib": round(rss), "classes_used": len(set(labels.values()))}
 
 
-def relion_selected(case: Path, k: int, j: int) -> dict:
+def relion_selected(case: Path, k: int, j: int, kind: str = "relion") -> dict:
     """RELION's classes (``relion_classes``' last iteration) scored and selected by our rule:
     `cdae-em classify --classes-from` its _data.star, scored as our own jobs are; and how well our
     averages of the particles at RELION's poses match RELION's own class averages (the median
@@ -141,8 +143,8 @@ def relion_selected(case: Path, k: int, j: int) -> dict:
 
     from benchmarks.class2d import last_iteration
 
-    data = last_iteration(case / f"relion_K{k}", "run_it*_data.star")
-    job = case / f"relion_K{k}_selected"
+    data = last_iteration(case / f"{kind}_K{k}", "run_it*_data.star")
+    job = case / f"{kind}_K{k}_selected"
     cmd = [sys.executable, "-m", "cdae_em", "classify", "--i", "particles.star", "--o", job.name, "--K", str(k),
            "--j", str(j), "--classes-from", str(data.relative_to(case)), "--overwrite"]
     with open(case / f"{job.name}.log", "w") as f:
@@ -156,6 +158,13 @@ def relion_selected(case: Path, k: int, j: int) -> dict:
     return {**{key: measures[key] for key in ("junk_recall", "good_kept", "precision", "good_view_purity",
                                                "classes_selected", "rejected_by_kind")},
             "average_match": round(float(np.median(corr)), 3)}
+
+
+def relion_classes_cell(run: dict | None) -> str:
+    if not run:
+        return "not run"
+    note = f"; {run['note']}" if run.get("note") else ""
+    return f"{run['junk_in_junk_classes']:.3f} ({run['wall_s']:.0f} s, {run['rss_mib']:,} MiB{note})"
 
 
 def relion_row(selected: dict | None) -> str:
@@ -175,7 +184,9 @@ def main(argv=None) -> int:
     p.add_argument("--j", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench_selection")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "selection.md")
-    p.add_argument("--redo", action="store_true")
+    p.add_argument("--redo", action="store_true", help="run our job again (RELION's runs are kept unless "
+                                                       "--relion-bin is given too)")
+    p.add_argument("--note", help="a note for our rows' wall time (e.g. that other jobs shared the machine)")
     p.add_argument("--rescore", action="store_true", help="score the kept runs again from their output files")
     p.add_argument("--relion-bin", type=Path, help="directory of relion_refine: also run RELION Class2D on each stack")
     args = p.parse_args(argv)
@@ -201,10 +212,11 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             with open(case / f"{job.name}.log", "w") as f:
                 subprocess.run(cmd, cwd=case, check=True, stdout=f, stderr=subprocess.STDOUT)
-            relion = results.get(key, {}).get("relion")  # kept: RELION's classes do not depend on ours
-            results[key] = {**score(case, job), "wall_s": round(time.perf_counter() - t, 1)}
-            if relion is not None:
-                results[key]["relion"] = relion
+            # kept: RELION's classes do not depend on ours
+            peers = {kind: results[key][kind] for kind in RELION_KINDS if kind in results.get(key, {})}
+            results[key] = {**score(case, job), "wall_s": round(time.perf_counter() - t, 1), **peers}
+            if args.note:
+                results[key]["note"] = args.note
             log(f"{key}: {results[key]}")
             results_file.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     asked = [f"{protein}|{float(junk):g}|{args.K}|{args.n}|{args.box}" for protein in args.proteins.split(",")
@@ -212,14 +224,15 @@ def main(argv=None) -> int:
     for key in [key for key in asked if key in results] if args.relion_bin else []:
         protein, junk, k, n, box = key.split("|")
         case = simulate_case(protein, float(junk), int(n), int(box), args.work)
-        if "relion" not in results[key] or args.redo:
-            log(f"{key}: RELION Class2D ...")
-            results[key]["relion"] = relion_classes(case, int(k), args.j, args.relion_bin, int(box))
-        elif "selected" in results[key]["relion"]:
-            continue
-        results[key]["relion"]["selected"] = relion_selected(case, int(k), args.j)
-        log(f"{key}: RELION {results[key]['relion']}")
-        results_file.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        for kind in RELION_KINDS:
+            if kind not in results[key] or args.redo:
+                log(f"{key}: RELION Class2D ({kind}) ...")
+                results[key][kind] = relion_classes(case, int(k), args.j, args.relion_bin, int(box), kind)
+            elif "selected" in results[key][kind]:
+                continue
+            results[key][kind]["selected"] = relion_selected(case, int(k), args.j, kind)
+            log(f"{key}: RELION ({kind}) {results[key][kind]}")
+            results_file.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     rows = []
     for key, r in sorted(results.items()):
         protein, junk, k, n, box = key.split("|")
@@ -228,11 +241,9 @@ def main(argv=None) -> int:
                      f"{r['good_kept']:.3f}", f"{r['precision']:.3f}", f"{r['good_view_purity']:.3f}",
                      str(r["classes_selected"]), f"{r['lowest_good_class_score']:.2f} / {r['highest_junk_class_score']:.2f}",
                      ", ".join(f"{k} {v:.2f}" for k, v in r.get("rejected_by_kind", {}).items()) or "n/a",
-                     f"{r['wall_s']:.0f}",
-                     f"{r['relion']['junk_in_junk_classes']:.3f} ({r['relion']['wall_s']:.0f} s, "
-                     f"{r['relion']['rss_mib']:,} MiB{'; ' + r['relion']['note'] if r['relion'].get('note') else ''})"
-                     if "relion" in r else "not run",
-                     relion_row(r.get("relion", {}).get("selected"))])
+                     f"{r['wall_s']:.0f}" + (f" ({r['note']})" if r.get("note") else ""),
+                     *(cell for kind in RELION_KINDS for cell in (relion_classes_cell(r.get(kind)),
+                                                                  relion_row(r.get(kind, {}).get("selected"))))])
     text = "\n".join([
         "# Automatic class selection on junk-laden particles", "",
         f"Generated by `python -m benchmarks.selection` (see its docstring); {machine()}.", "",
@@ -241,8 +252,10 @@ def main(argv=None) -> int:
         md_table(["protein", "junk", "particles (K)", "box", "junk in majority-junk classes", "junk recall",
                   "good kept", "selection precision", "good-view purity (selected)", "classes selected",
                   "lowest score of a mostly-good class / highest of a mostly-junk class", "junk rejected, by kind",
-                  "wall s", "RELION Class2D: junk in majority-junk classes (wall, peak RSS)",
-                  "RELION's classes, our selection: junk recall / good kept / precision / purity "
+                  "wall s", "RELION Class2D EM: junk in majority-junk classes (wall, peak RSS)",
+                  "RELION EM's classes, our selection: junk recall / good kept / precision / purity "
+                  "(average match)", "RELION Class2D VDAM: junk in majority-junk classes (wall, peak RSS)",
+                  "RELION VDAM's classes, our selection: junk recall / good kept / precision / purity "
                   "(average match)"], rows),
         ""])
     args.out.write_text(text)

@@ -93,4 +93,26 @@ def test_relion_comparison_takes_our_fastest_run_that_had_the_machine_to_itself(
                "relion_classes": [{"stack": "s", "n": 1200, "K": 50, "threads": 2, "iterations": 25, "seconds": 500.0,
                                    "iteration_s": [20.0] * 25, "estimated_s": 500.0, "peak_rss_mib": 40.0}]}
     row = [line for line in classes_report(results) if line.startswith("| s | 50 | 2 | 25 |")]
-    assert row and row[0].rstrip().endswith("| 250 | 0.50 |")
+    assert row and [cell.strip() for cell in row[0].split("|")][9:11] == ["250", "0.50"]
+
+
+def test_a_whole_relion_run_shows_how_our_selection_scores_its_classes():
+    """The RELION table carries the junk recall, good kept, precision and purity of a whole run's
+    classes under our selection rule, and its note; a run stopped early shows n/a there."""
+    from benchmarks.scale_classes import classes_report
+
+    row = {"stack": "s", "n": 1200, "threads": 2, "seconds": 500.0, "iteration_s": [20.0], "estimated_s": 500.0,
+           "peak_rss_mib": 40.0}
+    results = {"machine": {"classes": "m", "relion_classes": "m"},
+               "classes": [{"stack": "s", "n": 1200, "K": 50, "shortlist": 8, "threads": 2, "wall": 250.0,
+                            "classify": 1.0, "rounds": 30, "coarse_round_s": 1.0, "fine_round_s": 1.0,
+                            "peak_rss_mib": 1.0, "junk_recall": 0.8, "good_kept": 0.9, "precision": 0.9,
+                            "good_view_purity": 0.5}],
+               "relion_classes": [{**row, "K": 50, "iterations": 25, "junk_recall": 0.812, "good_kept": 0.987,
+                                   "precision": 0.93, "good_view_purity": 0.41, "note": "shared the cores"},
+                                  {**row, "K": 12, "iterations": 4}]}
+    lines = classes_report(results)
+    whole = [line for line in lines if line.startswith("| s | 50 | 2 | 25 |")][0]
+    early = [line for line in lines if line.startswith("| s | 12 | 2 | 4 |")][0]
+    assert [cell.strip() for cell in whole.split("|")][11:16] == ["0.812", "0.987", "0.930", "0.410", "shared the cores"]
+    assert [cell.strip() for cell in early.split("|")][11:15] == ["n/a"] * 4
