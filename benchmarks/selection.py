@@ -17,8 +17,9 @@ common true view, over the selected true particles), and the fraction of junk in
 classes (a class counted as junk when most of its members are junk). With ``--relion-bin`` RELION
 Class2D, EM (25 iterations) and VDAM (200 mini-batches) as ``benchmarks.class2d`` runs them,
 classifies the same stack into the same K on the same threads; their classes are scored by the junk
-in majority-junk classes and, since RELION selects no classes by itself, selected by our rule (`cdae-em classify --classes-from` its
-last _data.star: the same class score, fit and crowding rules and threshold as our own jobs).
+in majority-junk classes and, since RELION selects no classes by itself, selected by our rule
+(`cdae-em classify --classes-from` its last _data.star: the same class score, fit and crowding
+rules and threshold as our own jobs).
 """
 
 from __future__ import annotations

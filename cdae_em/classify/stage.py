@@ -10,8 +10,8 @@
    (rotation on a psi grid, shift by FFT cross-correlation), assigned to the nearest one in least
    squares (``criterion``; the least-squares distance fixes the match's scale, so that an image
    holding part of a particle's signal, a fragment or an empty box, is nearer a faint junk average
-   than a particle's, as in RELION's likelihood), references re-averaged from the aligned particles. Coarse to fine: all rounds but the last ``fine_rounds``
-   search at twice the psi step and a lower frequency band; the ``rescore`` references that match a
+   than a particle's, as in RELION's likelihood), references re-averaged from the aligned
+   particles. Coarse to fine: all rounds but the last ``fine_rounds`` search at twice the psi step and a lower frequency band; the ``rescore`` references that match a
    particle best within the band are then compared with it at full resolution, where views that
    differ only in fine detail are told apart. With K above ``shortlist``, each round searches a
    particle in full only against the ``shortlist`` references that match it best in a cheaper
@@ -139,7 +139,6 @@ def _find_classes(images, settings: ClassifySettings, device: torch.device, max_
     ``later_rounds``: rounds the caller runs afterwards, counted in the progress."""
     labels, psi, origin, score = initial_classes(images, settings, device, max_shift, initial_labels, work)
     rounds = _Rounds(images, settings, device, max_shift, should_stop, ctf, later_rounds)
-    rounds.ssnr = settings.ssnr_filter == "always"
     state = rounds.state(labels, psi, origin, score)
     passes = []
     if settings.n_iter > 0:
@@ -229,7 +228,8 @@ class _Rounds:
         if after is not None:
             self.ssnr, self.history, self.budget = after.ssnr, after.history, after.budget
             return
-        self.ssnr = False  # whether the rounds align to the references filtered by their half-set SSNR
+        # whether the rounds align to the references filtered by their half-set SSNR ("choose" sets it per run)
+        self.ssnr = settings.ssnr_filter == "always"
         self.history: list[dict] = []
         # for progress only: every round once, the coarse rounds and moves again with ssnr_filter,
         # and with the CTF the fine moves
